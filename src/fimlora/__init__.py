@@ -1,0 +1,1 @@
+"""fimlora: choose each LoRA module's rank from the empirical Fisher of its LoRA-B gradient."""
