@@ -1,0 +1,261 @@
+"""Figures for rank maps and training runs (optional: needs ``pip install 'fimlora[plot]'``).
+
+matplotlib is imported inside each function, so ``import fimlora`` never pays for it or needs it.
+Figures are built with :class:`matplotlib.figure.Figure` directly rather than ``pyplot``: that
+touches no global state (no backend switch in the caller's notebook, no figure registry to leak
+into), and a figure not registered with pyplot is freed when it goes out of scope.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from fimlora.rankmap import RankMap, split_module_name
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = ["plot_rank_bars", "plot_rank_heatmap", "plot_training_curves"]
+
+_DPI = 120
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    """Create a standalone matplotlib Figure, or explain how to install matplotlib."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError(
+            "fimlora's plots need matplotlib, which is not installed: pip install 'fimlora[plot]'"
+        ) from err
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _save(fig: Figure, path: str | os.PathLike[str]) -> pathlib.Path:
+    """Write ``fig`` as PNG to ``path`` (creating the parent directory) and return the path."""
+    out = pathlib.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=_DPI, format="png")
+    return out
+
+
+def _grid_heatmap(
+    fig: Figure,
+    ax: Axes,
+    grid: list[list[float]],
+    *,
+    row_labels: list[str],
+    col_labels: list[str],
+    fmt: str,
+    cmap_name: str,
+    colorbar_label: str,
+    integer_ticks: bool,
+) -> None:
+    """Draw one annotated heatmap; nan cells are grey and unlabelled."""
+    import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.ticker import MaxNLocator
+
+    data = np.ma.masked_invalid(np.array(grid, dtype=np.float64))
+    # Absent modules (nan) are masked and drawn in light grey, distinct from any rank's colour.
+    cmap = colormaps[cmap_name].with_extremes(bad="0.88")
+    image = ax.imshow(data, cmap=cmap, aspect="auto", interpolation="nearest")
+    n_rows, n_cols = data.shape
+    ax.set_xticks(range(n_cols), labels=col_labels, rotation=35, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(n_rows), labels=row_labels)
+    ax.set_xlabel("module kind")
+    ax.set_ylabel("layer")
+    # Keep labels legible up to ~40 layers: shrink text as rows get denser.
+    font = 8 if n_rows <= 16 else 6 if n_rows <= 32 else 5
+    ax.tick_params(axis="y", labelsize=font + 1)
+    ax.tick_params(axis="x", labelsize=8)
+    # Scale each value the way imshow did, to pick the cell colour for the text contrast.
+    scaled = np.ma.filled(np.asarray(image.norm(data), dtype=np.float64), np.nan)
+    for i in range(n_rows):
+        for j in range(n_cols):
+            value = grid[i][j]
+            if math.isnan(value):
+                continue
+            # Dark text on light cells, white on dark ones.
+            r, g, b, _ = cmap(float(scaled[i, j]))
+            colour = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+            ax.text(j, i, format(value, fmt), ha="center", va="center", fontsize=font, color=colour)
+    bar = fig.colorbar(image, ax=ax, shrink=0.9)
+    bar.set_label(colorbar_label)
+    if integer_ticks:
+        bar.locator = MaxNLocator(integer=True)
+        bar.update_ticks()
+
+
+def plot_rank_heatmap(
+    rank_map: RankMap,
+    path: str | os.PathLike[str],
+    *,
+    title: str | None = None,
+    scores: Mapping[str, float] | None = None,
+) -> pathlib.Path:
+    """Save a heatmap of ranks: layers (rows) x module kinds (columns), each cell annotated.
+
+    Layout comes from :meth:`RankMap.table`; cells with no module are grey. With ``scores``, a
+    second panel shows each module's score in the same layout, so rank and evidence sit side by
+    side (modules missing from ``scores`` are grey there).
+
+    Args:
+        rank_map: The ranks to draw.
+        path: Output PNG path; the parent directory is created.
+        title: Figure title.
+        scores: Optional module name -> score (e.g. the Fisher score the ranks came from).
+
+    Returns:
+        ``path`` as a :class:`pathlib.Path`.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+        ValueError: ``rank_map`` is empty.
+    """
+    if len(rank_map) == 0:
+        raise ValueError("cannot plot an empty RankMap")
+    table = rank_map.table()
+    n_rows, n_cols = len(table.layers), len(table.kinds)
+    row_labels = ["other" if layer is None else str(layer) for layer in table.layers]
+    panel_width = 1.6 + 0.75 * n_cols
+    height = 1.8 + 0.24 * n_rows
+    n_panels = 1 if scores is None else 2
+    fig = _new_figure(panel_width * n_panels + 0.6, height)
+    axes = fig.subplots(1, n_panels, squeeze=False)[0]
+    nan = float("nan")
+    ranks = [[nan if v is None else float(v) for v in row] for row in table.values]
+    _grid_heatmap(
+        fig,
+        axes[0],
+        ranks,
+        row_labels=row_labels,
+        col_labels=table.kinds,
+        fmt=".0f",
+        cmap_name="viridis",
+        colorbar_label="rank",
+        integer_ticks=True,
+    )
+    axes[0].set_title(f"rank (total {rank_map.total_rank}, {len(rank_map)} modules)", fontsize=10)
+    if scores is not None:
+        grid = [
+            [nan if name is None or name not in scores else float(scores[name]) for name in row]
+            for row in table.modules
+        ]
+        _grid_heatmap(
+            fig,
+            axes[1],
+            grid,
+            row_labels=row_labels,
+            col_labels=table.kinds,
+            fmt=".2g",
+            cmap_name="magma",
+            colorbar_label="score",
+            integer_ticks=False,
+        )
+        axes[1].set_title("score", fontsize=10)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _short_label(name: str) -> str:
+    """``model.layers.3.mlp.up_proj`` -> ``3.mlp.up_proj``: enough to tell bars apart."""
+    layer, kind = split_module_name(name)
+    return kind if layer is None else f"{layer}.{kind}"
+
+
+def plot_rank_bars(
+    rank_map: RankMap,
+    path: str | os.PathLike[str],
+    *,
+    reference: Mapping[str, int] | None = None,
+    title: str | None = None,
+    label: str = "allocated",
+    reference_label: str = "reference",
+) -> pathlib.Path:
+    """Save a bar chart of the rank of every module, in the map's order.
+
+    Args:
+        rank_map: The ranks to draw.
+        path: Output PNG path; the parent directory is created.
+        reference: Optional second map (e.g. uniform rank) drawn as paired bars; modules it
+            lacks get no reference bar.
+        title: Figure title.
+        label: Legend label of ``rank_map``'s bars.
+        reference_label: Legend label of ``reference``'s bars.
+
+    Returns:
+        ``path`` as a :class:`pathlib.Path`.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+        ValueError: ``rank_map`` is empty.
+    """
+    if len(rank_map) == 0:
+        raise ValueError("cannot plot an empty RankMap")
+    names = list(rank_map)
+    n = len(names)
+    # ~0.18 inch per module keeps labels from overlapping; cap the width for very large models.
+    fig = _new_figure(min(4.0 + 0.18 * n * (2 if reference else 1), 60.0), 4.5)
+    ax = fig.subplots()
+    x = list(range(n))
+    width = 0.8 if reference is None else 0.4
+    offset = 0.0 if reference is None else width / 2
+    ax.bar([i - offset for i in x], [rank_map[k] for k in names], width=width, label=label, color="C0")
+    if reference is not None:
+        heights = [float(reference[k]) if k in reference else float("nan") for k in names]
+        ax.bar([i + offset for i in x], heights, width=width, label=reference_label, color="C7")
+        ax.legend(fontsize=8)
+    font = 7 if n <= 60 else 5
+    ax.set_xticks(x, labels=[_short_label(k) for k in names], rotation=90, fontsize=font)
+    ax.set_xlim(-0.7, n - 0.3)
+    ax.set_ylabel("rank")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_training_curves(
+    curves: Mapping[str, Sequence[tuple[int, float]]],
+    path: str | os.PathLike[str],
+    *,
+    ylabel: str = "loss",
+    title: str | None = None,
+) -> pathlib.Path:
+    """Save a line plot with one line per named run (x = step, y = value).
+
+    Args:
+        curves: Run name -> ``[(step, value), ...]``; points are drawn in step order.
+        path: Output PNG path; the parent directory is created.
+        ylabel: Label of the y axis.
+        title: Figure title.
+
+    Returns:
+        ``path`` as a :class:`pathlib.Path`.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+        ValueError: ``curves`` is empty.
+    """
+    if not curves:
+        raise ValueError("no curves to plot")
+    fig = _new_figure(7.0, 4.2)
+    ax = fig.subplots()
+    for name, points in curves.items():
+        ordered = sorted(points, key=lambda p: p[0])
+        ax.plot([p[0] for p in ordered], [p[1] for p in ordered], label=name, linewidth=1.4)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
