@@ -1,0 +1,109 @@
+"""Configuration of FIM-LoRA calibration and rank allocation.
+
+FIM-LoRA scores every LoRA module by the empirical Fisher information (mean squared gradient) or the
+gradient variance of its LoRA-B factor over a few calibration batches, then redistributes a fixed rank or
+parameter budget in proportion to the scores (see ``fimlora.allocate``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+ScoreKind = Literal["fisher", "variance"]
+Aggregation = Literal["mean", "sum"]
+BudgetUnit = Literal["ranks", "params"]
+
+SCORE_KINDS: tuple[str, ...] = ("fisher", "variance")
+AGGREGATIONS: tuple[str, ...] = ("mean", "sum")
+BUDGET_UNITS: tuple[str, ...] = ("ranks", "params")
+
+
+@dataclass
+class FimConfig:
+    """How to calibrate and how to redistribute the LoRA rank budget.
+
+    Each field's docstring is its help text (the CLI reads it from here).
+    """
+
+    calibration_batches: int = 8
+    """Number of forward/backward passes whose LoRA-B gradients are accumulated (T)."""
+
+    score: ScoreKind = "fisher"
+    """Per-element statistic: "fisher" = E[g^2] (empirical Fisher diagonal), "variance" = E[g^2] - E[g]^2."""
+
+    aggregation: Aggregation = "mean"
+    """How a module's elements are reduced to one score: "mean" favours small matrices, "sum" large ones."""
+
+    budget_ranks: int | None = None
+    """Total rank over all adapted modules (sum of r_i). Mutually exclusive with budget_params."""
+
+    budget_params: int | None = None
+    """Total trainable LoRA parameters, sum of r_i * (in_i + out_i). Mutually exclusive with budget_ranks."""
+
+    budget_unit: BudgetUnit = "ranks"
+    """When no budget is given, match uniform LoRA at the config's r in this unit ("ranks" or "params")."""
+
+    r_min: int | None = None
+    """Smallest rank any module gets. Default: half the LoRA config's r (at least 1)."""
+
+    r_max: int | None = None
+    """Largest rank any module gets. Default: four times the LoRA config's r, capped at min(in, out)."""
+
+    adjust_scaling_factors: bool = True
+    """Write alpha_pattern so that every module keeps the config's scale alpha/r (or alpha/sqrt(r) for rsLoRA)."""
+
+    freeze_lora_A: bool = True
+    """Do not compute LoRA-A gradients during calibration (they are zero at init; saves memory and time)."""
+
+    seed: int = 0
+    """Seed for re-initialising LoRA-A after resizing (the caller's global RNG state is left untouched)."""
+
+    show_progress: bool = True
+    """Show a progress bar during calibration."""
+
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form metadata copied into the rank map (e.g. the task name)."""
+
+    def __post_init__(self) -> None:
+        _require_int("calibration_batches", self.calibration_batches, minimum=1)
+        if self.score not in SCORE_KINDS:
+            raise ValueError(f"`score` must be one of {SCORE_KINDS}, got {self.score!r}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"`aggregation` must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.budget_unit not in BUDGET_UNITS:
+            raise ValueError(f"`budget_unit` must be one of {BUDGET_UNITS}, got {self.budget_unit!r}")
+        if self.budget_ranks is not None and self.budget_params is not None:
+            raise ValueError("set only one of `budget_ranks` and `budget_params`, not both")
+        if self.budget_ranks is not None:
+            _require_int("budget_ranks", self.budget_ranks, minimum=1)
+        if self.budget_params is not None:
+            _require_int("budget_params", self.budget_params, minimum=1)
+        if self.r_min is not None:
+            _require_int("r_min", self.r_min, minimum=1)
+        if self.r_max is not None:
+            _require_int("r_max", self.r_max, minimum=1)
+        if self.r_min is not None and self.r_max is not None and self.r_min > self.r_max:
+            raise ValueError(f"`r_min` ({self.r_min}) must be <= `r_max` ({self.r_max})")
+        _require_int("seed", self.seed, minimum=0)
+
+    def resolved_bounds(self, r: int) -> tuple[int, int]:
+        """Rank bounds for a LoRA config with rank ``r`` (defaults: [max(1, r // 2), 4 r])."""
+        r_min = self.r_min if self.r_min is not None else max(1, r // 2)
+        r_max = self.r_max if self.r_max is not None else 4 * r
+        if r_min > r_max:
+            raise ValueError(
+                f"`r_min` ({r_min}) exceeds `r_max` ({r_max}) for LoRA rank r={r}; set both explicitly"
+            )
+        return r_min, r_max
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable copy of the configuration."""
+        return asdict(self)
+
+
+def _require_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"`{name}` must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")

@@ -1,0 +1,471 @@
+"""Calibration: empirical Fisher and gradient variance of every LoRA-B factor.
+
+With LoRA's usual init (B = 0), dL/dA = 0 and only B carries signal:
+``dL/dB_m = s_m * sum_tokens delta_m (A_m x)^T``. Over T calibration batches with gradients ``g_t`` of
+shape ``(out_m, r_m)`` we accumulate, in fp32,
+
+    F_m = (1/T) sum_t g_t**2          (empirical Fisher diagonal)
+    V_m = F_m - ((1/T) sum_t g_t)**2  (gradient variance)
+
+and reduce each to one score per module by a mean or a sum over its elements. The statistics cost two
+fp32 tensors per B (O(sum numel(B_m))), a few hundred times less than a full-model Fisher diagonal.
+
+Gradients are read by ``register_post_accumulate_grad_hook`` on the B parameters, so the same code serves
+the dataloader path (:func:`estimate_module_scores`) and a user's own loop (:func:`fim_calibration`).
+Under ``torch.distributed`` the raw sums are all-reduced, so T counts the batches of all processes.
+Calibration is transactional: train/eval modes, ``requires_grad`` flags and existing ``.grad`` tensors are
+restored whether it returns or raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fimlora.config import AGGREGATIONS, SCORE_KINDS, FimConfig
+from fimlora.peft_glue import lora_modules, module_shapes
+
+__all__ = ["CalibrationError", "ModuleStat", "ModuleStats", "estimate_module_scores", "fim_calibration"]
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+_FORMAT = "fimlora.module_stats/1"
+
+
+class CalibrationError(RuntimeError):
+    """Calibration could not produce usable statistics (no batches, no loss, non-finite gradients)."""
+
+
+@dataclass(frozen=True)
+class ModuleStat:
+    """Reduced statistics of one LoRA module's B gradient.
+
+    Attributes:
+        in_features: input size of the adapted layer.
+        out_features: output size of the adapted layer.
+        numel: number of elements of B at calibration time (out_features * r).
+        fisher_sum: sum over B's elements of E[g^2].
+        variance_sum: sum over B's elements of E[g^2] - E[g]^2.
+    """
+
+    in_features: int
+    out_features: int
+    numel: int
+    fisher_sum: float
+    variance_sum: float
+
+    def score(self, kind: str, aggregation: str) -> float:
+        """The module's score: ``kind`` in {"fisher", "variance"}, ``aggregation`` in {"mean", "sum"}."""
+        if kind not in SCORE_KINDS:
+            raise ValueError(f"`score` must be one of {SCORE_KINDS}, got {kind!r}")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"`aggregation` must be one of {AGGREGATIONS}, got {aggregation!r}")
+        total = self.fisher_sum if kind == "fisher" else self.variance_sum
+        return total / self.numel if aggregation == "mean" else total
+
+
+@dataclass
+class ModuleStats:
+    """Calibration statistics for every LoRA module of one adapter, JSON-serialisable.
+
+    This is the hand-off of the two-step API: compute under DDP, save on rank 0, apply later.
+    """
+
+    modules: dict[str, ModuleStat]
+    num_batches: int
+    seconds: float = 0.0
+    world_size: int = 1
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def scores(self, kind: str = "fisher", aggregation: str = "mean") -> dict[str, float]:
+        """Module name -> score, in module order."""
+        return {n: m.score(kind, aggregation) for n, m in self.modules.items()}
+
+    def costs(self) -> dict[str, int]:
+        """Parameters per unit of rank for each module (in + out)."""
+        return {n: m.in_features + m.out_features for n, m in self.modules.items()}
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """Module name -> (in_features, out_features)."""
+        return {n: (m.in_features, m.out_features) for n, m in self.modules.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": _FORMAT,
+            "num_batches": self.num_batches,
+            "seconds": self.seconds,
+            "world_size": self.world_size,
+            "metadata": self.metadata,
+            "modules": {n: vars(m) for n, m in self.modules.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModuleStats:
+        if data.get("format") != _FORMAT:
+            raise ValueError(f"not a fimlora statistics file: expected format {_FORMAT!r}")
+        return cls(
+            modules={n: ModuleStat(**m) for n, m in data["modules"].items()},
+            num_batches=int(data["num_batches"]),
+            seconds=float(data.get("seconds", 0.0)),
+            world_size=int(data.get("world_size", 1)),
+            metadata=dict(data.get("metadata", {})),
+        )
+
+    def save_json(self, path: str | os.PathLike[str]) -> Path:
+        """Write atomically (a crash never leaves a half-written file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_dict(), f, indent=1)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load_json(cls, path: str | os.PathLike[str]) -> ModuleStats:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read statistics file {path}: {e}") from e
+        return cls.from_dict(data)
+
+
+class _BGradAccumulator:
+    """fp32 running sums of g and g^2 for every LoRA-B weight, fed by post-accumulate-grad hooks."""
+
+    def __init__(self, b_params: Mapping[str, nn.Parameter]) -> None:
+        self.params = dict(b_params)
+        self.sum_g = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
+        self.sum_g2 = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
+        self.counts = dict.fromkeys(self.params, 0)
+        # One flag per backward pass and module, checked lazily so the hooks never synchronise.
+        self.nonfinite: list[tuple[int, str, torch.Tensor]] = []
+        self._handles: list[Any] = []
+
+    def attach(self) -> None:
+        for name, p in self.params.items():
+            self._handles.append(p.register_post_accumulate_grad_hook(self._hook(name)))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str) -> Callable[[torch.Tensor], None]:
+        def hook(param: torch.Tensor) -> None:
+            g = param.grad
+            if g is None:
+                return
+            g = g.detach().float()
+            self.nonfinite.append((self.counts[name], name, ~torch.isfinite(g).all()))
+            self.sum_g[name].add_(g)
+            self.sum_g2[name].addcmul_(g, g)
+            self.counts[name] += 1
+            # The gradient is consumed here: dropping it keeps memory at one backward's worth.
+            param.grad = None
+
+        return hook
+
+    def check_finite(self) -> None:
+        """Raise naming the first batch whose gradient had a NaN or inf."""
+        entries, self.nonfinite = self.nonfinite, []
+        if not entries:
+            return
+        # One synchronisation for all modules instead of one per module.
+        device = entries[0][2].device
+        flags = torch.stack([flag.to(device) for _, _, flag in entries]).tolist()
+        bad = [(i, n) for (i, n, _), flag in zip(entries, flags, strict=True) if flag]
+        if bad:
+            i, n = min(bad)
+            raise CalibrationError(
+                f"non-finite (NaN or inf) LoRA-B gradient in calibration batch {i} (module {n!r}); "
+                "check the inputs and labels of that batch, lower the learning rate of any prior "
+                "training, or calibrate in fp32"
+            )
+
+    def all_reduce(self) -> int:
+        """Sum the statistics over processes; returns the world size (1 when not distributed)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return 1
+        names = list(self.params)
+        flat = torch.cat(
+            [self.sum_g[n].flatten() for n in names]
+            + [self.sum_g2[n].flatten() for n in names]
+            + [torch.tensor([float(self.counts[n]) for n in names], device=self.sum_g[names[0]].device)]
+        )
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        offset = 0
+        for store in (self.sum_g, self.sum_g2):
+            for n in names:
+                k = store[n].numel()
+                store[n].copy_(flat[offset : offset + k].view_as(store[n]))
+                offset += k
+        for i, n in enumerate(names):
+            self.counts[n] = int(round(flat[offset + i].item()))
+        return torch.distributed.get_world_size()
+
+    def reduce(self, shapes: Mapping[str, tuple[int, int]]) -> tuple[dict[str, ModuleStat], int]:
+        """Per-module statistics; batches where a module got no gradient count as zero gradient."""
+        num_batches = max(self.counts.values(), default=0)
+        out = {}
+        for n in self.params:
+            t = max(num_batches, 1)
+            fisher = self.sum_g2[n].double() / t
+            mean = self.sum_g[n].double() / t
+            variance = (fisher - mean * mean).clamp_min(0.0)
+            fan_in, fan_out = shapes[n]
+            out[n] = ModuleStat(
+                in_features=fan_in,
+                out_features=fan_out,
+                numel=self.sum_g[n].numel(),
+                fisher_sum=float(fisher.sum()),
+                variance_sum=float(variance.sum()),
+            )
+        return out, num_batches
+
+
+@dataclass
+class _SavedState:
+    training: dict[nn.Module, bool]
+    requires_grad: dict[nn.Parameter, bool]
+    grads: dict[nn.Parameter, torch.Tensor | None]
+
+
+def _enter_calibration(model: nn.Module, trainable: Iterable[nn.Parameter]) -> _SavedState:
+    """Put the model in calibration state (eval mode, only ``trainable`` needs grad, no .grad)."""
+    saved = _SavedState(
+        training={m: m.training for m in model.modules()},
+        requires_grad={p: p.requires_grad for p in model.parameters()},
+        grads={p: p.grad for p in model.parameters()},
+    )
+    keep = {id(p) for p in trainable}
+    for p in model.parameters():
+        p.grad = None
+        p.requires_grad_(id(p) in keep)
+    # eval(): no dropout, so the statistics depend on the data and the seed of LoRA-A only.
+    model.eval()
+    return saved
+
+
+def _exit_calibration(saved: _SavedState) -> None:
+    for m, mode in saved.training.items():
+        m.training = mode
+    for p, flag in saved.requires_grad.items():
+        p.requires_grad_(flag)
+    for p, g in saved.grads.items():
+        p.grad = g
+
+
+class FimCalibration:
+    """State of one calibration run; use through :func:`fim_calibration` or :func:`estimate_module_scores`."""
+
+    def __init__(
+        self, model: nn.Module, fim_config: FimConfig | None = None, *, adapter_name: str = "default"
+    ):
+        self.model = model
+        self.config = fim_config or FimConfig()
+        self.adapter_name = adapter_name
+        mods = lora_modules(model, adapter_name)  # validates model and adapter before touching anything
+        self._shapes = module_shapes(mods, adapter_name)
+        b_params = {n: m.lora_B[adapter_name].weight for n, m in mods.items()}
+        trainable = list(b_params.values())
+        if not self.config.freeze_lora_A:
+            trainable += [m.lora_A[adapter_name].weight for m in mods.values()]
+        self._acc = _BGradAccumulator(b_params)
+        self._trainable = trainable
+        self._saved: _SavedState | None = None
+        self._t0 = 0.0
+        self._result: ModuleStats | None = None
+
+    def __enter__(self) -> FimCalibration:
+        self._saved = _enter_calibration(self.model, self._trainable)
+        self._acc.attach()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            self._acc.detach()
+            if exc_type is None:
+                self._result = self._finish()
+        finally:
+            assert self._saved is not None
+            _exit_calibration(self._saved)
+
+    def _finish(self) -> ModuleStats:
+        self._acc.check_finite()
+        world = self._acc.all_reduce()
+        modules, num_batches = self._acc.reduce(self._shapes)
+        if num_batches == 0:
+            raise CalibrationError(
+                "no LoRA-B gradient was seen during calibration: run loss.backward() inside the block, "
+                "and make sure the loss depends on the adapted modules"
+            )
+        if self.config.score == "variance" and num_batches < 2:
+            warnings.warn(
+                "the variance score needs >= 2 calibration batches; with 1 it is zero", stacklevel=3
+            )
+        return ModuleStats(
+            modules=modules,
+            num_batches=num_batches,
+            seconds=time.perf_counter() - self._t0,
+            world_size=world,
+            metadata={"score": self.config.score, "aggregation": self.config.aggregation},
+        )
+
+    @property
+    def scores(self) -> ModuleStats:
+        """The statistics, available after the ``with`` block has exited without error."""
+        if self._result is None:
+            raise RuntimeError("calibration statistics are available only after the `with` block ends")
+        return self._result
+
+
+def fim_calibration(
+    model: nn.Module, fim_config: FimConfig | None = None, *, adapter_name: str = "default"
+) -> FimCalibration:
+    """Context manager for calibrating inside your own loop.
+
+    Example::
+
+        with fim_calibration(model, FimConfig()) as cal:
+            for batch in batches[:8]:
+                model(**batch).loss.backward()     # no optimizer step
+        initialize_lora_fim_ranks(model, scores=cal.scores)
+
+    Every ``backward()`` inside the block counts as one calibration batch. On exit the model's modes,
+    ``requires_grad`` flags and ``.grad`` tensors are restored as they were.
+    """
+    return FimCalibration(model, fim_config, adapter_name=adapter_name)
+
+
+def estimate_module_scores(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    fim_config: FimConfig | None = None,
+    *,
+    loss_fn: LossFn | None = None,
+    adapter_name: str = "default",
+) -> ModuleStats:
+    """Run ``calibration_batches`` forward/backward passes and return per-module LoRA-B statistics.
+
+    Args:
+        model: a PEFT model with LoRA layers for ``adapter_name`` (B = 0, as freshly initialised).
+        dataloader: yields batches: dicts of tensors (Hugging Face convention; the model output's
+            ``.loss`` is used) or anything ``loss_fn`` understands.
+        fim_config: calibration settings (``calibration_batches`` is T).
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``, for batches without labels or custom losses.
+        adapter_name: which adapter to calibrate.
+
+    Returns:
+        :class:`ModuleStats` with, per module, sums over B's ``(out, r)`` elements of E[g^2] and Var[g].
+
+    Raises:
+        CalibrationError: no batches, a batch without a loss, or a non-finite gradient (the message names
+            the batch index). The model is left exactly as it was.
+    """
+    cfg = fim_config or FimConfig()
+    session = FimCalibration(model, cfg, adapter_name=adapter_name)
+    device = _model_device(model)
+    with session:
+        seen = 0
+        for i, batch in enumerate(
+            _progress(itertools.islice(iter(dataloader), cfg.calibration_batches), cfg)
+        ):
+            loss = _batch_loss(model, _to_device(batch, device), loss_fn, i)
+            loss.backward()
+            session._acc.check_finite()
+            seen += 1
+        if seen == 0:
+            raise CalibrationError(
+                "the calibration dataloader yielded no batches: pass a non-empty dataloader"
+            )
+        if seen < cfg.calibration_batches:
+            warnings.warn(
+                f"the dataloader gave only {seen} of the {cfg.calibration_batches} calibration batches "
+                "requested; using those",
+                stacklevel=2,
+            )
+    return session.scores
+
+
+def _progress(it: Iterator[Any], cfg: FimConfig) -> Iterator[Any]:
+    if not cfg.show_progress:
+        return it
+    from tqdm.auto import tqdm
+
+    return iter(tqdm(it, total=cfg.calibration_batches, desc="FIM calibration", leave=False))
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return (
+            type(batch)(_to_device(v, device) for v in batch)
+            if isinstance(batch, list)
+            else tuple(_to_device(v, device) for v in batch)
+        )
+    return batch
+
+
+def _batch_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None, index: int) -> torch.Tensor:
+    loss: Any
+    if loss_fn is not None:
+        loss = loss_fn(model, batch)
+    elif isinstance(batch, Mapping):
+        out = model(**batch)
+        loss = getattr(out, "loss", None)
+        if loss is None and isinstance(out, Mapping):
+            loss = out.get("loss")
+    else:
+        raise CalibrationError(
+            f"calibration batch {index} is a {type(batch).__name__}, not a dict: pass "
+            "`loss_fn=lambda model, batch: ...` that returns a scalar loss"
+        )
+    if loss is None:
+        raise CalibrationError(
+            f"calibration batch {index} produced no loss: include `labels` in the batch or pass `loss_fn`"
+        )
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise CalibrationError(
+            f"the loss of calibration batch {index} must be a scalar tensor, got "
+            f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}; reduce it "
+            "(e.g. .mean()) in `loss_fn`"
+        )
+    if not loss.requires_grad:
+        raise CalibrationError(
+            f"the loss of calibration batch {index} does not depend on any LoRA-B weight (no gradient); "
+            "check that the adapter is active and that the adapted modules are used in the forward pass"
+        )
+    if not math.isfinite(float(loss.detach())):
+        raise CalibrationError(
+            f"calibration batch {index} has a non-finite loss ({float(loss.detach())}); check its inputs "
+            "and labels"
+        )
+    return loss
