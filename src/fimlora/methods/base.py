@@ -1,0 +1,121 @@
+"""The small protocol every rank-allocation method implements, and a registry to pick one by name.
+
+A method owns the adapter's life cycle around an ordinary training loop::
+
+    method = get_method("fim", fim_config=FimConfig())
+    model = method.prepare(base_model, lora_config, calibration_batches=batches, total_steps=n)
+    optimizer = torch.optim.AdamW(method.param_groups(model, lr=2e-4))
+    for step, batch in enumerate(train_batches):
+        loss = model(**batch).loss
+        penalty = method.penalty(model)
+        (loss if penalty is None else loss + penalty).backward()
+        optimizer.step(); optimizer.zero_grad()
+        method.on_step_end(model, step, optimizer)   # may resize modules and fix optimizer state
+    model, rank_map = method.finalize(model)          # a plain PEFT LoRA model and its ranks
+    model.save_pretrained(out_dir)
+
+Methods that resize modules during training must reuse :func:`fimlora.peft_glue.resize_lora_modules`
+and must leave the optimizer consistent (state carried over for surviving columns, fresh for new ones).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from fimlora.rankmap import RankMap
+
+__all__ = ["METHODS", "RankMethod", "get_method", "register_method", "trainable_param_groups"]
+
+
+@runtime_checkable
+class RankMethod(Protocol):
+    """What the training loop needs from a rank-allocation method."""
+
+    name: str
+
+    def prepare(
+        self,
+        base_model: nn.Module,
+        lora_config: Any,
+        *,
+        calibration_batches: Iterable[Any] | None = None,
+        total_steps: int | None = None,
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    ) -> nn.Module:
+        """Wrap ``base_model`` with adapters (and calibrate, if the method does) before training."""
+        ...
+
+    def param_groups(self, model: nn.Module, *, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        """Optimizer parameter groups (a method may give its own parameters their own learning rate)."""
+        ...
+
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        """A term added to the loss at every step, or None."""
+        ...
+
+    def on_step_end(
+        self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None
+    ) -> RankMap | None:
+        """Called after each optimizer step; returns the new map when ranks changed."""
+        ...
+
+    def finalize(self, model: nn.Module) -> tuple[nn.Module, RankMap]:
+        """End training: return a plain PEFT LoRA model (loadable by vanilla PEFT) and its rank map."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Method state for checkpoints (e.g. a reallocation history); empty when stateless."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        ...
+
+
+METHODS: dict[str, Callable[..., RankMethod]] = {}
+
+
+def register_method(name: str) -> Callable[[Callable[..., RankMethod]], Callable[..., RankMethod]]:
+    """Class decorator: make a method available to :func:`get_method` and the CLI under ``name``."""
+
+    def deco(factory: Callable[..., RankMethod]) -> Callable[..., RankMethod]:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is registered twice")
+        METHODS[name] = factory
+        return factory
+
+    return deco
+
+
+def get_method(name: str, **options: Any) -> RankMethod:
+    """Instantiate a method by name; unknown names list the available ones."""
+    _load_builtin_methods()
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+    return METHODS[name](**options)
+
+
+def trainable_param_groups(model: nn.Module, *, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+    """One group with every parameter that requires grad (the default for most methods)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(
+            "the model has no trainable parameters: is the adapter active and not in inference mode?"
+        )
+    return [{"params": params, "lr": lr, "weight_decay": weight_decay}]
+
+
+def _load_builtin_methods() -> None:
+    # Imported lazily so that `fimlora.methods.base` stays import-light and free of cycles.
+    import importlib
+
+    for module in ("simple", "l1ra", "lrlora", "peft_baselines"):
+        try:
+            importlib.import_module(f"fimlora.methods.{module}")
+        except ModuleNotFoundError as e:  # a method module not written yet must not break the others
+            if e.name != f"fimlora.methods.{module}":
+                raise
