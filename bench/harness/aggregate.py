@@ -1,0 +1,544 @@
+"""Aggregate run records into result tables, paired comparisons against ``uniform``, and a report.
+
+Three tables come out of :func:`aggregate`:
+
+* groups: one row per (suite, model, task, budget, method): seeds, mean +- sample std of the metric,
+  mean trainable parameters and their ratio to ``uniform`` at the same budget, flagged when it is off by
+  more than ``param_tolerance`` (a method that "wins" by spending 19% more parameters has not won);
+* comparisons: each method vs ``uniform`` per (task, budget), paired by seed: mean difference,
+  bootstrap CI, sign-flip p-value and a win/tie/loss verdict (see ``stats.py``);
+* summary: per method, how many (task, budget) cells it wins, ties and loses.
+
+Records whose overrides differ from the rest (an ablation such as ``r_min=2``) keep them in the method
+label, e.g. ``fim[r_min=2]``, so they are never averaged into the main result. Overrides shared by every
+record (a common learning rate) are left out of labels. Every table carries the number of records and the
+git commits it was built from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .stats import classify_paired, mean_std, paired_bootstrap_ci, sign_flip_permutation_pvalue
+
+__all__ = [
+    "Comparison",
+    "GroupRow",
+    "MethodSummary",
+    "ResultTable",
+    "TableProvenance",
+    "aggregate",
+    "to_markdown",
+    "write_report",
+]
+
+# Display order of methods: the baseline first, then the allocation methods by family.
+_METHOD_ORDER = ("uniform", "fim", "fim-variance", "eva", "adalora", "l1ra", "lrlora")
+
+CellKey = tuple[str, str, str, str]  # (suite, model, task, budget)
+
+
+@dataclass(frozen=True)
+class GroupRow:
+    """Statistics of one (suite, model, task, budget, method) group over its seeds."""
+
+    suite: str
+    model: str
+    task: str
+    budget: str
+    method: str
+    seeds: tuple[int, ...]
+    mean: float
+    std: float
+    params_mean: float
+    param_ratio: float | None
+    param_flag: bool
+    calibration_seconds: float
+    train_seconds: float
+
+    @property
+    def n(self) -> int:
+        """Number of seeds (records) in the group."""
+        return len(self.seeds)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A method vs the baseline in one (suite, model, task, budget) cell, paired by seed."""
+
+    suite: str
+    model: str
+    task: str
+    budget: str
+    method: str
+    baseline: str
+    n_pairs: int
+    mean_diff: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    verdict: str
+
+
+@dataclass(frozen=True)
+class MethodSummary:
+    """Win/tie/loss counts of one method over all cells where it was compared."""
+
+    method: str
+    wins: int
+    ties: int
+    losses: int
+
+
+@dataclass(frozen=True)
+class TableProvenance:
+    """What the tables were built from."""
+
+    n_records: int
+    n_skipped: int
+    git_commits: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ResultTable:
+    """Everything :func:`to_markdown` and the charts need."""
+
+    metric: str
+    higher_is_better: bool
+    alpha: float
+    baseline: str
+    rows: tuple[GroupRow, ...]
+    comparisons: tuple[Comparison, ...]
+    summary: tuple[MethodSummary, ...]
+    provenance: TableProvenance
+
+
+@dataclass(frozen=True)
+class _Run:
+    cell: CellKey
+    method: str
+    base_method: str
+    overrides_label: str
+    seed: int
+    value: float
+    params: int
+    calibration_seconds: float
+    train_seconds: float
+    run_id: str
+
+
+def aggregate(
+    records: Iterable[Mapping[str, Any]],
+    *,
+    metric: str = "accuracy",
+    baseline: str = "uniform",
+    higher_is_better: bool = True,
+    alpha: float = 0.05,
+    n_boot: int = 10_000,
+    tol: float | None = None,
+    param_tolerance: float = 0.02,
+    seed: int = 0,
+) -> ResultTable:
+    """Build the result tables from run records.
+
+    Args:
+        records: Records as written by ``record.make_record``; non-``"ok"`` ones are skipped.
+        metric: Key in ``record["metrics"]`` to report.
+        baseline: Method every other method is compared with, and whose parameters define ratio 1.
+        higher_is_better: Direction of ``metric`` (``False`` for loss/perplexity).
+        alpha: Two-sided CI level of the comparisons.
+        n_boot: Bootstrap resamples per comparison.
+        tol: Practical-equivalence margin for win/loss, in metric units (``None``: 0).
+        param_tolerance: Relative deviation from the baseline's parameter count that is flagged.
+        seed: RNG seed of the bootstrap.
+
+    Returns:
+        A :class:`ResultTable`.
+    """
+    records = list(records)
+    runs, provenance = _collect_runs(records, metric)
+    groups = _group_runs(runs)
+    rows = _group_rows(groups, baseline, param_tolerance)
+    comparisons = _compare(groups, baseline, higher_is_better, alpha, n_boot, tol, seed)
+    return ResultTable(
+        metric=metric,
+        higher_is_better=higher_is_better,
+        alpha=alpha,
+        baseline=baseline,
+        rows=rows,
+        comparisons=comparisons,
+        summary=_summarise(comparisons),
+        provenance=provenance,
+    )
+
+
+def _collect_runs(records: list[Mapping[str, Any]], metric: str) -> tuple[list[_Run], TableProvenance]:
+    """Turn usable records into :class:`_Run` and count the rest; warn about ok records we cannot use."""
+    usable = [r for r in records if r.get("status") == "ok"]
+    skipped = len(records) - len(usable)
+    common = _common_overrides(usable)
+    runs: list[_Run] = []
+    commits: set[str] = set()
+    for record in usable:
+        try:
+            run = _to_run(record, metric, common)
+        except (KeyError, TypeError, ValueError) as exc:
+            warnings.warn(f"skipping record {record.get('run_id')!r}: {exc!r}", UserWarning, stacklevel=3)
+            skipped += 1
+            continue
+        runs.append(run)
+        commits.add(_commit_label(record))
+    return runs, TableProvenance(len(runs), skipped, tuple(sorted(commits)))
+
+
+def _to_run(record: Mapping[str, Any], metric: str, common: set[tuple[str, str]]) -> _Run:
+    spec = record["spec"]
+    if metric not in record["metrics"]:
+        raise KeyError(f"metric {metric!r} not in record")
+    overrides = _override_pairs(spec.get("overrides") or {})
+    label = ",".join(f"{k}={v}" for k, v in sorted(overrides - common))
+    method = spec["method"] if not label else f"{spec['method']}[{label}]"
+    return _Run(
+        cell=(spec["suite"], spec["model"], spec["task"], spec["budget"]),
+        method=method,
+        base_method=spec["method"],
+        overrides_label=label,
+        seed=int(spec["seed"]),
+        value=float(record["metrics"][metric]),
+        params=int(record["trainable_params"]),
+        calibration_seconds=float(record.get("calibration_seconds") or 0.0),
+        train_seconds=float(record.get("train_seconds") or 0.0),
+        run_id=str(record.get("run_id")),
+    )
+
+
+def _override_pairs(overrides: Mapping[str, Any]) -> set[tuple[str, str]]:
+    # Values are JSON-encoded so nested values compare and print the same way everywhere.
+    return {(key, json.dumps(value, sort_keys=True)) for key, value in overrides.items()}
+
+
+def _common_overrides(records: list[Mapping[str, Any]]) -> set[tuple[str, str]]:
+    """Override (key, value) pairs present in every record: shared settings, not ablations."""
+    sets = [_override_pairs((r.get("spec") or {}).get("overrides") or {}) for r in records]
+    return set.intersection(*sets) if sets else set()
+
+
+def _commit_label(record: Mapping[str, Any]) -> str:
+    git = (record.get("provenance") or {}).get("git") or {}
+    commit = str(git.get("commit") or "unknown")
+    return f"{commit}+dirty" if git.get("dirty") else commit
+
+
+def _group_runs(runs: list[_Run]) -> dict[tuple[CellKey, str], dict[int, _Run]]:
+    """Group runs by (cell, method label) and index them by seed; a repeated seed is an error."""
+    groups: dict[tuple[CellKey, str], dict[int, _Run]] = defaultdict(dict)
+    for run in runs:
+        by_seed = groups[(run.cell, run.method)]
+        if run.seed in by_seed:
+            raise ValueError(
+                f"two records for the same run: {by_seed[run.seed].run_id!r} and {run.run_id!r} "
+                f"({run.cell}, {run.method}, seed {run.seed}); remove one"
+            )
+        by_seed[run.seed] = run
+    return dict(sorted(groups.items(), key=lambda item: _sort_key(*item[0])))
+
+
+def _sort_key(cell: CellKey, method: str) -> tuple[Any, ...]:
+    suite, model, task, budget = cell
+    base = method.split("[", 1)[0]
+    order = _METHOD_ORDER.index(base) if base in _METHOD_ORDER else len(_METHOD_ORDER)
+    return (suite, model, _natural_key(budget), task, order, method)
+
+
+def _natural_key(text: str) -> tuple[Any, ...]:
+    """Sort "r2" before "r16": digit runs compare as numbers."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
+
+
+def _find_baseline(
+    groups: Mapping[tuple[CellKey, str], dict[int, _Run]], cell: CellKey, method: str, baseline: str
+) -> str | None:
+    """Label of the baseline group for ``method`` in ``cell``.
+
+    Prefers the baseline with the same overrides (an ablation of the learning rate is compared with the
+    baseline at that learning rate); otherwise the only baseline variant in the cell, if unambiguous.
+    """
+    candidates = [label for (c, label), runs in groups.items() if c == cell and _base(runs) == baseline]
+    suffix = method[len(method.split("[", 1)[0]) :]
+    same = f"{baseline}{suffix}"
+    if same in candidates:
+        return same
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def _base(runs: dict[int, _Run]) -> str:
+    return next(iter(runs.values())).base_method
+
+
+def _group_rows(
+    groups: Mapping[tuple[CellKey, str], dict[int, _Run]], baseline: str, param_tolerance: float
+) -> tuple[GroupRow, ...]:
+    rows = []
+    for (cell, method), by_seed in groups.items():
+        runs = [by_seed[s] for s in sorted(by_seed)]
+        mean, std = mean_std([r.value for r in runs])
+        params = _mean([r.params for r in runs])
+        base_label = _find_baseline(groups, cell, method, baseline)
+        ratio = None
+        if base_label is not None:
+            base_params = _mean([r.params for r in groups[(cell, base_label)].values()])
+            ratio = params / base_params if base_params > 0 else None
+        rows.append(
+            GroupRow(
+                *cell,
+                method=method,
+                seeds=tuple(sorted(by_seed)),
+                mean=mean,
+                std=std,
+                params_mean=params,
+                param_ratio=ratio,
+                param_flag=ratio is not None and abs(ratio - 1.0) > param_tolerance,
+                calibration_seconds=_mean([r.calibration_seconds for r in runs]),
+                train_seconds=_mean([r.train_seconds for r in runs]),
+            )
+        )
+    return tuple(rows)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return math.fsum(values) / len(values)
+
+
+def _compare(
+    groups: Mapping[tuple[CellKey, str], dict[int, _Run]],
+    baseline: str,
+    higher_is_better: bool,
+    alpha: float,
+    n_boot: int,
+    tol: float | None,
+    seed: int,
+) -> tuple[Comparison, ...]:
+    comparisons = []
+    for (cell, method), by_seed in groups.items():
+        if _base(by_seed) == baseline:
+            continue
+        base_label = _find_baseline(groups, cell, method, baseline)
+        if base_label is None:
+            continue
+        base_by_seed = groups[(cell, base_label)]
+        # Pair by seed: only seeds both methods finished enter the comparison.
+        seeds = sorted(set(by_seed) & set(base_by_seed))
+        if not seeds:
+            continue
+        a = [by_seed[s].value for s in seeds]
+        b = [base_by_seed[s].value for s in seeds]
+        diff, low, high = paired_bootstrap_ci(a, b, n_boot=n_boot, alpha=alpha, seed=seed)
+        verdict = classify_paired(
+            a, b, tol=tol, higher_is_better=higher_is_better, n_boot=n_boot, alpha=alpha, seed=seed
+        )
+        p_value = sign_flip_permutation_pvalue(a, b, n_perm=n_boot, seed=seed)
+        comparisons.append(
+            Comparison(*cell, method, base_label, len(seeds), diff, low, high, p_value, verdict)
+        )
+    return tuple(comparisons)
+
+
+def _summarise(comparisons: Sequence[Comparison]) -> tuple[MethodSummary, ...]:
+    counts: dict[str, dict[str, int]] = {}
+    for comp in comparisons:
+        counts.setdefault(comp.method, {"win": 0, "tie": 0, "loss": 0})[comp.verdict] += 1
+    order = sorted(counts, key=lambda m: _sort_key(("", "", "", ""), m))
+    return tuple(MethodSummary(m, counts[m]["win"], counts[m]["tie"], counts[m]["loss"]) for m in order)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rendering
+
+
+def to_markdown(table: ResultTable, *, digits: int = 2, scale: float = 1.0) -> str:
+    """Render the tables as Markdown.
+
+    Args:
+        table: Output of :func:`aggregate`.
+        digits: Decimals of metric values (``88.61 ± 0.42`` with 2).
+        scale: Multiply metric values (means, stds, differences) by this for display, e.g. 100 to show
+            fractional accuracies as percentages. Parameter counts and times are never scaled.
+
+    Returns:
+        Markdown text: a header, then the groups, comparisons and summary tables, each followed by the
+        record count and git commits it was built from.
+    """
+    direction = "higher is better" if table.higher_is_better else "lower is better"
+    level = f"{100 * (1 - table.alpha):g}%"
+    source = _provenance_line(table.provenance)
+    lines = [f"# Results: `{table.metric}` ({direction})", ""]
+    lines += ["## Groups", "", *_groups_table(table, digits, scale), "", source, ""]
+    lines += [f"## Paired comparison vs `{table.baseline}` ({level} bootstrap CI, sign-flip p)", ""]
+    lines += [*_comparisons_table(table, digits, scale, level), "", source, ""]
+    lines += [f"## Win / tie / loss vs `{table.baseline}`", "", *_summary_table(table), "", source]
+    return "\n".join(lines) + "\n"
+
+
+def _provenance_line(prov: TableProvenance) -> str:
+    commits = ", ".join(f"`{_short_commit(c)}`" for c in prov.git_commits) or "none"
+    return f"_Built from {prov.n_records} records ({prov.n_skipped} skipped: failed or unusable); git: {commits}._"
+
+
+def _short_commit(commit: str) -> str:
+    head, _, dirty = commit.partition("+")
+    return head[:12] + (f"+{dirty}" if dirty else "")
+
+
+def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return out
+
+
+def _fmt_mean_std(mean: float, std: float, digits: int, scale: float) -> str:
+    if math.isnan(std):
+        return f"{mean * scale:.{digits}f}"  # one seed: no spread to report
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def _groups_table(table: ResultTable, digits: int, scale: float) -> list[str]:
+    header = ["suite", "model", "task", "budget", "method", "n", table.metric, "params"]
+    header += [f"params / {table.baseline}", "calib s", "train s"]
+    rows = []
+    for row in table.rows:
+        ratio = "–" if row.param_ratio is None else f"{row.param_ratio:.3f}"
+        if row.param_flag:
+            ratio += " ⚠ off-budget"
+        rows.append(
+            [
+                row.suite,
+                row.model,
+                row.task,
+                row.budget,
+                row.method,
+                str(row.n),
+                _fmt_mean_std(row.mean, row.std, digits, scale),
+                f"{row.params_mean:,.0f}",
+                ratio,
+                f"{row.calibration_seconds:.1f}",
+                f"{row.train_seconds:.1f}",
+            ]
+        )
+    return _md_table(header, rows)
+
+
+def _fmt_signed(value: float, digits: int, scale: float) -> str:
+    return "–" if math.isnan(value) else f"{value * scale:+.{digits}f}"
+
+
+def _comparisons_table(table: ResultTable, digits: int, scale: float, level: str) -> list[str]:
+    header = ["suite", "model", "task", "budget", "method", "pairs", f"Δ {table.metric}", f"{level} CI"]
+    header += ["p", "verdict"]
+    rows = []
+    for comp in table.comparisons:
+        ci = f"[{_fmt_signed(comp.ci_low, digits, scale)}, {_fmt_signed(comp.ci_high, digits, scale)}]"
+        rows.append(
+            [
+                comp.suite,
+                comp.model,
+                comp.task,
+                comp.budget,
+                comp.method,
+                str(comp.n_pairs),
+                _fmt_signed(comp.mean_diff, digits, scale),
+                ci,
+                f"{comp.p_value:.3g}",
+                comp.verdict,
+            ]
+        )
+    return _md_table(header, rows)
+
+
+def _summary_table(table: ResultTable) -> list[str]:
+    rows = [[s.method, str(s.wins), str(s.ties), str(s.losses)] for s in table.summary]
+    return _md_table(["method", "wins", "ties", "losses"], rows)
+
+
+def write_report(
+    records: Iterable[Mapping[str, Any]],
+    out_dir: str | Path,
+    *,
+    metric: str = "accuracy",
+    digits: int = 2,
+    scale: float = 1.0,
+    **aggregate_kwargs: Any,
+) -> list[Path]:
+    """Write ``results.md`` and, if matplotlib is installed, one bar chart PNG per budget.
+
+    Args:
+        records: Run records.
+        out_dir: Output directory (created).
+        metric: Metric to report.
+        digits: Decimals in the Markdown.
+        scale: Display scale of metric values (see :func:`to_markdown`).
+        **aggregate_kwargs: Passed to :func:`aggregate` (``baseline``, ``higher_is_better``...).
+
+    Returns:
+        Paths written, ``results.md`` first.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = aggregate(records, metric=metric, **aggregate_kwargs)
+    md_path = out / "results.md"
+    md_path.write_text(to_markdown(table, digits=digits, scale=scale), encoding="utf-8")
+    written = [md_path]
+    try:
+        written += _write_charts(table, out, scale)
+    except ImportError:
+        pass  # matplotlib is optional; the Markdown is the primary artefact
+    return written
+
+
+def _write_charts(table: ResultTable, out: Path, scale: float) -> list[Path]:
+    """One grouped bar chart per budget: tasks on x, one bar per method, sample-std error bars."""
+    # Figure + Agg canvas directly, not pyplot: no global backend or figure state is touched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    paths = []
+    budgets = sorted({row.budget for row in table.rows}, key=_natural_key)
+    for budget in budgets:
+        rows = [row for row in table.rows if row.budget == budget]
+        tasks = list(dict.fromkeys(_task_label(row, table.rows) for row in rows))
+        methods = list(dict.fromkeys(row.method for row in rows))
+        width = 0.8 / len(methods)
+        fig = Figure(figsize=(max(4.0, 1.2 * len(tasks) * max(1, len(methods)) * 0.5 + 2), 4.0))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        for j, method in enumerate(methods):
+            by_task = {_task_label(r, table.rows): r for r in rows if r.method == method}
+            xs = [i + (j - (len(methods) - 1) / 2) * width for i, t in enumerate(tasks) if t in by_task]
+            present = [by_task[t] for t in tasks if t in by_task]
+            heights = [r.mean * scale for r in present]
+            errs = [0.0 if math.isnan(r.std) else r.std * scale for r in present]
+            ax.bar(xs, heights, width=width, yerr=errs, capsize=2, label=method)
+        ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+        ax.set_ylabel(table.metric)
+        prov = table.provenance
+        ax.set_title(f"{table.metric} at budget {budget} ({prov.n_records} records)")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        path = out / f"results_{re.sub(r'[^A-Za-z0-9._-]+', '_', budget)}.png"
+        fig.savefig(path, dpi=120)
+        paths.append(path)
+    return paths
+
+
+def _task_label(row: GroupRow, rows: Sequence[GroupRow]) -> str:
+    """Task name, prefixed with the model only when the report mixes several models."""
+    if len({r.model for r in rows}) > 1:
+        return f"{row.model}:{row.task}"
+    return row.task

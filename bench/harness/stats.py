@@ -1,0 +1,240 @@
+"""Paired statistics for comparing a method with a baseline over seeds (pure numpy).
+
+Runs of two methods that share a seed share data order and initialisation noise, so we compare them in
+pairs: d_i = a_i - b_i. The tools are the percentile bootstrap of mean(d) (Efron & Tibshirani, 1993,
+ch. 13) and the sign-flip permutation test of mean(d) = 0 (Fisher's randomisation test for paired data),
+exact by enumerating all 2^n sign patterns when n <= 16 and Monte Carlo otherwise, with the
+(1 + hits) / (1 + draws) estimate of Phipson & Smyth (2010) so a p-value is never exactly 0.
+
+A method "wins" on a task when the whole bootstrap CI of its mean improvement is above zero (or above
+``tol``), "loses" when the whole CI is below, and "ties" otherwise.
+
+Caveat: with very few seeds the percentile bootstrap is anti-conservative (n = 3 has only 10 distinct
+resample means, so the CI can exclude 0 although the exact sign-flip p is 0.25, its minimum at n = 3).
+Read the verdict together with the p-value, and use >= 5 seeds for claims; the exact test cannot go
+below p = 2 / 2^n, so p < 0.05 needs n >= 6.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Literal, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "EXACT_PERMUTATION_MAX_N",
+    "WinTieLoss",
+    "classify_paired",
+    "mean_std",
+    "paired_bootstrap_ci",
+    "sign_flip_permutation_pvalue",
+    "win_tie_loss",
+]
+
+# 2^16 = 65,536 sign patterns x 16 values is ~8 MB of float64: cheap enough to be exact.
+EXACT_PERMUTATION_MAX_N = 16
+_MC_CHUNK = 1024
+
+Verdict = Literal["win", "tie", "loss"]
+
+
+class WinTieLoss(NamedTuple):
+    """Counts of tasks a method wins, ties and loses against a baseline."""
+
+    wins: int
+    ties: int
+    losses: int
+
+
+def _as_1d(values: Sequence[float] | npt.ArrayLike, name: str) -> npt.NDArray[np.float64]:
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != 1 or array.size == 0:
+        raise ValueError(f"`{name}` must be a non-empty 1-D sequence, got shape {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"`{name}` must contain only finite values")
+    return array
+
+
+def _paired_diffs(a: npt.ArrayLike, b: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """Return ``a - b``, shape (n,); ``a[i]`` and ``b[i]`` must come from the same seed."""
+    a_arr, b_arr = _as_1d(a, "a"), _as_1d(b, "b")
+    if a_arr.shape != b_arr.shape:
+        raise ValueError(f"`a` and `b` must be paired (same length), got {a_arr.size} and {b_arr.size}")
+    return a_arr - b_arr
+
+
+def mean_std(values: Sequence[float] | npt.ArrayLike) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1).
+
+    Args:
+        values: Shape (n,), n >= 1.
+
+    Returns:
+        ``(mean, std)``. For n = 1 the sample std is undefined and returned as ``nan`` (not 0.0, which
+        would claim a single seed has no variance); reports render it as missing.
+    """
+    array = _as_1d(values, "values")
+    mean = float(array.mean())
+    std = float(array.std(ddof=1)) if array.size > 1 else math.nan
+    return mean, std
+
+
+def paired_bootstrap_ci(
+    a: Sequence[float] | npt.ArrayLike,
+    b: Sequence[float] | npt.ArrayLike,
+    *,
+    n_boot: int = 10_000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Percentile bootstrap CI of the mean paired difference ``mean(a - b)``.
+
+    Args:
+        a: Method scores, shape (n,), ordered by seed.
+        b: Baseline scores, shape (n,), same seed order as ``a``.
+        n_boot: Bootstrap resamples.
+        alpha: Two-sided level; the CI covers ``1 - alpha``.
+        seed: Seed of the resampling RNG (results are deterministic).
+
+    Returns:
+        ``(mean_diff, lower, upper)``. With n = 1 there is nothing to resample and the bounds are
+        ``nan`` (so such a cell can only tie).
+    """
+    if n_boot < 1:
+        raise ValueError(f"`n_boot` must be >= 1, got {n_boot}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"`alpha` must be in (0, 1), got {alpha}")
+    diffs = _paired_diffs(a, b)
+    mean_diff = float(diffs.mean())
+    if diffs.size < 2:
+        return mean_diff, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    # (n_boot, n) index matrix: n is a number of seeds, so this stays small.
+    idx = rng.integers(0, diffs.size, size=(n_boot, diffs.size))
+    boot_means = diffs[idx].mean(axis=1)
+    lower, upper = np.quantile(boot_means, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return mean_diff, float(lower), float(upper)
+
+
+def sign_flip_permutation_pvalue(
+    a: Sequence[float] | npt.ArrayLike,
+    b: Sequence[float] | npt.ArrayLike,
+    *,
+    n_perm: int = 10_000,
+    seed: int = 0,
+) -> float:
+    """Two-sided p-value of H0: mean(a - b) = 0 by randomly flipping the signs of paired differences.
+
+    Args:
+        a: Method scores, shape (n,), ordered by seed.
+        b: Baseline scores, shape (n,), same order.
+        n_perm: Monte Carlo draws, used only when n > :data:`EXACT_PERMUTATION_MAX_N`.
+        seed: RNG seed for the Monte Carlo case.
+
+    Returns:
+        For n <= 16, the exact fraction of the 2^n sign patterns whose |sum| is at least the observed
+        |sum| (the observed pattern included, so p >= 2 / 2^n when any difference is non-zero). For
+        larger n, ``(1 + hits) / (1 + n_perm)``.
+    """
+    diffs = _paired_diffs(a, b)
+    observed = abs(float(diffs.sum()))
+    # Sums of the same numbers in another order can differ in the last bits; count those as ties.
+    slack = 1e-12 * max(1.0, float(np.abs(diffs).sum()))
+    n = diffs.size
+    if n <= EXACT_PERMUTATION_MAX_N:
+        patterns = np.arange(2**n, dtype=np.int64)[:, None]
+        signs = 1.0 - 2.0 * ((patterns >> np.arange(n)) & 1)  # shape (2^n, n), entries +-1
+        hits = int(np.count_nonzero(np.abs(signs @ diffs) >= observed - slack))
+        return hits / 2**n
+    if n_perm < 1:
+        raise ValueError(f"`n_perm` must be >= 1, got {n_perm}")
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for start in range(0, n_perm, _MC_CHUNK):
+        rows = min(_MC_CHUNK, n_perm - start)
+        signs = rng.choice(np.array([-1.0, 1.0]), size=(rows, n))
+        hits += int(np.count_nonzero(np.abs(signs @ diffs) >= observed - slack))
+    return (1 + hits) / (1 + n_perm)
+
+
+def classify_paired(
+    a: Sequence[float] | npt.ArrayLike,
+    b: Sequence[float] | npt.ArrayLike,
+    *,
+    tol: float | None = None,
+    higher_is_better: bool = True,
+    n_boot: int = 10_000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> Verdict:
+    """Classify method ``a`` against baseline ``b`` on one task from the paired bootstrap CI.
+
+    Args:
+        a: Method scores over seeds, shape (n,).
+        b: Baseline scores over the same seeds, shape (n,).
+        tol: Margin of practical equivalence (metric units): a win needs the CI above ``+tol``, a loss
+            below ``-tol``. ``None`` means 0.
+        higher_is_better: ``False`` for metrics such as loss or perplexity.
+        n_boot: Bootstrap resamples.
+        alpha: CI level.
+        seed: Bootstrap RNG seed.
+
+    Returns:
+        ``"win"``, ``"tie"`` or ``"loss"``; always ``"tie"`` when the CI is undefined (n = 1).
+    """
+    margin = 0.0 if tol is None else float(tol)
+    if margin < 0:
+        raise ValueError(f"`tol` must be >= 0, got {tol}")
+    _, lower, upper = paired_bootstrap_ci(a, b, n_boot=n_boot, alpha=alpha, seed=seed)
+    if not higher_is_better:
+        lower, upper = -upper, -lower
+    # NaN comparisons are False, so an undefined CI falls through to "tie".
+    if lower > margin:
+        return "win"
+    if upper < -margin:
+        return "loss"
+    return "tie"
+
+
+def win_tie_loss(
+    a: Mapping[str, Sequence[float]],
+    b: Mapping[str, Sequence[float]],
+    *,
+    tol: float | None = None,
+    higher_is_better: bool = True,
+    n_boot: int = 10_000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> WinTieLoss:
+    """Count tasks where method ``a`` wins, ties and loses against baseline ``b``.
+
+    Args:
+        a: Task -> method scores over seeds.
+        b: Task -> baseline scores over the same seeds (same order); must have the same tasks as ``a``.
+        tol: See :func:`classify_paired`.
+        higher_is_better: See :func:`classify_paired`.
+        n_boot: Bootstrap resamples per task.
+        alpha: CI level.
+        seed: Bootstrap RNG seed (same for every task, so results are reproducible).
+
+    Returns:
+        :class:`WinTieLoss` counts; they sum to the number of tasks.
+    """
+    if set(a) != set(b):
+        raise ValueError(f"`a` and `b` must cover the same tasks; differ on {sorted(set(a) ^ set(b))}")
+    counts = {"win": 0, "tie": 0, "loss": 0}
+    for task in sorted(a):
+        verdict = classify_paired(
+            a[task],
+            b[task],
+            tol=tol,
+            higher_is_better=higher_is_better,
+            n_boot=n_boot,
+            alpha=alpha,
+            seed=seed,
+        )
+        counts[verdict] += 1
+    return WinTieLoss(counts["win"], counts["tie"], counts["loss"])

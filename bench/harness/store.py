@@ -1,0 +1,161 @@
+"""A crash-safe result store: one JSON file per run under ``root/runs/<run_id>.json``.
+
+Each record is written to a temporary file in the same directory, flushed and fsynced, then moved into
+place with ``os.replace`` (atomic on POSIX and Windows). A crash at any point leaves either the old record
+or the new one, never half a file; stray temporary files end in ``.tmp`` and are ignored by readers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .experiment import RunSpec
+
+__all__ = ["FINISHED_STATUS", "ResultStore"]
+
+# Only this status counts as done; "failed" (or anything else) is retried on the next sweep.
+FINISHED_STATUS = "ok"
+
+
+class ResultStore:
+    """Run records on disk, keyed by ``run_id``.
+
+    Args:
+        root: Directory of the store; records live in ``root/runs``. Created on first write.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.runs_dir = self.root / "runs"
+
+    def path_for(self, run_id: str) -> Path:
+        """Return the file a record with this id is (or would be) stored in."""
+        if not run_id or "/" in run_id or "\\" in run_id or run_id.startswith("."):
+            raise ValueError(f"`run_id` is not a safe file name: {run_id!r}")
+        return self.runs_dir / f"{run_id}.json"
+
+    def has(self, run_id: str) -> bool:
+        """Whether a record file exists for ``run_id`` (any status, readable or not)."""
+        return self.path_for(run_id).is_file()
+
+    def get(self, run_id: str) -> dict[str, Any]:
+        """Return the record for ``run_id``.
+
+        Raises:
+            KeyError: If there is no record.
+            ValueError: If the file exists but is not a JSON object.
+        """
+        path = self.path_for(run_id)
+        if not path.is_file():
+            raise KeyError(run_id)
+        return _read_record(path)
+
+    def put(self, record: dict[str, Any]) -> Path:
+        """Write ``record`` atomically, replacing any earlier record of the same run.
+
+        Args:
+            record: JSON-serialisable dict with a ``run_id`` key (see ``record.make_record``).
+
+        Returns:
+            The path written.
+        """
+        run_id = record.get("run_id")
+        if not isinstance(run_id, str):
+            raise ValueError("`record` must have a string `run_id`")
+        path = self.path_for(run_id)
+        # Serialise before touching the disk: an unserialisable record must not leave a temp file behind.
+        payload = json.dumps(record, indent=2, sort_keys=True, allow_nan=True) + "\n"
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(path, payload)
+        return path
+
+    def records(self) -> list[dict[str, Any]]:
+        """Return every readable record, sorted by file name.
+
+        Corrupt or unreadable files are skipped with a ``UserWarning`` naming the file, so one bad file
+        (e.g. hand-edited) cannot take the whole report down; the run will be redone by ``pending``.
+        """
+        return list(self._iter_records())
+
+    def pending(self, specs: Iterable[RunSpec]) -> list[RunSpec]:
+        """Return the specs that still need running, in their given order, without duplicates.
+
+        A run is finished only if its record is readable and has ``"status": "ok"``; failed runs and
+        corrupt records are returned so they are retried.
+        """
+        todo: list[RunSpec] = []
+        seen: set[str] = set()
+        for spec in specs:
+            run_id = spec.run_id
+            if run_id in seen:
+                continue
+            seen.add(run_id)
+            if not self._is_finished(run_id):
+                todo.append(spec)
+        return todo
+
+    def _is_finished(self, run_id: str) -> bool:
+        path = self.path_for(run_id)
+        if not path.is_file():
+            return False
+        try:
+            return _read_record(path).get("status") == FINISHED_STATUS
+        except (OSError, ValueError):
+            return False
+
+    def _iter_records(self) -> Iterator[dict[str, Any]]:
+        if not self.runs_dir.is_dir():
+            return
+        for path in sorted(self.runs_dir.glob("*.json")):
+            try:
+                yield _read_record(path)
+            except (OSError, ValueError) as exc:
+                warnings.warn(f"skipping unreadable result record {path}: {exc}", UserWarning, stacklevel=3)
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    """Read one record; ``ValueError`` (incl. ``JSONDecodeError``) if it is not a JSON object."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see either the old file or the complete new one."""
+    # Same directory as the target: os.replace is only atomic within one file system.
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            # fsync before rename, otherwise a power loss can leave the new name pointing at empty data.
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        # Also on KeyboardInterrupt: never leave a temp file behind.
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist the rename itself (POSIX); a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
