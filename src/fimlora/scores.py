@@ -261,6 +261,13 @@ def _enter_calibration(model: nn.Module, trainable: Iterable[nn.Parameter]) -> _
         p.requires_grad_(id(p) in keep)
     # eval(): no dropout, so the statistics depend on the data and the seed of LoRA-A only.
     model.eval()
+    # ...except for the layers (transformers >= 4.35) or models (older) that gradient-checkpoint: they
+    # checkpoint only while `training` is True, so eval() would silently keep every activation and push
+    # calibration's peak memory above a checkpointed training step's. Only that module's own flag is set;
+    # its children (dropout included) stay in eval mode.
+    for m in model.modules():
+        if getattr(m, "gradient_checkpointing", False) is True:
+            m.training = True
     return saved
 
 
