@@ -1,0 +1,700 @@
+"""L1RA: L1-regularised gates that prune LoRA ranks and reassign them during training.
+
+Singh, Brunello, Scotti, Carman, "L1RA: Dynamic Rank Assignment in LoRA Fine-Tuning", arXiv 2509.04884.
+
+Every adapted module m gets a gate vector g_m (one entry per rank, initialised to 1) between A and B::
+
+    delta_m(x) = s_m * B_m diag(g_m) A_m x,        loss = task loss + lam * mean_m ||g_m||_1
+
+The gates have their own learning rate and are clamped to [0, 1] after each optimizer step. Every
+``reallocate_every`` of training, gate entries below ``prune_threshold`` are pruned (at least ``r_min``
+kept per module) and the freed budget goes to the modules whose gates are most saturated (highest mean
+gate); new columns start with random A, zero B and gate 1, so the model's output does not change. At
+the end, gates are folded into B (B <- B diag(g)) and the hooks removed: a plain PEFT LoRA adapter.
+
+Differences from the published code, on purpose:
+
+* the budget is held exactly as a rank sum, *or* as a parameter count sum_m r_m (in_m + out_m) (the
+  published code holds the rank sum only, and its parameter count drifted by +14%);
+* modules keep their scale alpha/r (alpha_m = alpha * r_m / r), so adding or dropping zero columns does
+  not change the output;
+* optimizer state is carried for surviving columns and zero for new ones (:mod:`.optim_state`).
+
+The gates live in the method (an ``nn.ParameterDict``), not in the model, so the model's state dict stays
+a standard LoRA one; :meth:`L1raMethod.state_dict` holds gates, ranks, history and the schedule. They are
+applied with a forward pre-hook on each ``lora_B`` (its input has shape (..., r)), so no PEFT layer is
+subclassed. :class:`RankScaleHooks` and :class:`RankBudget` are shared with LR-LoRA.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from fimlora.allocate import allocate_ranks
+from fimlora.methods.base import register_method, trainable_param_groups
+from fimlora.methods.history import RankEvent, RankHistory
+from fimlora.methods.optim_state import ParamRemap, carry_optimizer_state
+from fimlora.peft_glue import (
+    current_ranks,
+    lora_config,
+    lora_modules,
+    module_shapes,
+    pattern_key,
+    resize_lora_modules,
+    scaled_alpha,
+)
+from fimlora.rankmap import RankMap
+
+__all__ = [
+    "L1raConfig",
+    "L1raMethod",
+    "RankBudget",
+    "RankScaleHooks",
+    "Reallocation",
+    "plan_reallocation",
+]
+
+BudgetUnit = Literal["ranks", "params"]
+
+
+@dataclass
+class L1raConfig:
+    """L1RA hyper-parameters. Each field's docstring is its help text."""
+
+    l1_lambda: float = 1e-3
+    """Weight lam of the penalty lam * mean over modules of ||gate||_1 (>= 0)."""
+
+    gate_lr: float = 1e-2
+    """Learning rate of the gates (their own optimizer group, no weight decay)."""
+
+    prune_threshold: float = 1e-2
+    """Gate entries below this value are pruned at a reallocation (0 <= threshold < 1)."""
+
+    reallocate_every: float | int = 0.1
+    """Reallocation period: a fraction of the training steps (float in (0, 1)) or a number of steps (int)."""
+
+    r_min: int = 1
+    """Fewest ranks a module keeps after pruning (the largest gates survive)."""
+
+    r_max: int | None = None
+    """Most ranks a module can grow to. Default: four times the LoRA rank, capped at min(in, out)."""
+
+    budget_unit: BudgetUnit = "ranks"
+    """What is held constant: the rank sum ("ranks") or the LoRA parameter count ("params")."""
+
+    budget_ranks: int | None = None
+    """Total rank to hold (default: uniform LoRA at the config's r). Only with budget_unit="ranks"."""
+
+    budget_params: int | None = None
+    """Parameter count to hold (default: uniform LoRA at r). Only with budget_unit="params"."""
+
+    seed: int = 0
+    """Seed of the random A columns added at reallocations (the global RNG is not consumed)."""
+
+    history_path: str | None = None
+    """JSONL file that every rank change is appended to (None: kept in memory and in the state dict)."""
+
+    def __post_init__(self) -> None:
+        _check_float("l1_lambda", self.l1_lambda, low=0.0)
+        _check_float("gate_lr", self.gate_lr, low=0.0, strict=True)
+        _check_float("prune_threshold", self.prune_threshold, low=0.0)
+        if self.prune_threshold >= 1.0:
+            raise ValueError(
+                f"`prune_threshold` must be < 1 (gates live in [0, 1]), got {self.prune_threshold}"
+            )
+        _check_schedule(self.reallocate_every)
+        _check_int("r_min", self.r_min, minimum=1)
+        if self.r_max is not None:
+            _check_int("r_max", self.r_max, minimum=self.r_min)
+        _check_budget(self.budget_unit, self.budget_ranks, self.budget_params)
+
+
+# ---- shared pieces: the budget and the rank-scaling hooks ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RankBudget:
+    """A budget in ranks (sum r_m == total) or parameters (sum r_m (in_m + out_m) <= total, least slack).
+
+    Attributes:
+        unit: "ranks" or "params".
+        total: the budget.
+        costs: module -> budget units per rank (1 for ranks, in + out for parameters).
+    """
+
+    unit: BudgetUnit
+    total: int
+    costs: dict[str, int]
+
+    @classmethod
+    def resolve(
+        cls,
+        shapes: Mapping[str, tuple[int, int]],
+        r: int,
+        unit: BudgetUnit,
+        budget_ranks: int | None,
+        budget_params: int | None,
+    ) -> RankBudget:
+        """The configured budget, defaulting to uniform LoRA at rank ``r`` in ``unit``."""
+        costs = {n: 1 if unit == "ranks" else int(i + o) for n, (i, o) in shapes.items()}
+        explicit = budget_ranks if unit == "ranks" else budget_params
+        total = explicit if explicit is not None else r * sum(costs.values())
+        return cls(unit, int(total), costs)
+
+    def used(self, ranks: Mapping[str, int]) -> int:
+        """Budget units used by ``ranks``."""
+        return sum(int(ranks[n]) * c for n, c in self.costs.items())
+
+    def holds(self, ranks: Mapping[str, int]) -> bool:
+        """The invariant: exact for ranks, at most the total for parameters."""
+        used = self.used(ranks)
+        return used == self.total if self.unit == "ranks" else used <= self.total
+
+    def allocate(
+        self, scores: Mapping[str, float], lo: Mapping[str, int], hi: Mapping[str, int]
+    ) -> dict[str, int]:
+        """Ranks proportional to ``scores`` within ``[lo, hi]`` that meet the budget (see ``allocate_ranks``).
+
+        Raises:
+            ValueError: the budget is outside the feasible range of the bounds (the message gives it).
+        """
+        with warnings.catch_warnings():
+            # All-zero scores fall back to uniform: a defined answer, not worth a warning mid-training.
+            warnings.simplefilter("ignore", UserWarning)
+            rank_map = allocate_ranks(
+                {n: float(scores[n]) for n in self.costs},
+                budget_ranks=self.total if self.unit == "ranks" else None,
+                budget_params=self.total if self.unit == "params" else None,
+                costs=self.costs,
+                r_min={n: int(lo[n]) for n in self.costs},
+                r_max={n: int(hi[n]) for n in self.costs},
+            )
+        return dict(rank_map)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"unit": self.unit, "total": self.total, "costs": dict(self.costs)}
+
+
+class RankScaleHooks:
+    """Multiply the input of each module's ``lora_B`` (shape (..., r)) by a per-rank vector.
+
+    ``vector(name)`` is called at every forward, so the vector may be a parameter (L1RA's gates) or be
+    computed from parameters (LR-LoRA's soft mask). Hooks must be re-installed on a module whose
+    ``lora_B`` was rebuilt by a resize (the old ``nn.Linear`` is gone).
+    """
+
+    def __init__(self, vector: Callable[[str], torch.Tensor], adapter_name: str = "default") -> None:
+        self.vector = vector
+        self.adapter_name = adapter_name
+        self._handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
+
+    def install(self, modules: Mapping[str, Any]) -> None:
+        """(Re-)install the hook on ``modules[name].lora_B[adapter]`` for every listed module."""
+        for name, module in modules.items():
+            self.remove([name])
+            self._handles[name] = module.lora_B[self.adapter_name].register_forward_pre_hook(
+                self._make_hook(name)
+            )
+
+    def remove(self, names: Iterable[str] | None = None) -> None:
+        """Remove the hooks of ``names`` (all when None)."""
+        for name in list(self._handles) if names is None else list(names):
+            handle = self._handles.pop(name, None)
+            if handle is not None:
+                handle.remove()
+
+    def _make_hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            x = args[0]
+            return (x * self.vector(name).to(x.dtype), *args[1:])
+
+        return hook
+
+
+# ---- the reallocation rule (pure: plain lists in, plain dicts out) ---------------------------------------
+
+
+@dataclass(frozen=True)
+class Reallocation:
+    """Result of :func:`plan_reallocation`.
+
+    Attributes:
+        ranks: module -> new rank.
+        keep: module -> old rank indices that survive, in their old order (they become columns 0..k-1).
+        pruned: module -> number of columns dropped.
+        added: module -> number of fresh columns (random A, zero B, gate 1).
+    """
+
+    ranks: dict[str, int]
+    keep: dict[str, list[int]]
+    pruned: dict[str, int]
+    added: dict[str, int]
+
+    @property
+    def changed(self) -> list[str]:
+        """Modules that lose or gain columns."""
+        return [n for n in self.ranks if self.pruned[n] or self.added[n]]
+
+
+def plan_reallocation(
+    gates: Mapping[str, Sequence[float]],
+    budget: RankBudget,
+    *,
+    threshold: float,
+    r_min: int,
+    r_max: Mapping[str, int],
+) -> Reallocation:
+    """Prune small gates and hand the freed budget to the most saturated modules, exactly.
+
+    1. In each module, entries with gate < ``threshold`` are pruned; if fewer than ``r_min`` survive, the
+       ``r_min`` largest gates survive (ties: lower index).
+    2. Saturation of a module = mean of its gates. The budget is re-allocated with
+       :meth:`RankBudget.allocate`, ranks proportional to saturation, never below the survivors. Modules
+       that pruned this round cannot grow in it (their own gates just said they need fewer ranks), unless
+       nobody else can take the freed budget.
+
+    Args:
+        gates: module -> gate values (its current rank is the length).
+        budget: the budget to hold.
+        threshold: pruning threshold.
+        r_min: fewest survivors per module.
+        r_max: module -> largest rank.
+
+    Returns:
+        A :class:`Reallocation`; ``budget.holds(result.ranks)`` is true whenever it held before.
+    """
+    keep: dict[str, list[int]] = {}
+    for name, g in gates.items():
+        alive = [k for k, v in enumerate(g) if v >= threshold]
+        if len(alive) < r_min:
+            by_gate = sorted(range(len(g)), key=lambda k: (-g[k], k))
+            alive = sorted(by_gate[: min(r_min, len(g))])
+        keep[name] = alive
+    pruned = {n: len(gates[n]) - len(keep[n]) for n in gates}
+    if not any(pruned.values()):
+        ranks = {n: len(g) for n, g in gates.items()}
+        return Reallocation(ranks, keep, pruned, dict.fromkeys(gates, 0))
+    saturation = {n: (sum(g) / len(g) if len(g) else 0.0) for n, g in gates.items()}
+    lo = {n: len(keep[n]) for n in gates}
+    hi = {n: (lo[n] if pruned[n] else max(int(r_max[n]), lo[n])) for n in gates}
+    if budget.used(hi) < budget.total:  # nobody else can absorb the freed budget: let every module grow
+        hi = {n: max(int(r_max[n]), lo[n]) for n in gates}
+    ranks = budget.allocate(saturation, lo, hi)
+    added = {n: ranks[n] - lo[n] for n in gates}
+    return Reallocation(ranks, keep, pruned, added)
+
+
+# ---- the method ---------------------------------------------------------------------------------------------
+
+
+@register_method("l1ra")
+class L1raMethod:
+    """L1RA behind the :class:`~fimlora.methods.base.RankMethod` protocol.
+
+    Resume: build the model with :meth:`prepare` as for a new run, then :meth:`load_state_dict` (or
+    :meth:`restore`) with the saved method state; this rebuilds the LoRA layers at the saved ranks and
+    restores the gates. Then load the adapter weights, build the optimizer from :meth:`param_groups` and
+    load its state.
+    """
+
+    name = "l1ra"
+
+    def __init__(self, config: L1raConfig | None = None, **overrides: Any) -> None:
+        self.config = config or L1raConfig(**overrides)
+        self.adapter_name = "default"
+        self.gates = nn.ParameterDict()
+        self.history = RankHistory(self.config.history_path)
+        self.budget: RankBudget | None = None
+        self.r_max: dict[str, int] = {}
+        self.interval: int = 0
+        self.total_steps: int | None = None
+        self.last_step = -1
+        self._model: nn.Module | None = None
+        self._hooks = RankScaleHooks(self._gate, self.adapter_name)
+        self._finalized = False
+
+    # -- protocol ---------------------------------------------------------------------------------------
+    def prepare(
+        self,
+        base_model: nn.Module,
+        lora_config: Any,
+        *,
+        calibration_batches: Iterable[Any] | None = None,
+        total_steps: int | None = None,
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    ) -> nn.Module:
+        """Wrap with LoRA at uniform rank (or the budget's equal split), add gates = 1 and their hooks.
+
+        Raises:
+            ValueError: unsupported LoRA options, a schedule longer than training, or an infeasible budget.
+                Raised before the model is wrapped, so nothing is half built.
+        """
+        from peft import get_peft_model
+
+        if getattr(lora_config, "use_dora", False):
+            raise ValueError(
+                "L1RA gates sit between A and B; DoRA adapters are not supported (use_dora=False)"
+            )
+        self.interval = _schedule_interval(self.config.reallocate_every, total_steps, "L1RA")
+        self.total_steps = total_steps
+        model = get_peft_model(base_model, copy.deepcopy(lora_config))
+        mods = lora_modules(model, self.adapter_name)
+        shapes = module_shapes(mods, self.adapter_name)
+        cfg = lora_config_of(model, self.adapter_name)
+        self.budget = RankBudget.resolve(
+            shapes, cfg.r, self.config.budget_unit, self.config.budget_ranks, self.config.budget_params
+        )
+        self.r_max = _resolve_r_max(shapes, cfg.r, self.config.r_min, self.config.r_max)
+        initial = _initial_ranks(self.budget, self.config.r_min, self.r_max, cfg.r, "L1RA")
+        _resize_keep_scale(model, initial, self.adapter_name, keep=None, seed=self.config.seed)
+        self._model = model
+        self.gates = nn.ParameterDict(
+            {_key(n): _new_gate(mods[n], self.adapter_name, initial[n]) for n in initial}
+        )
+        self._hooks.install(lora_modules(model, self.adapter_name))
+        self.history.log(RankEvent(0, n, int(cfg.r), r, "init") for n, r in initial.items())
+        return model
+
+    def param_groups(self, model: nn.Module, *, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        """LoRA factors at ``lr``; gates at ``gate_lr`` without weight decay (decay would fight the L1 term)."""
+        gate_ids = {id(p) for p in self.gates.values()}
+        groups = trainable_param_groups(model, lr=lr, weight_decay=weight_decay)
+        groups[0]["params"] = [p for p in groups[0]["params"] if id(p) not in gate_ids]
+        groups.append({"params": list(self.gates.values()), "lr": self.config.gate_lr, "weight_decay": 0.0})
+        return groups
+
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        """lam * mean over modules of ||gate||_1 (None when lam = 0)."""
+        if self.config.l1_lambda == 0.0 or not len(self.gates):
+            return None
+        l1 = torch.stack([g.abs().sum() for g in self.gates.values()])
+        return self.config.l1_lambda * l1.mean()
+
+    def on_step_end(
+        self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None
+    ) -> RankMap | None:
+        """Clamp gates to [0, 1]; at the schedule, prune and reassign (returns the new map if it changed)."""
+        if self._finalized:
+            raise RuntimeError("L1RA was finalized; build a new method for a new run")
+        with torch.no_grad():
+            for g in self.gates.values():
+                g.clamp_(0.0, 1.0)
+        self.last_step = step
+        done = step + 1
+        if done % self.interval != 0 or (self.total_steps is not None and done >= self.total_steps):
+            return None  # reallocating after the last step would add columns that never train
+        return self.reallocate(model, step, optimizer)
+
+    def finalize(self, model: nn.Module) -> tuple[nn.Module, RankMap]:
+        """Fold gates into B (B <- B diag(g)), remove the hooks: a plain PEFT LoRA model and its map."""
+        mods = lora_modules(model, self.adapter_name)
+        with torch.no_grad():
+            for name, module in mods.items():
+                weight = module.lora_B[self.adapter_name].weight  # (out, r)
+                weight.mul_(self._gate(name).to(weight.dtype).unsqueeze(0))
+        self._hooks.remove()
+        self._finalized = True
+        ranks = current_ranks(model, self.adapter_name)
+        _write_patterns(model, ranks, self.adapter_name)
+        return model, RankMap(ranks, metadata=self._metadata(model, ranks))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Gates, ranks, budget, schedule position and history: enough to resume exactly."""
+        ranks = {n: int(g.numel()) for n, g in self._gates_by_name().items()}
+        return {
+            "method": self.name,
+            "config": asdict(self.config),
+            "ranks": ranks,
+            "gates": {n: g.detach().cpu().clone() for n, g in self._gates_by_name().items()},
+            "budget": self.budget.to_dict() if self.budget else None,
+            "r_max": dict(self.r_max),
+            "interval": self.interval,
+            "total_steps": self.total_steps,
+            "last_step": self.last_step,
+            "history": self.history.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore method state; with a prepared model, also rebuild its LoRA layers at the saved ranks."""
+        if state.get("method") != self.name:
+            raise ValueError(f"this state is for method {state.get('method')!r}, not {self.name!r}")
+        if self._model is None:
+            raise RuntimeError("call prepare() before load_state_dict(): the model must exist to be resized")
+        self.restore(self._model, state)
+
+    # -- L1RA-specific ---------------------------------------------------------------------------------
+    def restore(self, model: nn.Module, state: Mapping[str, Any]) -> None:
+        """Rebuild ``model`` at the saved ranks and load gates, budget, schedule and history.
+
+        Call before loading adapter weights and before building the optimizer (the gates are new
+        parameters).
+        """
+        ranks = {n: int(r) for n, r in state["ranks"].items()}
+        _resize_keep_scale(model, ranks, self.adapter_name, keep=None, seed=self.config.seed)
+        mods = lora_modules(model, self.adapter_name)
+        self.gates = nn.ParameterDict(
+            {_key(n): _new_gate(mods[n], self.adapter_name, ranks[n]) for n in ranks}
+        )
+        with torch.no_grad():
+            for n, g in state["gates"].items():
+                self.gates[_key(n)].copy_(g)
+        b = state["budget"]
+        self.budget = RankBudget(b["unit"], int(b["total"]), {k: int(v) for k, v in b["costs"].items()})
+        self.r_max = {n: int(v) for n, v in state["r_max"].items()}
+        self.interval = int(state["interval"])
+        self.total_steps = state["total_steps"]
+        self.last_step = int(state["last_step"])
+        self.history.load_state_dict(state["history"])
+        self._model = model
+        self._hooks.install(mods)
+
+    def reallocate(
+        self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None
+    ) -> RankMap | None:
+        """Prune and reassign now (``on_step_end`` calls this at the schedule); None when nothing changed.
+
+        Raises:
+            ValueError: ranks would change but ``optimizer`` is None (it would keep stale parameters).
+        """
+        assert self.budget is not None, "prepare() first"
+        gates = {n: g.detach().float().cpu().tolist() for n, g in self._gates_by_name().items()}
+        plan = plan_reallocation(
+            gates,
+            self.budget,
+            threshold=self.config.prune_threshold,
+            r_min=self.config.r_min,
+            r_max=self.r_max,
+        )
+        changed = plan.changed
+        if not changed:
+            return None
+        if optimizer is None:
+            raise ValueError(
+                f"L1RA reallocates ranks at step {step} and needs the optimizer to carry its state over; "
+                "pass it to on_step_end"
+            )
+        mods = lora_modules(model, self.adapter_name)
+        old = {n: _lora_params(mods[n], self.adapter_name) + [self.gates[_key(n)]] for n in changed}
+        old_ranks = {n: len(gates[n]) for n in changed}
+        _resize_keep_scale(
+            model,
+            {n: plan.ranks[n] for n in changed},
+            self.adapter_name,
+            keep={n: plan.keep[n] for n in changed},
+            seed=self.config.seed + step + 1,  # a function of the step, so a resumed run draws the same A
+        )
+        mods = lora_modules(model, self.adapter_name)
+        remaps: list[ParamRemap] = []
+        for n in changed:
+            kept = plan.keep[n]
+            old_gate = old[n][-1]
+            new_gate = _new_gate(mods[n], self.adapter_name, plan.ranks[n])
+            with torch.no_grad():
+                new_gate[: len(kept)].copy_(old_gate.detach()[kept])
+            self.gates[_key(n)] = new_gate
+            remaps += _remaps(old[n], _lora_params(mods[n], self.adapter_name) + [new_gate], kept)
+        carry_optimizer_state(optimizer, remaps)
+        self._hooks.install({n: mods[n] for n in changed})
+        self.history.log(
+            RankEvent(
+                step,
+                n,
+                old_ranks[n],
+                plan.ranks[n],
+                "l1ra",
+                {"pruned": plan.pruned[n], "added": plan.added[n]},
+            )
+            for n in changed
+        )
+        ranks = current_ranks(model, self.adapter_name)
+        assert self.budget.holds(ranks), "L1RA broke its budget invariant; please report this"
+        return RankMap(ranks, metadata={"method": self.name, "step": step})
+
+    # -- internals --------------------------------------------------------------------------------------
+    def _gate(self, name: str) -> torch.Tensor:
+        return self.gates[_key(name)]
+
+    def _gates_by_name(self) -> dict[str, nn.Parameter]:
+        return {_unkey(k): v for k, v in self.gates.items()}
+
+    def _metadata(self, model: nn.Module, ranks: Mapping[str, int]) -> dict[str, Any]:
+        shapes = module_shapes(lora_modules(model, self.adapter_name), self.adapter_name)
+        cfg = lora_config_of(model, self.adapter_name)
+        assert self.budget is not None
+        return {
+            "method": self.name,
+            "lora_r": cfg.r,
+            "config": asdict(self.config),
+            "budget": {**self.budget.to_dict(), "used": self.budget.used(ranks)},
+            "total_params": sum(r * (shapes[n][0] + shapes[n][1]) for n, r in ranks.items()),
+            "uniform_params": cfg.r * sum(i + o for i, o in shapes.values()),
+            "reallocations": len({e.step for e in self.history.events if e.reason != "init"}),
+            "shapes": {n: list(s) for n, s in shapes.items()},
+        }
+
+
+# ---- helpers shared with LR-LoRA --------------------------------------------------------------------------
+
+
+def lora_config_of(model: nn.Module, adapter_name: str) -> Any:
+    """The adapter's ``LoraConfig`` (re-exported so methods import PEFT glue from one place)."""
+    return lora_config(model, adapter_name)
+
+
+def _key(name: str) -> str:
+    # ParameterDict keys can't contain "."; ":" never occurs in torch module names.
+    return name.replace(".", ":")
+
+
+def _unkey(key: str) -> str:
+    return key.replace(":", ".")
+
+
+def _new_gate(module: Any, adapter: str, r: int) -> nn.Parameter:
+    weight = module.lora_B[adapter].weight
+    dtype = weight.dtype if weight.dtype == torch.float64 else torch.float32  # gates train in fp32 at least
+    return nn.Parameter(torch.ones(r, dtype=dtype, device=weight.device))
+
+
+def _lora_params(module: Any, adapter: str) -> list[nn.Parameter]:
+    """[A weight (r x in), B weight (out x r)] and, with ``lora_bias``, B's bias (out,)."""
+    params = [module.lora_A[adapter].weight, module.lora_B[adapter].weight]
+    if module.lora_B[adapter].bias is not None:
+        params.append(module.lora_B[adapter].bias)
+    return params
+
+
+def _remaps(
+    old: Sequence[nn.Parameter], new: Sequence[nn.Parameter], kept: Sequence[int]
+) -> list[ParamRemap]:
+    """Remaps for [A (r x in), B (out x r), bias (out,)?, gate (r,)]: rank is dim 0, 1, none, 0."""
+    a_old, b_old, *rest_old = old
+    a_new, b_new, *rest_new = new
+    out = [ParamRemap(a_old, a_new, 0, list(kept)), ParamRemap(b_old, b_new, 1, list(kept))]
+    if len(rest_old) == 2:  # lora_bias=True: B's bias is not rank-shaped, keep all of it
+        bias_old, bias_new = rest_old[0], rest_new[0]
+        out.append(ParamRemap(bias_old, bias_new, 0, list(range(bias_old.shape[0]))))
+    out.append(ParamRemap(rest_old[-1], rest_new[-1], 0, list(kept)))
+    return out
+
+
+def _resize_keep_scale(
+    model: nn.Module,
+    ranks: Mapping[str, int],
+    adapter: str,
+    *,
+    keep: Mapping[str, Sequence[int]] | None,
+    seed: int,
+) -> None:
+    """Resize with ``resize_lora_modules`` keeping every module's scale, and record the patterns."""
+    cfg = lora_config(model, adapter)
+    now = current_ranks(model, adapter)
+    todo = {n: int(r) for n, r in ranks.items() if int(r) != now[n] or (keep is not None and n in keep)}
+    if todo:
+        alphas = {
+            n: scaled_alpha(cfg.lora_alpha, cfg.r, r, use_rslora=cfg.use_rslora) for n, r in todo.items()
+        }
+        resize_lora_modules(model, todo, adapter_name=adapter, alphas=alphas, keep=keep, seed=seed)
+    _write_patterns(model, current_ranks(model, adapter), adapter)
+
+
+def _write_patterns(model: nn.Module, ranks: Mapping[str, int], adapter: str) -> None:
+    """rank_pattern/alpha_pattern with one exact key per module, so save_pretrained is standard LoRA."""
+    cfg = lora_config(model, adapter)
+    cfg.rank_pattern = {pattern_key(n): int(r) for n, r in ranks.items()}
+    cfg.alpha_pattern = {
+        pattern_key(n): scaled_alpha(cfg.lora_alpha, cfg.r, int(r), use_rslora=cfg.use_rslora)
+        for n, r in ranks.items()
+    }
+
+
+def _resolve_r_max(
+    shapes: Mapping[str, tuple[int, int]], r: int, r_min: int, r_max: int | None
+) -> dict[str, int]:
+    """Per-module cap: the configured r_max (default 4r), never above min(in, out)."""
+    cap = r_max if r_max is not None else 4 * r
+    out = {n: min(cap, min(s)) for n, s in shapes.items()}
+    too_small = [n for n, v in out.items() if v < r_min]
+    if too_small:
+        raise ValueError(f"r_min={r_min} exceeds min(in, out) of module {too_small[0]!r}; lower r_min")
+    return out
+
+
+def _initial_ranks(
+    budget: RankBudget, r_min: int, r_max: Mapping[str, int], r: int, method: str
+) -> dict[str, int]:
+    """Uniform rank ``r`` when it meets the budget exactly, else the budget split evenly (exact)."""
+    uniform = dict.fromkeys(budget.costs, r)
+    if budget.used(uniform) == budget.total and all(r_max[n] >= r >= r_min for n in uniform):
+        return uniform
+    try:
+        return budget.allocate(dict.fromkeys(budget.costs, 1.0), dict.fromkeys(budget.costs, r_min), r_max)
+    except ValueError as err:
+        raise ValueError(f"{method}: the {budget.unit} budget {budget.total} is infeasible: {err}") from err
+
+
+def _schedule_interval(every: float | int, total_steps: int | None, method: str) -> int:
+    """Steps between reallocations; fails before training when the schedule can't fit in it."""
+    if total_steps is not None:
+        _check_int("total_steps", total_steps, minimum=1)
+    if isinstance(every, float):
+        if total_steps is None:
+            raise ValueError(
+                f"{method}: reallocate_every={every} is a fraction of training, so prepare() needs "
+                "`total_steps`; or give reallocate_every as a number of steps (int)"
+            )
+        interval = max(1, round(every * total_steps))
+    else:
+        interval = every
+    if total_steps is not None and interval >= total_steps:
+        raise ValueError(
+            f"{method}: the reallocation schedule ({interval} steps) is as long as or longer than training "
+            f"({total_steps} steps), so ranks would never be reallocated; lower `reallocate_every`"
+        )
+    return interval
+
+
+def _check_schedule(every: object) -> None:
+    if isinstance(every, bool) or not isinstance(every, (int, float)):
+        raise ValueError(
+            f"`reallocate_every` must be a fraction (float) or a step count (int), got {every!r}"
+        )
+    if isinstance(every, float) and not 0.0 < every < 1.0:
+        raise ValueError(
+            f"`reallocate_every` as a fraction of training must be in (0, 1), got {every}; "
+            "give an int for a number of steps"
+        )
+    if isinstance(every, int) and every < 1:
+        raise ValueError(f"`reallocate_every` as a number of steps must be >= 1, got {every}")
+
+
+def _check_budget(unit: str, budget_ranks: int | None, budget_params: int | None) -> None:
+    if unit not in ("ranks", "params"):
+        raise ValueError(f"`budget_unit` must be 'ranks' or 'params', got {unit!r}")
+    if unit == "ranks" and budget_params is not None:
+        raise ValueError("`budget_params` needs budget_unit='params'")
+    if unit == "params" and budget_ranks is not None:
+        raise ValueError("`budget_ranks` needs budget_unit='ranks'")
+    for field_name, value in (("budget_ranks", budget_ranks), ("budget_params", budget_params)):
+        if value is not None:
+            _check_int(field_name, value, minimum=1)
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_float(name: str, value: object, *, low: float, strict: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}")
+    if value < low or (strict and value == low):
+        raise ValueError(f"`{name}` must be {'>' if strict else '>='} {low}, got {value}")
