@@ -1,0 +1,1 @@
+"""Performance benchmarks (issue 6): each script prints one JSON record; see docs/performance.md."""
