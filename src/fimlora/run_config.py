@@ -37,7 +37,7 @@ import typing
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 __all__ = [
     "DataSpec",
@@ -129,7 +129,7 @@ class RunConfig:
     gguf_file: str | None = None
     """GGUF file name inside the --model directory (converted once to a cached safetensors directory)."""
 
-    task: str = "classification"
+    task: Literal["classification", "sft"] = "classification"
     """Task: "classification" (text[, text_pair], label) or "sft" (prompt, completion)."""
 
     method: str = "fim"
