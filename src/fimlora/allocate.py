@@ -24,6 +24,8 @@ from fimlora.rankmap import RankMap
 __all__ = ["allocate_ranks", "uniform_ranks"]
 
 _BISECTION_STEPS = 200
+# Remainders are compared to this many decimals, so that exact ties stay ties (see _remainder).
+_REMAINDER_DIGITS = 9
 
 
 def allocate_ranks(
@@ -164,7 +166,7 @@ def _round_to_exact_sum(
 ) -> list[int]:
     """Largest-remainder rounding that keeps every rank in its bounds and hits the sum exactly."""
     ranks = [min(max(math.floor(xi), a), b) for xi, a, b in zip(x, lo, hi, strict=True)]
-    frac = [xi - math.floor(xi) for xi in x]
+    frac = [_remainder(xi - math.floor(xi)) for xi in x]
     deficit = budget - sum(ranks)
     # Order of who gets a unit first: largest remainder, then larger score, then name (determinism).
     order = sorted(range(len(x)), key=lambda i: (-frac[i], -s[i], names[i]))
@@ -203,9 +205,13 @@ def _round_under_cap(
     budget: int,
 ) -> list[int]:
     """Round down, then add single ranks while they fit, until no module that can grow fits the slack."""
-    ranks = [min(max(math.floor(xi), a), b) for xi, a, b in zip(x, lo, hi, strict=True)]
+    # Floor after removing float noise, so that a continuous rank that is an integer in exact arithmetic
+    # is not demoted by one (which would spend its turn below on getting that rank back).
+    ranks = [min(max(_floor(xi), a), b) for xi, a, b in zip(x, lo, hi, strict=True)]
+    if sum(r * wi for r, wi in zip(ranks, w, strict=True)) > budget:  # it was not noise: plain floor
+        ranks = [min(max(math.floor(xi), a), b) for xi, a, b in zip(x, lo, hi, strict=True)]
     remaining = budget - sum(r * wi for r, wi in zip(ranks, w, strict=True))
-    order = sorted(range(len(x)), key=lambda i: (-(x[i] - math.floor(x[i])), -s[i], names[i]))
+    order = sorted(range(len(x)), key=lambda i: (-_remainder(x[i] - _floor(x[i])), -s[i], names[i]))
     for i in order:  # first the largest remainders, as with the rank budget
         if ranks[i] < hi[i] and w[i] <= remaining:
             ranks[i] += 1
@@ -214,9 +220,24 @@ def _round_under_cap(
         growable = [i for i in range(len(x)) if ranks[i] < hi[i] and w[i] <= remaining]
         if not growable:
             return ranks
-        i = min(growable, key=lambda j: (-(x[j] - ranks[j]), -s[j], names[j]))
+        i = min(growable, key=lambda j: (-_remainder(x[j] - ranks[j]), -s[j], names[j]))
         ranks[i] += 1
         remaining -= w[i]
+
+
+def _remainder(value: float) -> float:
+    """A rounding remainder with the float noise of the bisection removed.
+
+    Remainders that are equal in exact arithmetic (e.g. 1.5 and 4.5 for scores 1 and 3) differ in the last
+    bits depending on the scale of the scores and the order of summation; without this, which module wins
+    such a tie (and so the map) changed when all scores were multiplied by a constant or reordered.
+    """
+    return round(value, _REMAINDER_DIGITS)
+
+
+def _floor(value: float) -> int:
+    """``floor`` of a continuous rank after removing float noise (see :func:`_remainder`)."""
+    return math.floor(round(value, _REMAINDER_DIGITS))
 
 
 def _check_score(name: str, value: float) -> float:
