@@ -214,7 +214,9 @@ class RankScaleHooks:
     def _make_hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
             x = args[0]
-            return (x * self.vector(name).to(x.dtype), *args[1:])
+            # .to() is a no-op once the vector lives with the layer; it keeps a model moved after
+            # prepare() (model.to("cuda")) correct until param_groups() moves the gates along.
+            return (x * self.vector(name).to(device=x.device, dtype=x.dtype), *args[1:])
 
         return hook
 
@@ -365,6 +367,7 @@ class L1raMethod:
 
     def param_groups(self, model: nn.Module, *, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
         """LoRA factors at ``lr``; gates at ``gate_lr`` without weight decay (decay would fight the L1 term)."""
+        self._move_gates_to(model)
         gate_ids = {id(p) for p in self.gates.values()}
         groups = trainable_param_groups(model, lr=lr, weight_decay=weight_decay)
         groups[0]["params"] = [p for p in groups[0]["params"] if id(p) not in gate_ids]
@@ -454,6 +457,7 @@ class L1raMethod:
         self.last_step = int(state["last_step"])
         self.history.load_state_dict(state["history"])
         self._model = model
+        self._move_gates_to(model)
         self._hooks.install(mods)
 
     def reallocate(
@@ -521,6 +525,13 @@ class L1raMethod:
     # -- internals --------------------------------------------------------------------------------------
     def _gate(self, name: str) -> torch.Tensor:
         return self.gates[_key(name)]
+
+    def _move_gates_to(self, model: nn.Module) -> None:
+        """Put each gate on its layer's device (the model may have moved after prepare()), in place."""
+        for name, module in lora_modules(model, self.adapter_name).items():
+            gate, device = self.gates[_key(name)], module.lora_B[self.adapter_name].weight.device
+            if gate.device != device:
+                gate.data = gate.data.to(device)  # same Parameter object: optimizer references stay valid
 
     def _gates_by_name(self) -> dict[str, nn.Parameter]:
         return {_unkey(k): v for k, v in self.gates.items()}
