@@ -244,7 +244,7 @@ def _add_demo_options(parser: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {
             "dest": f"demo.{f.name}",
             "default": argparse.SUPPRESS,
-            "help": docs.get(f.name, ""),
+            "help": docs.get(f.name, "").replace("%", "%%"),
         }
         if annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)

@@ -200,6 +200,8 @@ def encode_examples(
     """
     if max_length < 2:
         raise UsageError(f"max_length must be >= 2, got {max_length}")
+    if not examples:
+        return []
     if task == "classification":
         return _encode_classification(examples, tokenizer, max_length)
     if task == "sft":
