@@ -581,7 +581,8 @@ def fim_config_of(run: RunConfig) -> Any:
     from fimlora.config import FimConfig
 
     try:
-        return FimConfig(**run.fim)
+        # The calibration bar follows the run's --progress unless the fim section sets it.
+        return FimConfig(**{"show_progress": run.train.get("progress", True), **run.fim})
     except (TypeError, ValueError) as e:
         raise UsageError(f"invalid FIM option: {e}") from None
 
