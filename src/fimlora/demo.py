@@ -49,7 +49,7 @@ class DemoConfig:
     dataset: str = "movie_sentiment"
     """Builtin dataset (see fimlora.data.BUILTIN_DATASETS)."""
 
-    max_train: int = 3000
+    max_train: int = 2000
     """Training examples (a deterministic, label-stratified subsample of the train split)."""
 
     max_length: int = 64
