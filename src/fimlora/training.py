@@ -50,10 +50,14 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainingInterrupted",
+    "allocate",
     "build_lora_config",
+    "finetune",
     "latest_checkpoint",
     "lora_parameter_count",
+    "make_method",
     "prepare_run",
+    "save_training_outputs",
     "train_adapter",
 ]
 
