@@ -117,10 +117,10 @@ def _metavar(annotation: Any) -> str | None:
 
 
 def _method_choices() -> list[str]:
-    from fimlora.methods.base import METHODS, _load_builtin_methods
+    from fimlora.methods.base import METHODS, available_methods
 
     try:
-        _load_builtin_methods()
+        return available_methods()
     except Exception as e:  # a broken optional method module must not take the CLI down
         print(f"fimlora: warning: some methods failed to load ({type(e).__name__}: {e})", file=sys.stderr)
     return sorted(METHODS)

@@ -27,6 +27,7 @@ from torch import nn
 
 __all__ = [
     "apply_rank_map",
+    "current_ranks",
     "export_uniform",
     "lora_config",
     "lora_modules",

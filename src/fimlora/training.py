@@ -593,11 +593,11 @@ def fim_config_of(run: RunConfig) -> Any:
 
 def make_method(run: RunConfig) -> RankMethod:
     """Instantiate the run's method by name from the registry."""
-    from fimlora.methods.base import METHODS, _load_builtin_methods
+    from fimlora.methods.base import available_methods
 
-    _load_builtin_methods()
-    if run.method not in METHODS:
-        raise UsageError(f"unknown method {run.method!r}; choose one of {', '.join(sorted(METHODS))}")
+    names = available_methods()
+    if run.method not in names:
+        raise UsageError(f"unknown method {run.method!r}; choose one of {', '.join(names)}")
     options = dict(run.method_options)
     if run.method == "fim":
         options.setdefault("fim_config", fim_config_of(run))

@@ -28,7 +28,14 @@ from torch import nn
 
 from fimlora.rankmap import RankMap
 
-__all__ = ["METHODS", "RankMethod", "get_method", "register_method", "trainable_param_groups"]
+__all__ = [
+    "METHODS",
+    "RankMethod",
+    "available_methods",
+    "get_method",
+    "register_method",
+    "trainable_param_groups",
+]
 
 
 @runtime_checkable
@@ -97,6 +104,12 @@ def get_method(name: str, **options: Any) -> RankMethod:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
     return METHODS[name](**options)
+
+
+def available_methods() -> list[str]:
+    """Names of every registered method, after loading the built-in ones."""
+    _load_builtin_methods()
+    return sorted(METHODS)
 
 
 def trainable_param_groups(model: nn.Module, *, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
