@@ -26,11 +26,13 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from fimlora.peft_glue import current_ranks, lora_modules, module_shapes
 from fimlora.rankmap import RankMap
 
 __all__ = [
     "METHODS",
     "RankMethod",
+    "StaticRanksMethod",
     "available_methods",
     "get_method",
     "register_method",
@@ -120,6 +122,44 @@ def trainable_param_groups(model: nn.Module, *, lr: float, weight_decay: float =
             "the model has no trainable parameters: is the adapter active and not in inference mode?"
         )
     return [{"params": params, "lr": lr, "weight_decay": weight_decay}]
+
+
+class StaticRanksMethod:
+    """Base for methods whose ranks are fixed before training (uniform, fim, eva): no penalty, no
+    reallocation; the rank map set in ``prepare`` is checkpointed and returned by ``finalize``."""
+
+    name = "static"
+    rank_map: RankMap | None = None
+
+    def param_groups(self, model: nn.Module, *, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        return trainable_param_groups(model, lr=lr, weight_decay=weight_decay)
+
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        return None
+
+    def on_step_end(
+        self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None
+    ) -> RankMap | None:
+        return None
+
+    def finalize(self, model: nn.Module) -> tuple[nn.Module, RankMap]:
+        ranks = current_ranks(model)
+        meta: dict[str, Any] = (
+            dict(self.rank_map.metadata) if self.rank_map is not None else {"method": self.name}
+        )
+        shapes = module_shapes(lora_modules(model))
+        meta["shapes"] = {n: list(s) for n, s in shapes.items()}
+        return model, RankMap(ranks, metadata=meta)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.name,
+            "rank_map": self.rank_map.to_dict() if self.rank_map is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        data = state.get("rank_map")
+        self.rank_map = RankMap.from_dict(data) if data else None
 
 
 def _load_builtin_methods() -> None:

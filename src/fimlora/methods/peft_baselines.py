@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fimlora.methods.base import register_method, trainable_param_groups
+from fimlora.methods.base import StaticRanksMethod, register_method, trainable_param_groups
 from fimlora.methods.history import RankEvent, RankHistory
 from fimlora.peft_glue import current_ranks, lora_modules, module_shapes, pattern_key, scaled_alpha
 from fimlora.rankmap import RankMap
@@ -478,7 +478,7 @@ class EvaOptions:
 
 
 @register_method("eva")
-class EvaMethod:
+class EvaMethod(StaticRanksMethod):
     """EVA via PEFT: data-driven A and ranks before training, then plain LoRA (ranks fixed)."""
 
     name = "eva"
@@ -541,29 +541,6 @@ class EvaMethod:
         meta["config"] = asdict(o)
         self.rank_map = RankMap(ranks, metadata=meta)
         return model
-
-    def param_groups(self, model: nn.Module, *, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
-        return trainable_param_groups(model, lr=lr, weight_decay=weight_decay)
-
-    def penalty(self, model: nn.Module) -> torch.Tensor | None:
-        return None
-
-    def on_step_end(
-        self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None
-    ) -> RankMap | None:
-        return None
-
-    def finalize(self, model: nn.Module) -> tuple[nn.Module, RankMap]:
-        ranks = current_ranks(model)
-        meta = self.rank_map.metadata if self.rank_map is not None else {"method": self.name}
-        return model, RankMap(ranks, metadata=meta)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"method": self.name, "rank_map": self.rank_map.to_dict() if self.rank_map else None}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        data = state.get("rank_map")
-        self.rank_map = RankMap.from_dict(data) if data else None
 
 
 def _eva_token_indices(model_input: Mapping[str, torch.Tensor], peft_config: Any) -> torch.Tensor:
