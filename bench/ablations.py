@@ -1,0 +1,475 @@
+"""Ablations of FIM-LoRA that the paper does not report, run through fimlora's own code on MiniLM.
+
+Subcommands (each writes a Markdown table, a JSON file and a PNG under ``--out``):
+
+* ``stability``: rank-map stability vs the number of calibration batches T in {1, 2, 4, 8, 16, 32}.
+  For each seed, LoRA-B gradients of 64 consecutive training batches are captured once (the model in
+  eval mode and LoRA-A frozen, as fimlora's calibration does); the statistics of any T are then formed
+  from them exactly as ``fimlora.scores`` does (F = mean g^2, V = F - mean(g)^2, then mean or sum over
+  B's elements). Maps are allocated by fimlora's ``plan_rank_map`` (parameter budget of uniform r).
+  Reported: Spearman / Kendall between the maps from two *disjoint* calibration sets (batches [0, T) vs
+  [32, 32 + T)) with the same seed, and between maps of *different seeds* (different LoRA-A and head
+  init, data order and training subsample) at the same T. Also, for T = 8, the agreement between score
+  types (fisher/variance) and aggregations (mean/sum), and each one's rank-map summary.
+* ``contribution``: does the score track what a module contributes? Train one FIM-LoRA adapter, then
+  remove each module's adapter in turn (its LoRA-B set to zero, i.e. delta_W = 0) and measure the
+  drop in test accuracy and the rise in test loss; correlate them (Spearman) with the module's
+  calibration score.
+* ``bounds``: r_min / r_max accuracy ablation through the benchmark grid machinery (one task, several
+  seeds), written to the normal result store (labels like ``fim[r_min=1]``).
+
+Commands (see docs/results/README.md)::
+
+    python -m bench.ablations stability --task trec6 --seeds 0 1 2 --out docs/results/ablations
+    python -m bench.ablations contribution --task trec6 --seed 0 --out docs/results/ablations
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.harness import RunSpec
+from bench.harness.record import git_info, package_versions
+
+__all__ = ["capture_b_gradients", "contribution", "rank_maps_for", "scores_from_gradients", "stability"]
+
+T_VALUES: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+_BASE_OVERRIDES: dict[str, Any] = {
+    "max_train": 1280,  # 80 batches of 16: enough for two disjoint sets of 32 batches
+    "max_eval": 400,
+    "max_length": 32,
+    "batch_size": 16,
+    "lr": 0.003,
+    "device": "cpu",
+}
+
+
+def capture_b_gradients(
+    spec: RunSpec, n_batches: int
+) -> tuple[list[dict[str, Any]], dict[str, tuple[int, int]]]:
+    """LoRA-B gradients of the first ``n_batches`` training batches of a run, one dict per batch.
+
+    Mirrors fimlora's calibration: the same batch order (``training._BatchPlan``), the same seeding of the
+    LoRA init (``torch.manual_seed(seed)`` before wrapping), eval mode (no dropout), only B trainable.
+
+    Returns:
+        ``(grads, shapes)``: ``grads[t][module]`` is a float64 CPU tensor of shape ``(out, r)``;
+        ``shapes[module] = (in, out)``.
+    """
+    import torch
+    from peft import get_peft_model
+
+    from bench.suites.run import prepare_spec
+    from fimlora.peft_glue import lora_modules, module_shapes
+    from fimlora.tasks import collator_for
+    from fimlora.training import _BatchPlan
+
+    prepared = prepare_spec(spec)
+    torch.manual_seed(spec.seed)
+    model = get_peft_model(prepared.model, prepared.lora_config)
+    mods = lora_modules(model)
+    shapes = module_shapes(mods)
+    b_params = {n: m.lora_B["default"].weight for n, m in mods.items()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in b_params.values():
+        p.requires_grad_(True)
+    model.eval()
+    collate = collator_for("classification", prepared.tokenizer)
+    plan = _BatchPlan(len(prepared.train_rows), prepared.train_config.batch_size, spec.seed)
+    if plan.steps_per_epoch < n_batches:
+        raise ValueError(f"{n_batches} batches requested, the training set has {plan.steps_per_epoch}")
+    grads = []
+    for step in range(n_batches):
+        batch = collate([prepared.train_rows[i] for i in plan.indices(step)])
+        loss = model(**batch).loss
+        loss.backward()
+        grads.append({n: p.grad.detach().double().clone() for n, p in b_params.items()})
+        for p in b_params.values():
+            p.grad = None
+    return grads, shapes
+
+
+def scores_from_gradients(
+    grads: Sequence[Mapping[str, Any]], kind: str, aggregation: str
+) -> dict[str, float]:
+    """Module scores from per-batch B gradients, exactly as ``fimlora.scores`` reduces them."""
+    t = len(grads)
+    out = {}
+    for name in grads[0]:
+        sum_g = sum(g[name] for g in grads)
+        sum_g2 = sum(g[name] * g[name] for g in grads)
+        fisher = sum_g2 / t
+        mean = sum_g / t
+        value = fisher if kind == "fisher" else (fisher - mean * mean).clamp_min(0.0)
+        total = float(value.sum())
+        out[name] = total / value.numel() if aggregation == "mean" else total
+    return out
+
+
+def rank_maps_for(
+    scores: Mapping[str, float], shapes: Mapping[str, tuple[int, int]], r: int, **fim: Any
+) -> Any:
+    """fimlora's rank map for ``scores`` under the parameter budget of uniform LoRA at ``r``."""
+    from fimlora.config import FimConfig
+    from fimlora.initialize import plan_rank_map
+
+    cfg = FimConfig(budget_unit="params", show_progress=False, **fim)
+    return plan_rank_map(scores, shapes, cfg, r=r)
+
+
+def _average_ranks(values: Sequence[float]) -> list[float]:
+    """Ranks 1..n with ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rho (Pearson of average ranks); nan when either side is constant."""
+    rx, ry = _average_ranks(x), _average_ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
+
+
+def kendall(x: Sequence[float], y: Sequence[float]) -> float:
+    """Kendall's tau-b (tie-corrected); nan when either side is constant."""
+    concordant = discordant = ties_x = ties_y = 0
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            dx, dy = x[i] - x[j], y[i] - y[j]
+            if dx == 0 and dy == 0:
+                continue
+            if dx == 0:
+                ties_x += 1
+            elif dy == 0:
+                ties_y += 1
+            elif (dx > 0) == (dy > 0):
+                concordant += 1
+            else:
+                discordant += 1
+    denom = math.sqrt((concordant + discordant + ties_x) * (concordant + discordant + ties_y))
+    return (concordant - discordant) / denom if denom > 0 else float("nan")
+
+
+def _corr(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[float, float]:
+    names = list(a)
+    x, y = [a[n] for n in names], [b[n] for n in names]
+    return spearman(x, y), kendall(x, y)
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def stability(task: str, seeds: Sequence[int], out: Path, *, r: int = 8) -> dict[str, Any]:
+    """Rank-map stability vs T (disjoint calibration sets, different seeds) and score-type agreement."""
+    started = time.perf_counter()
+    per_seed = {}
+    shapes: dict[str, tuple[int, int]] = {}
+    for seed in seeds:
+        spec = RunSpec("encoder", task, "minilm", "fim", f"r{r}", seed, _BASE_OVERRIDES)
+        per_seed[seed], shapes = capture_b_gradients(spec, 2 * max(T_VALUES))
+        print(f"captured 64 batches for seed {seed}", flush=True)
+    variants = [("fisher", "mean"), ("fisher", "sum"), ("variance", "mean"), ("variance", "sum")]
+    rows = []
+    maps: dict[tuple[int, int, str, str, str], Any] = {}
+    for kind, agg in variants:
+        for t in T_VALUES:
+            for seed in seeds:
+                for half, start in (("a", 0), ("b", max(T_VALUES))):
+                    s = scores_from_gradients(per_seed[seed][start : start + t], kind, agg)
+                    maps[(t, seed, half, kind, agg)] = (s, rank_maps_for(s, shapes, r))
+            disjoint = [
+                maps[(t, s, "a", kind, agg)][1].compare(maps[(t, s, "b", kind, agg)][1]) for s in seeds
+            ]
+            cross = [
+                maps[(t, s1, "a", kind, agg)][1].compare(maps[(t, s2, "a", kind, agg)][1])
+                for i, s1 in enumerate(seeds)
+                for s2 in seeds[i + 1 :]
+            ]
+            score_disjoint = [
+                _corr(maps[(t, s, "a", kind, agg)][0], maps[(t, s, "b", kind, agg)][0]) for s in seeds
+            ]
+            rows.append(
+                {
+                    "score": kind,
+                    "aggregation": agg,
+                    "T": t,
+                    "disjoint_spearman": _mean([c.spearman for c in disjoint]),
+                    "disjoint_kendall": _mean([c.kendall for c in disjoint]),
+                    "disjoint_l1_moved": _mean([c.l1_normalised for c in disjoint]),
+                    "disjoint_score_spearman": _mean([c[0] for c in score_disjoint]),
+                    "seed_spearman": _mean([c.spearman for c in cross]),
+                    "seed_kendall": _mean([c.kendall for c in cross]),
+                    "seed_l1_moved": _mean([c.l1_normalised for c in cross]),
+                }
+            )
+    # Score-type / aggregation agreement at the default T = 8 (seed-averaged), and map summaries.
+    agreement = []
+    for i, (k1, a1) in enumerate(variants):
+        for k2, a2 in variants[i + 1 :]:
+            comps = [maps[(8, s, "a", k1, a1)][1].compare(maps[(8, s, "a", k2, a2)][1]) for s in seeds]
+            agreement.append(
+                {
+                    "a": f"{k1}/{a1}",
+                    "b": f"{k2}/{a2}",
+                    "spearman": _mean([c.spearman for c in comps]),
+                    "kendall": _mean([c.kendall for c in comps]),
+                    "l1_moved": _mean([c.l1_normalised for c in comps]),
+                }
+            )
+    summaries = {}
+    for kind, agg in variants:
+        rm = maps[(8, seeds[0], "a", kind, agg)][1]
+        by_type: dict[str, list[int]] = {}
+        for name, rank in rm.items():
+            by_type.setdefault(
+                name.split(".")[-1] if "attention.output" not in name else "attention.output.dense", []
+            ).append(rank)
+        summaries[f"{kind}/{agg}"] = {
+            "min": min(rm.values()),
+            "max": max(rm.values()),
+            "by_module_type": {k: round(sum(v) / len(v), 2) for k, v in sorted(by_type.items())},
+            "ranks": dict(rm),
+        }
+    result = {
+        "task": task,
+        "seeds": list(seeds),
+        "r": r,
+        "T_values": list(T_VALUES),
+        "overrides": _BASE_OVERRIDES,
+        "stability": rows,
+        "score_agreement_T8": agreement,
+        "rank_maps_T8_seed0": summaries,
+        "seconds": time.perf_counter() - started,
+        "provenance": {"git": git_info(), "versions": package_versions()},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stability.json").write_text(json.dumps(result, indent=1) + "\n")
+    _write_stability_md(result, out / "stability.md")
+    _plot_stability(rows, out / "stability.png", task)
+    return result
+
+
+def _f(x: float) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+
+
+def _write_stability_md(result: Mapping[str, Any], path: Path) -> None:
+    lines = [
+        f"# Rank-map stability vs calibration batches T ({result['task']}, MiniLM-L6, budget r{result['r']}, "
+        f"seeds {result['seeds']})",
+        "",
+        "Disjoint: maps from calibration batches [0, T) vs [32, 32+T), same seed (mean over seeds). "
+        "Seeds: maps from different seeds at the same T (mean over seed pairs). `moved` = fraction of the "
+        "rank budget that differs (L1 / total rank).",
+        "",
+        "| score | agg | T | disjoint Spearman | disjoint Kendall | disjoint moved | seeds Spearman | seeds Kendall | seeds moved | disjoint score Spearman |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["stability"]:
+        lines.append(
+            f"| {r['score']} | {r['aggregation']} | {r['T']} | {_f(r['disjoint_spearman'])} | {_f(r['disjoint_kendall'])} | "
+            f"{_f(r['disjoint_l1_moved'])} | {_f(r['seed_spearman'])} | {_f(r['seed_kendall'])} | {_f(r['seed_l1_moved'])} | "
+            f"{_f(r['disjoint_score_spearman'])} |"
+        )
+    lines += ["", "## Agreement between score types / aggregations (T = 8, same seed and batches)", ""]
+    lines += ["| a | b | Spearman | Kendall | moved |", "|---|---|---|---|---|"]
+    for a in result["score_agreement_T8"]:
+        lines.append(
+            f"| {a['a']} | {a['b']} | {_f(a['spearman'])} | {_f(a['kendall'])} | {_f(a['l1_moved'])} |"
+        )
+    lines += ["", "## Mean rank by module type (T = 8, seed 0)", ""]
+    types = sorted({t for s in result["rank_maps_T8_seed0"].values() for t in s["by_module_type"]})
+    lines += ["| score/agg | min | max | " + " | ".join(types) + " |", "|---" * (3 + len(types)) + "|"]
+    for name, s in result["rank_maps_T8_seed0"].items():
+        cells = " | ".join(str(s["by_module_type"].get(t, "–")) for t in types)
+        lines.append(f"| {name} | {s['min']} | {s['max']} | {cells} |")
+    git = result["provenance"]["git"]
+    lines += [
+        "",
+        f"_{result['seconds']:.0f} s on a shared 2-core CPU; git {str(git.get('commit'))[:12]}"
+        f"{'+dirty' if git.get('dirty') else ''}. Command: `python -m bench.ablations stability --task "
+        f"{result['task']} --seeds {' '.join(map(str, result['seeds']))} --out docs/results/ablations`._",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def _plot_stability(rows: Sequence[Mapping[str, Any]], path: Path, task: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.6))
+    FigureCanvasAgg(fig)
+    for i, (key, title) in enumerate(
+        (("disjoint_spearman", "disjoint calibration sets"), ("seed_spearman", "different seeds"))
+    ):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for kind, agg in (("fisher", "mean"), ("fisher", "sum"), ("variance", "mean"), ("variance", "sum")):
+            sel = [r for r in rows if r["score"] == kind and r["aggregation"] == agg]
+            ax.plot([r["T"] for r in sel], [r[key] for r in sel], marker="o", label=f"{kind}/{agg}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("calibration batches T")
+        ax.set_ylabel("Spearman of rank maps")
+        ax.set_title(f"{task}: {title}")
+        ax.set_ylim(-0.2, 1.05)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def contribution(task: str, seed: int, out: Path, *, r: int = 8) -> dict[str, Any]:
+    """Train one FIM-LoRA adapter; ablate each module's adapter in turn; correlate drop with score."""
+    import torch
+
+    from bench.suites.run import train_spec
+
+    started = time.perf_counter()
+    spec = RunSpec("encoder", task, "minilm", "fim", f"r{r}", seed, _BASE_OVERRIDES)
+    prepared, result, eval_fn = train_spec(spec)
+    assert eval_fn is not None
+    model = result.model
+    scores = dict(result.rank_map.metadata.get("scores") or {})
+    if not scores:
+        raise RuntimeError("the FIM rank map carries no scores; cannot correlate")
+    from fimlora.peft_glue import lora_modules
+
+    mods = lora_modules(model)
+    full = eval_fn(model)
+    rows = []
+    for name, module in mods.items():
+        weight = module.lora_B["default"].weight
+        saved = weight.detach().clone()
+        with torch.no_grad():
+            weight.zero_()
+        metrics = eval_fn(model)
+        with torch.no_grad():
+            weight.copy_(saved)
+        rows.append(
+            {
+                "module": name,
+                "rank": int(module.r["default"]),
+                "score": float(scores[name]),
+                "accuracy_drop": full["accuracy"] - metrics["accuracy"],
+                "loss_rise": metrics["loss"] - full["loss"],
+            }
+        )
+        print(f"{name}: drop {rows[-1]['accuracy_drop']:+.4f} loss {rows[-1]['loss_rise']:+.4f}", flush=True)
+    s = [r_["score"] for r_ in rows]
+    drops = [r_["accuracy_drop"] for r_ in rows]
+    rises = [r_["loss_rise"] for r_ in rows]
+    corr = {
+        "spearman_score_vs_accuracy_drop": spearman(s, drops),
+        "spearman_score_vs_loss_rise": spearman(s, rises),
+        "kendall_score_vs_loss_rise": kendall(s, rises),
+        "spearman_rank_vs_loss_rise": spearman([r_["rank"] for r_ in rows], rises),
+    }
+    payload = {
+        "task": task,
+        "seed": seed,
+        "r": r,
+        "overrides": _BASE_OVERRIDES,
+        "full": full,
+        "modules": rows,
+        "correlations": corr,
+        "seconds": time.perf_counter() - started,
+        "provenance": {"git": git_info(), "versions": package_versions()},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "contribution.json").write_text(json.dumps(payload, indent=1) + "\n")
+    _write_contribution(payload, out)
+    return payload
+
+
+def _write_contribution(p: Mapping[str, Any], out: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    c = p["correlations"]
+    lines = [
+        f"# Does the calibration score track contribution? ({p['task']}, seed {p['seed']}, FIM-LoRA r{p['r']} budget)",
+        "",
+        f"Full adapter: accuracy {p['full']['accuracy']:.4f}, loss {p['full']['loss']:.4f} on {int(p['full'].get('n', 0))} test examples. "
+        "Each row: that module's LoRA-B zeroed (its update removed), everything else kept.",
+        "",
+        f"Spearman(score, accuracy drop) = {_f(c['spearman_score_vs_accuracy_drop'])}; "
+        f"Spearman(score, loss rise) = {_f(c['spearman_score_vs_loss_rise'])} "
+        f"(Kendall {_f(c['kendall_score_vs_loss_rise'])}); Spearman(allocated rank, loss rise) = "
+        f"{_f(c['spearman_rank_vs_loss_rise'])}.",
+        "",
+        "| module | rank | score | accuracy drop | loss rise |",
+        "|---|---|---|---|---|",
+    ]
+    for r in sorted(p["modules"], key=lambda r: -r["score"]):
+        lines.append(
+            f"| {r['module']} | {r['rank']} | {r['score']:.3g} | {r['accuracy_drop']:+.4f} | {r['loss_rise']:+.4f} |"
+        )
+    git = p["provenance"]["git"]
+    lines += [
+        "",
+        f"_{p['seconds']:.0f} s on a shared 2-core CPU; git {str(git.get('commit'))[:12]}"
+        f"{'+dirty' if git.get('dirty') else ''}. Command: `python -m bench.ablations contribution --task "
+        f"{p['task']} --seed {p['seed']} --out docs/results/ablations`._",
+        "",
+    ]
+    (out / "contribution.md").write_text("\n".join(lines))
+    fig = Figure(figsize=(8, 3.4))
+    FigureCanvasAgg(fig)
+    for i, key in enumerate(("loss_rise", "accuracy_drop")):
+        ax = fig.add_subplot(1, 2, i + 1)
+        ax.scatter([r["score"] for r in p["modules"]], [r[key] for r in p["modules"]], s=14)
+        ax.set_xscale("log")
+        ax.set_xlabel("calibration score (fisher/mean)")
+        ax.set_ylabel(key.replace("_", " "))
+    fig.suptitle(f"{p['task']}: module score vs effect of removing its adapter")
+    fig.tight_layout()
+    fig.savefig(out / "contribution.png", dpi=120)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench.ablations {stability,contribution} ...``."""
+    parser = argparse.ArgumentParser(prog="python -m bench.ablations")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    st = sub.add_parser("stability", help="rank-map stability vs T; score type / aggregation agreement")
+    st.add_argument("--task", default="trec6")
+    st.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    st.add_argument("--out", type=Path, default=Path("docs/results/ablations"))
+    co = sub.add_parser("contribution", help="score vs accuracy drop when a module's adapter is removed")
+    co.add_argument("--task", default="trec6")
+    co.add_argument("--seed", type=int, default=0)
+    co.add_argument("--out", type=Path, default=Path("docs/results/ablations"))
+    for p in (st, co):
+        p.add_argument("--threads", type=int)
+    args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.cmd == "stability":
+        stability(args.task, args.seeds, args.out)
+    else:
+        contribution(args.task, args.seed, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,87 @@
+"""Run a benchmark grid into a result store, and/or write the report from a store.
+
+Examples::
+
+    # the reduced CPU grid (resumable: rerun the same command after a crash, finished runs are skipped)
+    python -m bench.run --grid bench/grids/cpu.yaml --store bench/results/store
+    # tables + figures from whatever the store holds
+    python -m bench.run --store bench/results/store --report docs/results/
+    # the full grid on a GPU
+    python -m bench.run --grid bench/grids/gpu.yaml --store bench/results/gpu --report docs/results/gpu
+
+``--only KEY=VALUE`` (repeatable) restricts the grid, e.g. ``--only task=trec6 --only method=fim``.
+``--threads N`` sets torch's CPU threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.harness import ExperimentGrid, ResultStore, RunSpec, run_grid, write_report
+
+__all__ = ["main", "select"]
+
+
+def select(specs: Sequence[RunSpec], only: Sequence[str]) -> list[RunSpec]:
+    """Keep the specs whose fields match every ``KEY=VALUE`` (values compared as strings)."""
+    filters = []
+    for item in only:
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("suite", "task", "model", "method", "budget", "seed"):
+            raise SystemExit(
+                f"--only expects FIELD=VALUE with FIELD in suite/task/model/method/budget/seed, got {item!r}"
+            )
+        filters.append((key, value))
+    return [s for s in specs if all(str(getattr(s, k)) == v for k, v in filters)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (1 if any run failed)."""
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--grid", action="append", default=[], help="grid file(s) (.yaml/.json) to run")
+    parser.add_argument("--store", required=True, help="result store directory (one JSON per run)")
+    parser.add_argument("--report", help="write results.md and figures from the store into this folder")
+    parser.add_argument("--only", action="append", default=[], help="FIELD=VALUE filter (repeatable)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--stop-on-error", action="store_true", help="stop at the first failed run")
+    parser.add_argument("--dry-run", action="store_true", help="list pending runs and exit")
+    args = parser.parse_args(argv)
+    store = ResultStore(args.store)
+    failed = 0
+    for grid_path in args.grid:
+        specs = select(ExperimentGrid.from_file(grid_path).expand(), args.only)
+        pending = store.pending(specs)
+        print(f"{grid_path}: {len(specs)} runs, {len(pending)} pending", flush=True)
+        if args.dry_run:
+            for spec in pending:
+                print("  ", spec.run_id)
+            continue
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        from bench.suites import run_spec
+
+        summary = run_grid(specs, run_spec, store, stop_on_error=args.stop_on_error)
+        failed += len(summary.failed)
+        print(
+            f"{grid_path}: {len(summary.completed)} completed, {len(summary.failed)} failed, "
+            f"{len(summary.skipped)} skipped",
+            flush=True,
+        )
+        for run_id in summary.failed:
+            error = (store.get(run_id).get("error") or "").strip().splitlines()
+            print(f"  FAILED {run_id}: {error[-1] if error else '?'}", file=sys.stderr)
+    if args.report:
+        records = store.records()
+        written = write_report(records, Path(args.report), scale=100.0, digits=1)
+        for path in written:
+            print(f"wrote {path}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,69 @@
+"""Budgets: a spec's ``budget`` label -> the LoRA rank r of the uniform baseline and each method's options.
+
+A budget ``"rN"`` means *the trainable LoRA parameters of uniform LoRA at rank N on every targeted
+linear layer*, ``P = N * sum_m (in_m + out_m)``. Each method is configured to spend exactly that:
+
+==================  =======================================================================
+uniform             r = N everywhere (defines P)
+fim, fim-variance   ``FimConfig(budget_unit="params")``: sum r_m (in_m + out_m) <= P, least slack
+l1ra, lrlora        ``budget_unit="params"`` (their reallocation holds P exactly)
+adalora, eva        hold the *rank sum* N * n_modules (PEFT's own budgets cannot hold a parameter
+                    count); the record stores their actual LoRA parameters, and the report flags a
+                    deviation from P above 2 %.
+==================  =======================================================================
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["FIM_KEYS", "budget_rank", "method_settings"]
+
+_BUDGET = re.compile(r"r(\d+)")
+
+FIM_KEYS = ("calibration_batches", "score", "aggregation", "r_min", "r_max")
+"""Spec overrides that are passed to :class:`fimlora.FimConfig` (fim / fim-variance only)."""
+
+
+def budget_rank(budget: str) -> int:
+    """``"r8"`` -> 8.
+
+    Raises:
+        ValueError: a label that is not ``r<N>`` with N >= 1.
+    """
+    match = _BUDGET.fullmatch(budget)
+    if not match or int(match.group(1)) < 1:
+        raise ValueError(f"`budget` must look like 'r8' (uniform LoRA rank on every layer), got {budget!r}")
+    return int(match.group(1))
+
+
+def method_settings(
+    method: str, overrides: Mapping[str, Any], *, show_progress: bool = False
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """The fimlora method name, ``RunConfig.fim`` and ``RunConfig.method_options`` for a bench method.
+
+    Args:
+        method: Bench method (``"fim-variance"`` is fimlora's ``fim`` with ``score="variance"``).
+        overrides: Spec overrides; :data:`FIM_KEYS` go to the FIM config, ``method_options`` (a mapping) to
+            the method's constructor.
+        show_progress: Calibration progress bar.
+    """
+    fim: dict[str, Any] = {}
+    options: dict[str, Any] = dict(overrides.get("method_options") or {})
+    name = method
+    if method in ("fim", "fim-variance"):
+        name = "fim"
+        fim = {"budget_unit": "params", "show_progress": show_progress}
+        fim["score"] = "variance" if method == "fim-variance" else "fisher"
+        for key in FIM_KEYS:
+            if key in overrides:
+                fim[key] = overrides[key]
+        if method == "fim-variance" and overrides.get("score", "variance") != "variance":
+            raise ValueError("fim-variance fixes score='variance'; use method 'fim' for other scores")
+    elif method in ("l1ra", "lrlora"):
+        options.setdefault("budget_unit", "params")
+    elif method not in ("uniform", "adalora", "eva"):
+        raise ValueError(f"unknown bench method {method!r}")
+    return name, fim, options

