@@ -35,7 +35,9 @@ def calibration_batches() -> list[dict]:
     out = []
     for i in range(0, 64, 8):
         chunk = rows[i : i + 8]
-        enc = tok([r["text"] for r in chunk], padding=True, truncation=True, max_length=64, return_tensors="pt")
+        enc = tok(
+            [r["text"] for r in chunk], padding=True, truncation=True, max_length=64, return_tensors="pt"
+        )
         enc["labels"] = torch.tensor([r["label"] for r in chunk])
         out.append(dict(enc))
     return out
