@@ -23,7 +23,7 @@ __all__ = ["FIM_KEYS", "budget_rank", "method_settings"]
 
 _BUDGET = re.compile(r"r(\d+)")
 
-FIM_KEYS = ("calibration_batches", "score", "aggregation", "r_min", "r_max")
+FIM_KEYS = ("calibration_batches", "score", "aggregation", "r_min", "r_max", "adjust_scaling_factors")
 """Spec overrides that are passed to :class:`fimlora.FimConfig` (fim / fim-variance only)."""
 
 

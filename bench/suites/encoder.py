@@ -59,6 +59,7 @@ _KNOWN_KEYS = set(DEFAULTS) | {
     "aggregation",
     "r_min",
     "r_max",
+    "adjust_scaling_factors",
     "method_options",
     "train",
     "eval",
