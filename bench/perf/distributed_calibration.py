@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         common.sync(device)
         seconds = time.perf_counter() - t0
         if rank != 0:
+            # Wait for rank 0's check before tearing down: a peer that leaves early makes gloo abort
+            # the other process ("terminate called without an active exception").
+            dist.barrier()
             return None
         results: dict[str, Any] = {
             "world_size": stats.world_size,
@@ -84,7 +87,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                 dict(plan_rank_map(st.scores(), st.shapes(), cfg, r=args.lora_r)) for st in (stats, single)
             ]
             results.update(max_relative_difference=rel, rank_maps_identical=maps[0] == maps[1])
-        return common.emit("distributed_calibration", args, device, results, shape)
+        record = common.emit("distributed_calibration", args, device, results, shape)
+        dist.barrier()
+        return record
     finally:
         dist.destroy_process_group()
 
