@@ -75,6 +75,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         stats = estimate_module_scores(model, shard, _config(per_rank))
         if rank == 0:
             stats.save_json(Path(out_dir) / "stats.json")
+        # Leave together: a peer that tears gloo down early can make the other process abort.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
