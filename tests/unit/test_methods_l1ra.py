@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
-from tiny_models import ARCHS, batches
+from tiny_models import ARCHS, batches, eval_logits, method_step
 
 from fimlora.methods import get_method
 from fimlora.methods.l1ra import L1raConfig, L1raMethod, RankBudget, plan_reallocation
@@ -25,31 +25,12 @@ def _prepare(arch: str, steps: int, seed: int = 0, **options: Any) -> tuple[L1ra
     return method, model
 
 
-def _step(
-    method: L1raMethod, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int, batch: dict
-) -> Any:
-    loss = model(**batch).loss
-    penalty = method.penalty(model)
-    (loss if penalty is None else loss + penalty).backward()
-    opt.step()
-    opt.zero_grad()
-    return method.on_step_end(model, step, opt)
-
-
 def _randomise_b(model: torch.nn.Module, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in lora_modules(model).values():
             w = m.lora_B["default"].weight
             w.copy_(torch.randn(w.shape, generator=g) * 0.5)
-
-
-def _logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        out = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    model.train()
-    return out
 
 
 # ---- configuration errors surface before training --------------------------------------------------------
@@ -148,7 +129,7 @@ def test_budget_invariant_after_every_reallocation(arch: str, unit: str) -> None
     opt = torch.optim.AdamW(method.param_groups(model, lr=1e-2))
     changes = 0
     for step, batch in enumerate(batches(arch, steps)):
-        new_map = _step(method, model, opt, step, batch)
+        new_map = method_step(method, model, opt, step, batch)
         if new_map is not None:
             changes += 1
             assert budget.holds(new_map) and dict(new_map) == current_ranks(model)
@@ -169,11 +150,11 @@ def test_dropping_zero_gate_columns_does_not_change_outputs() -> None:
             g[i % 4] = 0.0  # one pruned column per module
             g[(i + 1) % 4] = 0.7
     batch = batches("llama", 1)[0]
-    before = _logits(model, batch)
+    before = eval_logits(model, batch)
     opt = torch.optim.AdamW(method.param_groups(model, lr=1e-3))
     new_map = method.reallocate(model, step=4, optimizer=opt)
     assert new_map is not None
-    torch.testing.assert_close(_logits(model, batch), before, atol=1e-6, rtol=0)
+    torch.testing.assert_close(eval_logits(model, batch), before, atol=1e-6, rtol=0)
 
 
 def test_gate_folding_reproduces_gated_logits() -> None:
@@ -184,10 +165,10 @@ def test_gate_folding_reproduces_gated_logits() -> None:
         for gate in method.gates.values():
             gate.copy_(torch.rand(gate.shape, generator=g))
     batch = batches("gpt2", 1)[0]
-    gated = _logits(model, batch)
+    gated = eval_logits(model, batch)
     plain, rank_map = method.finalize(model)
     assert not any(m.lora_B["default"]._forward_pre_hooks for m in lora_modules(plain).values())
-    torch.testing.assert_close(_logits(plain, batch), gated, atol=1e-5, rtol=0)
+    torch.testing.assert_close(eval_logits(plain, batch), gated, atol=1e-5, rtol=0)
     assert rank_map.metadata["method"] == "l1ra"
 
 
@@ -196,7 +177,7 @@ def test_reallocation_carries_optimizer_state_for_survivors() -> None:
     opt = torch.optim.AdamW(method.param_groups(model, lr=1e-2))
     batch = batches("llama", 1)[0]
     for step in range(2):
-        _step(method, model, opt, step, batch)
+        method_step(method, model, opt, step, batch)
     name = next(iter(lora_modules(model)))
     module = lora_modules(model)[name]
     old_b = module.lora_B["default"].weight
@@ -219,7 +200,7 @@ def test_resume_matches_uninterrupted_run(tmp_path) -> None:
     _randomise_b(model)
     opt = torch.optim.AdamW(method.param_groups(model, lr=1e-2))
     for step in range(steps):
-        _step(method, model, opt, step, data[step])
+        method_step(method, model, opt, step, data[step])
     expected_state = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
     expected_ranks = current_ranks(model)
 
@@ -227,7 +208,7 @@ def test_resume_matches_uninterrupted_run(tmp_path) -> None:
     _randomise_b(model)
     opt = torch.optim.AdamW(method.param_groups(model, lr=1e-2))
     for step in range(kill_at):
-        _step(method, model, opt, step, data[step])
+        method_step(method, model, opt, step, data[step])
     assert current_ranks(model) != {n: 4 for n in expected_ranks}, "kill after a reallocation"
     checkpoint = tmp_path / "ckpt.pt"
     torch.save(
@@ -247,7 +228,7 @@ def test_resume_matches_uninterrupted_run(tmp_path) -> None:
     opt = torch.optim.AdamW(method.param_groups(model, lr=1e-2))
     opt.load_state_dict(saved["optimizer"])
     for step in range(kill_at, steps):
-        _step(method, model, opt, step, data[step])
+        method_step(method, model, opt, step, data[step])
 
     assert current_ranks(model) == expected_ranks
     resumed_state = get_peft_model_state_dict(model)

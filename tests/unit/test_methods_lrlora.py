@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
-from tiny_models import ARCHS, batches
+from tiny_models import ARCHS, batches, eval_logits, method_step
 
 from fimlora.methods import get_method
 from fimlora.methods.lrlora import LrLoraConfig, LrLoraMethod, soft_rank_mask
@@ -20,25 +20,6 @@ def _prepare(arch: str, steps: int, **options: Any) -> tuple[LrLoraMethod, torch
     build, kwargs = ARCHS[arch]
     method = LrLoraMethod(LrLoraConfig(**options))
     return method, method.prepare(build(0), LoraConfig(r=4, lora_alpha=8, **kwargs), total_steps=steps)
-
-
-def _step(
-    method: LrLoraMethod, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int, batch: dict
-) -> Any:
-    loss = model(**batch).loss
-    penalty = method.penalty(model)
-    (loss if penalty is None else loss + penalty).backward()
-    opt.step()
-    opt.zero_grad()
-    return method.on_step_end(model, step, opt)
-
-
-def _logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        out = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    model.train()
-    return out
 
 
 @pytest.mark.parametrize(
@@ -91,7 +72,7 @@ def test_truncation_holds_the_budget_and_leaves_plain_lora(arch: str, unit: str)
     opt = torch.optim.AdamW(method.param_groups(model, lr=1e-2))
     truncated = None
     for step, batch in enumerate(batches(arch, steps)):
-        result = _step(method, model, opt, step, batch)
+        result = method_step(method, model, opt, step, batch)
         if method.truncated is not None and truncated is None:
             truncated = step
             assert result is not None and method.budget is not None and method.budget.holds(result)
@@ -114,10 +95,10 @@ def test_truncation_with_a_hard_mask_keeps_the_logits() -> None:
             tau.fill_(3.0 if i % 2 else 5.0)  # integers that sum to the budget (r = 4 on average)
     method.temperature = 1e-3  # a hard step: columns beyond tau are exactly off
     batch = batches("llama", 1)[0]
-    expected = _logits(model, batch)
+    expected = eval_logits(model, batch)
     plain, rank_map = method.finalize(model)
     assert sorted(set(rank_map.values())) == [3, 5]
-    torch.testing.assert_close(_logits(plain, batch), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(eval_logits(plain, batch), expected, atol=1e-5, rtol=0)
 
 
 def test_resume_after_truncation_matches_uninterrupted_run(tmp_path) -> None:
@@ -128,14 +109,14 @@ def test_resume_after_truncation_matches_uninterrupted_run(tmp_path) -> None:
     method, model = _prepare("llama", steps, **options)
     opt = torch.optim.AdamW(method.param_groups(model, lr=1e-2))
     for step in range(steps):
-        _step(method, model, opt, step, data[step])
+        method_step(method, model, opt, step, data[step])
     expected = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
     expected_ranks = current_ranks(model)
 
     method, model = _prepare("llama", steps, **options)
     opt = torch.optim.AdamW(method.param_groups(model, lr=1e-2))
     for step in range(kill_at):
-        _step(method, model, opt, step, data[step])
+        method_step(method, model, opt, step, data[step])
     assert method.truncated is not None
     torch.save(
         {
@@ -152,7 +133,7 @@ def test_resume_after_truncation_matches_uninterrupted_run(tmp_path) -> None:
     opt = torch.optim.AdamW(method.param_groups(model, lr=1e-2))
     opt.load_state_dict(saved["optimizer"])
     for step in range(kill_at, steps):
-        _step(method, model, opt, step, data[step])
+        method_step(method, model, opt, step, data[step])
 
     assert current_ranks(model) == expected_ranks
     got = get_peft_model_state_dict(model)

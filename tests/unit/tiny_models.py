@@ -86,3 +86,24 @@ def batches(arch: str, n: int = 8, *, seed: int = 1, batch_size: int = 4, seq_le
             labels = ids.clone()
         out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
     return out
+
+
+def method_step(
+    method: Any, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int, batch: dict
+) -> Any:
+    """One training step driven through the method protocol, in the training loop's order."""
+    loss = model(**batch).loss
+    penalty = method.penalty(model)
+    (loss if penalty is None else loss + penalty).backward()
+    opt.step()
+    opt.zero_grad()
+    return method.on_step_end(model, step, opt)
+
+
+def eval_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Logits in eval mode (no dropout) without labels; the model is left in train mode."""
+    model.eval()
+    with torch.no_grad():
+        out = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    model.train()
+    return out
