@@ -86,6 +86,21 @@ def test_grid_files_parse(path: Path) -> None:
     assert len({s.run_id for s in specs}) == len(specs)
 
 
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "bench" / "grids" / "ablations").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_ablation_grid_files_parse(path: Path) -> None:
+    """Ablation grids vary one FIM setting; their uniform baseline comes from the main CPU grid."""
+    grid = ExperimentGrid.from_file(path)
+    specs = grid.expand()
+    main = ExperimentGrid.from_file(REPO / "bench" / "grids" / "cpu.yaml")
+    assert set(grid.methods) <= {"fim", "fim-variance"} and len(grid.seeds) >= 3
+    assert set(grid.tasks) <= set(main.tasks) and set(grid.seeds) <= set(main.seeds)
+    varied = {k for k, v in grid.overrides.items() if main.overrides.get(k) != v}
+    assert len(varied) == 1, varied
+    assert len({s.run_id for s in specs}) == len(specs)
+
+
 def _tiny_model_dir(root: Path) -> Path:
     """A 2-layer, 32-wide random BERT with the embedded MiniLM tokenizer."""
     import torch
