@@ -136,8 +136,15 @@ def run_spec(spec: RunSpec) -> dict[str, Any]:
     """Run one spec end to end and return its ``RunOutcome`` (the ``run_fn`` of ``run_grid``)."""
     if spec.suite not in SUITES:
         raise ValueError(f"unknown suite {spec.suite!r}; choose one of {SUITES}")
-    if spec.suite == "decoder":
-        return run_decoder_spec(spec)
-    prepared, result, _ = train_spec(spec)
+    from fimlora.training import TrainingInterrupted
+
+    try:
+        if spec.suite == "decoder":
+            return run_decoder_spec(spec)
+        prepared, result, _ = train_spec(spec)
+    except TrainingInterrupted as stop:
+        # SIGINT/SIGTERM stop the sweep (the runner lets KeyboardInterrupt through without writing a
+        # record); otherwise the signal would be stored as a failed run and the sweep would go on.
+        raise KeyboardInterrupt(str(stop)) from stop
     metrics = result.evals[-1][1] if result.evals else {}
     return outcome_of(spec, prepared, result, dict(metrics))

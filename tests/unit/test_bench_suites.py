@@ -200,3 +200,21 @@ def test_tweet_dataset_is_fixed_and_stratified(tmp_path: Path, monkeypatch: pyte
     assert {r["label"] for r in rows} == set(labels)
     test_texts = {json.loads(x)["text"] for x in test.read_text().splitlines()}
     assert not test_texts & {r["text"] for r in rows}
+
+
+def test_a_signal_during_training_stops_the_sweep_without_a_record(tmp_path: Path, monkeypatch) -> None:
+    """SIGINT/SIGTERM inside training (TrainingInterrupted) ends the sweep; it is not stored as a failure."""
+    import bench.suites.run as suite_run
+    from bench.harness import RunSpec
+    from fimlora.training import TrainingInterrupted
+
+    def interrupted(spec):
+        raise TrainingInterrupted("stopped by SIGTERM at step 3; checkpoint written")
+
+    monkeypatch.setattr(suite_run, "train_spec", interrupted)
+    specs = [RunSpec("encoder", "trec6", "minilm", m, "r8", 0) for m in ("uniform", "fim")]
+    store = ResultStore(tmp_path / "store")
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        run_grid(specs, run_spec, store, progress=False)
+    assert store.records() == []
+    assert store.pending(specs) == specs
