@@ -15,32 +15,14 @@ from typing import Any
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import VOCAB, tiny_llama
 
 from fimlora import FimConfig, ModuleStats, estimate_module_scores, fim_calibration
 
-VOCAB = 97
 T = 4
 HAS_CUDA = torch.cuda.is_available()
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU"))]
-
-
-def _llama_config() -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-
-
-def _base(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(_llama_config())
 
 
 def _peft(base: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
@@ -76,7 +58,7 @@ def _assert_close(got: ModuleStats, ref: ModuleStats, rtol: float) -> None:
 @pytest.fixture(scope="module")
 def reference() -> ModuleStats:
     """fp32, no checkpointing, LoRA-A frozen (the defaults) on CPU."""
-    return estimate_module_scores(_peft(_base()), _batches(), _cfg())
+    return estimate_module_scores(_peft(tiny_llama()), _batches(), _cfg())
 
 
 def _enable_checkpointing(model: torch.nn.Module, use_reentrant: bool) -> None:
@@ -97,7 +79,7 @@ def _enable_checkpointing(model: torch.nn.Module, use_reentrant: bool) -> None:
 def test_gradient_checkpointing_is_used_and_gives_the_same_statistics(
     reference: ModuleStats, use_reentrant: bool
 ) -> None:
-    base = _base()
+    base = tiny_llama()
     _enable_checkpointing(base, use_reentrant)
     model = _peft(base)
     layers = base.model.layers
@@ -122,7 +104,7 @@ def test_gradient_checkpointing_is_used_and_gives_the_same_statistics(
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_autocast_is_finite_and_close_to_fp32(reference: ModuleStats, device: str) -> None:
-    model = _peft(_base()).to(device)
+    model = _peft(tiny_llama()).to(device)
     with torch.autocast(device, dtype=torch.bfloat16):
         stats = estimate_module_scores(model, _batches(), _cfg())
     # bf16 keeps ~3 significant digits per matmul; measured on CPU: <= 0.6% off, 5% leaves room for GPU
@@ -132,7 +114,7 @@ def test_bf16_autocast_is_finite_and_close_to_fp32(reference: ModuleStats, devic
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_weights_are_finite_and_close_to_fp32(reference: ModuleStats, device: str) -> None:
-    model = _peft(_base()).to(device=device, dtype=torch.bfloat16)
+    model = _peft(tiny_llama()).to(device=device, dtype=torch.bfloat16)
     stats = estimate_module_scores(model, _batches(), _cfg())
     # Weights rounded to bf16, gradients in bf16 (accumulated in fp32); measured on CPU: <= 0.4% off.
     _assert_close(stats, reference, rtol=0.05)
@@ -141,12 +123,12 @@ def test_bf16_weights_are_finite_and_close_to_fp32(reference: ModuleStats, devic
 
 def test_freezing_lora_a_does_not_change_the_statistics(reference: ModuleStats) -> None:
     # dL/dB does not depend on whether dL/dA is also computed; freezing A only saves time and memory.
-    unfrozen = estimate_module_scores(_peft(_base()), _batches(), _cfg(freeze_lora_A=False))
+    unfrozen = estimate_module_scores(_peft(tiny_llama()), _batches(), _cfg(freeze_lora_A=False))
     _assert_close(unfrozen, reference, rtol=1e-6)
 
 
 def test_context_manager_equals_estimate_module_scores(reference: ModuleStats) -> None:
-    model = _peft(_base())
+    model = _peft(tiny_llama())
     with fim_calibration(model, _cfg()) as cal:
         for batch in _batches():
             model(**batch).loss.backward()
@@ -163,7 +145,7 @@ def _lora_params(model: torch.nn.Module, kind: str) -> Iterator[tuple[str, torch
 
 def _prepared_model() -> torch.nn.Module:
     """A model in a deliberately mixed state a training loop could leave behind."""
-    model = _peft(_base())
+    model = _peft(tiny_llama())
     model.train()
     model.base_model.model.model.layers[1].eval()  # one subtree in eval mode
     model.base_model.model.model.embed_tokens.weight.requires_grad_(True)  # a trainable base weight
@@ -245,9 +227,9 @@ def test_state_is_restored_after_an_exception_in_the_context_manager() -> None:
 
 @pytest.mark.skipif(not (HAS_CUDA and HAS_BNB), reason="needs a CUDA GPU and bitsandbytes")
 def test_bitsandbytes_4bit_base(tmp_path: Any, reference: ModuleStats) -> None:
-    from transformers import BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
-    _base().save_pretrained(tmp_path / "base")
+    tiny_llama().save_pretrained(tmp_path / "base")
     base = LlamaForCausalLM.from_pretrained(
         tmp_path / "base",
         quantization_config=BitsAndBytesConfig(

@@ -18,30 +18,19 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import VOCAB, tiny_llama
 
 from fimlora import FimConfig, ModuleStats, estimate_module_scores, initialize_lora_fim_ranks
 from fimlora.initialize import plan_rank_map
 
 WORLD = 2
 BATCHES = 8
-VOCAB = 97
 LORA_R = 4
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
     """Tiny random LLaMA with LoRA on all linear layers; identical in every process for one seed."""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    base = LlamaForCausalLM(cfg)
+    base = tiny_llama(seed)
     # Seeded again so LoRA-A is the same whatever the base model consumed from the RNG.
     torch.manual_seed(seed + 1)
     return get_peft_model(base, LoraConfig(r=LORA_R, lora_alpha=8, target_modules="all-linear"))
