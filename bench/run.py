@@ -9,7 +9,7 @@ Examples::
     # the full grid on a GPU
     python -m bench.run --grid bench/grids/gpu.yaml --store bench/results/gpu --report docs/results/gpu
 
-``--only KEY=VALUE`` (repeatable) restricts the grid, e.g. ``--only task=trec6 --only method=fim``.
+``--only KEY=VALUE`` (repeatable) restricts the grid, e.g. ``--only task=trec6 --only method=fim,uniform``.
 ``--threads N`` sets torch's CPU threads.
 """
 
@@ -26,7 +26,8 @@ __all__ = ["main", "select"]
 
 
 def select(specs: Sequence[RunSpec], only: Sequence[str]) -> list[RunSpec]:
-    """Keep the specs whose fields match every ``KEY=VALUE`` (values compared as strings)."""
+    """Keep the specs whose fields match every ``KEY=VALUE`` (values compared as strings; ``KEY=a,b`` matches
+    either value)."""
     filters = []
     for item in only:
         key, sep, value = item.partition("=")
@@ -34,8 +35,8 @@ def select(specs: Sequence[RunSpec], only: Sequence[str]) -> list[RunSpec]:
             raise SystemExit(
                 f"--only expects FIELD=VALUE with FIELD in suite/task/model/method/budget/seed, got {item!r}"
             )
-        filters.append((key, value))
-    return [s for s in specs if all(str(getattr(s, k)) == v for k, v in filters)]
+        filters.append((key, set(value.split(","))))
+    return [s for s in specs if all(str(getattr(s, k)) in values for k, values in filters)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -44,7 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--grid", action="append", default=[], help="grid file(s) (.yaml/.json) to run")
     parser.add_argument("--store", required=True, help="result store directory (one JSON per run)")
     parser.add_argument("--report", help="write results.md and figures from the store into this folder")
-    parser.add_argument("--only", action="append", default=[], help="FIELD=VALUE filter (repeatable)")
+    parser.add_argument(
+        "--only", action="append", default=[], help="FIELD=VALUE[,VALUE...] filter (repeatable)"
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--stop-on-error", action="store_true", help="stop at the first failed run")
     parser.add_argument("--dry-run", action="store_true", help="list pending runs and exit")

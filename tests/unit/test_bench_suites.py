@@ -218,3 +218,18 @@ def test_a_signal_during_training_stops_the_sweep_without_a_record(tmp_path: Pat
         run_grid(specs, run_spec, store, progress=False)
     assert store.records() == []
     assert store.pending(specs) == specs
+
+
+def test_only_filters_by_field_and_accepts_several_values() -> None:
+    from bench.harness import RunSpec
+    from bench.run import select
+
+    specs = [
+        RunSpec("encoder", t, "minilm", m, "r8", 0)
+        for t in ("trec6", "sms_spam")
+        for m in ("uniform", "fim", "eva")
+    ]
+    kept = select(specs, ["task=trec6", "method=uniform,eva"])
+    assert [(s.task, s.method) for s in kept] == [("trec6", "uniform"), ("trec6", "eva")]
+    with pytest.raises(SystemExit, match="FIELD=VALUE"):
+        select(specs, ["lr=1"])
