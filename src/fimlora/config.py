@@ -13,10 +13,12 @@ from typing import Any, Literal
 ScoreKind = Literal["fisher", "variance"]
 Aggregation = Literal["mean", "sum"]
 BudgetUnit = Literal["ranks", "params"]
+Estimator = Literal["batch", "per_example"]
 
 SCORE_KINDS: tuple[str, ...] = ("fisher", "variance")
 AGGREGATIONS: tuple[str, ...] = ("mean", "sum")
 BUDGET_UNITS: tuple[str, ...] = ("ranks", "params")
+ESTIMATORS: tuple[str, ...] = ("batch", "per_example")
 
 
 @dataclass
@@ -34,6 +36,9 @@ class FimConfig:
 
     aggregation: Aggregation = "mean"
     """How a module's elements are reduced to one score: "mean" favours small matrices, "sum" large ones."""
+
+    estimator: Estimator = "batch"
+    """Which gradients are squared: "batch" = each calibration batch's gradient; "per_example" = each example's, exact, from one pass (mean over examples; see fimlora.scores)."""
 
     budget_ranks: int | None = None
     """Total rank over all adapted modules (sum of r_i). Mutually exclusive with budget_params."""
@@ -71,6 +76,8 @@ class FimConfig:
             raise ValueError(f"`score` must be one of {SCORE_KINDS}, got {self.score!r}")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"`aggregation` must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"`estimator` must be one of {ESTIMATORS}, got {self.estimator!r}")
         if self.budget_unit not in BUDGET_UNITS:
             raise ValueError(f"`budget_unit` must be one of {BUDGET_UNITS}, got {self.budget_unit!r}")
         if self.budget_ranks is not None and self.budget_params is not None:

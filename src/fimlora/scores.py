@@ -15,6 +15,26 @@ the dataloader path (:func:`estimate_module_scores`) and a user's own loop (:fun
 Under ``torch.distributed`` the raw sums are all-reduced, so T counts the batches of all processes.
 Calibration is transactional: train/eval modes, ``requires_grad`` flags and existing ``.grad`` tensors are
 restored whether it returns or raises.
+
+``FimConfig(estimator="per_example")`` squares each *example's* gradient instead of each batch's. A
+forward hook on every ``lora_B`` keeps its input ``H`` (N, T, r) and puts a tensor hook on its output that
+receives ``D = dL/d(output)`` (N, T, out); B's post-accumulate-grad hook then turns this backward's pairs
+into exact per-example squared norms with :func:`fimlora.per_example.per_example_sq_norms` (no per-example
+gradient is stored) and drops B's ``.grad``. Over all M calibration examples, per module,
+
+    F_m = (1/M) sum_n ||g_n||^2            (trace of the per-example empirical Fisher)
+    V_m = F_m - ||(1/M) sum_n g_n||^2      (trace of the per-example gradient covariance)
+
+reported as ``fisher_sum`` and ``variance_sum`` (the sums over B's elements of E_n[g^2] and Var_n[g]), so
+"mean" aggregation divides by B's element count exactly as for batches. Scaling: a model's loss is usually
+the mean over the batch, so ``dL/dB`` restricted to example n is ``grad(loss_n) / N``; each example's
+gradient is multiplied by the batch size N, which makes ``g_n`` exactly ``grad(loss_n)`` for a mean over
+examples and weights examples by their token share for a mean over tokens (as the batch estimator does).
+Without this factor batches of different sizes would be weighted by ``1/N^2``. The first dimension of
+lora_B's input must index examples (true of Hugging Face models). Each calibration example is counted once
+under gradient checkpointing: a forward that records no graph (reentrant checkpointing's first pass) is
+skipped and its recomputation counted, and the tensor hooks of a recomputation that is not differentiated
+(non-reentrant checkpointing) never fire.
 """
 
 from __future__ import annotations
@@ -30,13 +50,14 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from fimlora.config import AGGREGATIONS, SCORE_KINDS, FimConfig
 from fimlora.peft_glue import lora_modules, module_shapes
+from fimlora.per_example import per_example_sq_norms
 
 __all__ = ["CalibrationError", "ModuleStat", "ModuleStats", "estimate_module_scores", "fim_calibration"]
 
@@ -241,6 +262,172 @@ class _BGradAccumulator:
         return out, num_batches
 
 
+class _PerExampleAccumulator(_BGradAccumulator):
+    """fp32 running sums of sum_n ||g_n||^2 and sum_n g_n for every LoRA-B weight (see the module docstring).
+
+    Only ``detach`` and the non-finite check are shared with the batch accumulator; ``sum_g`` holds
+    ``sum_n g_n``, ``counts`` backward passes and ``examples`` examples per module.
+    """
+
+    # B's gradient must equal the sum of what its forward calls saw, to this relative tolerance (bf16 grads
+    # are rounded; a gradient path that bypasses lora_B's forward, as DoRA's weight norm, is caught).
+    _SEEN_RTOL = 2e-2
+
+    def __init__(self, model: nn.Module, b_layers: Mapping[str, nn.Linear]) -> None:
+        super().__init__({n: cast(nn.Parameter, layer.weight) for n, layer in b_layers.items()})
+        self.sum_g2 = {}  # unused: the squares are per-example scalars in ``sum_sq``
+        self.model = model
+        self.layers = dict(b_layers)
+        self.sum_sq = {n: p.new_zeros((), dtype=torch.float32) for n, p in self.params.items()}
+        self.examples = dict.fromkeys(self.params, 0)
+        # (forward id, H, D) of the current backward, per module; forward ids tell two forwards apart.
+        self._pending: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {n: [] for n in self.params}
+        self._forward_id = 0
+        self.unseen: list[tuple[int, str, torch.Tensor]] = []
+
+    def attach(self) -> None:
+        self._handles.append(self.model.register_forward_pre_hook(self._new_forward))
+        for name, layer in self.layers.items():
+            self._handles.append(layer.register_forward_hook(self._capture(name)))
+            self._handles.append(self.params[name].register_post_accumulate_grad_hook(self._hook(name)))
+
+    def _new_forward(self, module: nn.Module, args: Any) -> None:
+        self._forward_id += 1
+
+    def _capture(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            # No graph (no_grad, or reentrant checkpointing's first pass): nothing will be differentiated
+            # here; a checkpointed layer's recomputation, which is differentiated, comes through again.
+            if not (isinstance(output, torch.Tensor) and output.requires_grad):
+                return
+            h = args[0].detach()
+            forward_id = self._forward_id
+            pending = self._pending[name]
+
+            def on_grad(d: torch.Tensor) -> None:
+                pending.append((forward_id, h, d.detach()))
+
+            output.register_hook(on_grad)
+
+        return hook
+
+    def _hook(self, name: str) -> Callable[[torch.Tensor], None]:
+        def hook(param: torch.Tensor) -> None:
+            g = param.grad
+            pending, self._pending[name] = self._pending[name], []
+            if g is None:
+                return
+            param.grad = None
+            if not pending:
+                raise CalibrationError(
+                    f"estimator='per_example': the LoRA-B weight of {name!r} got a gradient that did not "
+                    "pass through its lora_B layer; use estimator='batch' for this model"
+                )
+            # One group per forward pass: a layer called several times in one forward (shared weights)
+            # adds positions to the same examples; separate forwards are separate examples.
+            groups: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+            for forward_id, h, d in pending:
+                groups.setdefault(forward_id, []).append((h, d))
+            sum_sq = g.new_zeros((), dtype=torch.float32)
+            sum_g = torch.zeros_like(self.sum_g[name])
+            seen = torch.zeros_like(self.sum_g[name])
+            examples = 0
+            for pairs in groups.values():
+                n = pairs[0][0].shape[0]
+                if any(h.shape[0] != n or d.shape[0] != n for h, d in pairs):
+                    raise CalibrationError(
+                        f"estimator='per_example': lora_B of {name!r} saw inputs with different first "
+                        f"dimensions {sorted({h.shape[0] for h, _ in pairs})} in one forward pass; the first "
+                        "dimension must index the examples"
+                    )
+                h = torch.cat([h.reshape(n, -1, h.shape[-1]) for h, _ in pairs], dim=1)
+                d = torch.cat([d.reshape(n, -1, d.shape[-1]) for _, d in pairs], dim=1)
+                # x n: the loss is a mean over the batch, so N * (example n's part) is grad(loss_n).
+                sum_sq += per_example_sq_norms(h, d).sum().float() * (n * n)
+                g_group = torch.einsum("nto,ntr->or", d.float(), h.float())
+                seen += g_group
+                sum_g.add_(g_group, alpha=n)
+                examples += n
+            g = g.detach().float()
+            self.nonfinite.append(
+                (self.counts[name], name, ~(torch.isfinite(g).all() & torch.isfinite(sum_sq)))
+            )
+            self.unseen.append(
+                (self.counts[name], name, (seen - g).norm() > self._SEEN_RTOL * g.norm() + 1e-30)
+            )
+            self.sum_sq[name] += sum_sq
+            self.sum_g[name] += sum_g
+            self.counts[name] += 1
+            self.examples[name] += examples
+
+        return hook
+
+    def check_finite(self) -> None:
+        """Raise on a non-finite gradient, or on a B gradient not made of what its lora_B layer saw."""
+        super().check_finite()
+        entries, self.unseen = self.unseen, []
+        if not entries:
+            return
+        device = entries[0][2].device
+        flags = torch.stack([flag.to(device) for _, _, flag in entries]).tolist()
+        bad = [(i, n) for (i, n, _), flag in zip(entries, flags, strict=True) if flag]
+        if bad:
+            i, n = min(bad)
+            raise CalibrationError(
+                f"estimator='per_example': in calibration batch {i} the LoRA-B gradient of {n!r} differs "
+                "from the sum of what its lora_B layer saw (part of it bypasses the layer, as with DoRA); "
+                "use estimator='batch' for this model"
+            )
+
+    def all_reduce(self) -> int:
+        """Sum the statistics over processes; returns the world size (1 when not distributed)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return 1
+        names = list(self.params)
+        device = self.sum_g[names[0]].device
+        flat = torch.cat(
+            [self.sum_g[n].flatten() for n in names]
+            + [torch.stack([self.sum_sq[n] for n in names])]
+            + [torch.tensor([float(self.counts[n]) for n in names], device=device)]
+            + [torch.tensor([float(self.examples[n]) for n in names], device=device)]
+        )
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        offset = 0
+        for n in names:
+            k = self.sum_g[n].numel()
+            self.sum_g[n].copy_(flat[offset : offset + k].view_as(self.sum_g[n]))
+            offset += k
+        for i, n in enumerate(names):
+            self.sum_sq[n].copy_(flat[offset + i])
+        offset += len(names)
+        for i, n in enumerate(names):
+            self.counts[n] = int(round(flat[offset + i].item()))
+            self.examples[n] = int(round(flat[offset + len(names) + i].item()))
+        return torch.distributed.get_world_size()
+
+    @property
+    def num_examples(self) -> int:
+        return max(self.examples.values(), default=0)
+
+    def reduce(self, shapes: Mapping[str, tuple[int, int]]) -> tuple[dict[str, ModuleStat], int]:
+        """Per-module statistics over all examples; a module's missing examples count as zero gradient."""
+        num_batches = max(self.counts.values(), default=0)
+        m = max(self.num_examples, 1)
+        out = {}
+        for n in self.params:
+            fisher = float(self.sum_sq[n].double()) / m
+            mean = self.sum_g[n].double() / m
+            fan_in, fan_out = shapes[n]
+            out[n] = ModuleStat(
+                in_features=fan_in,
+                out_features=fan_out,
+                numel=self.sum_g[n].numel(),
+                fisher_sum=fisher,
+                variance_sum=max(fisher - float((mean * mean).sum()), 0.0),
+            )
+        return out, num_batches
+
+
 @dataclass
 class _SavedState:
     training: dict[nn.Module, bool]
@@ -295,7 +482,11 @@ class FimCalibration:
         trainable = list(b_params.values())
         if not self.config.freeze_lora_A:
             trainable += [m.lora_A[adapter_name].weight for m in mods.values()]
-        self._acc = _BGradAccumulator(b_params)
+        self._acc = (
+            _PerExampleAccumulator(model, {n: m.lora_B[adapter_name] for n, m in mods.items()})
+            if self.config.estimator == "per_example"
+            else _BGradAccumulator(b_params)
+        )
         self._trainable = trainable
         self._saved: _SavedState | None = None
         self._t0 = 0.0
@@ -325,7 +516,14 @@ class FimCalibration:
                 "no LoRA-B gradient was seen during calibration: run loss.backward() inside the block, "
                 "and make sure the loss depends on the adapted modules"
             )
-        if self.config.score == "variance" and num_batches < 2:
+        metadata: dict[str, Any] = {"score": self.config.score, "aggregation": self.config.aggregation}
+        if isinstance(self._acc, _PerExampleAccumulator):
+            metadata.update(estimator="per_example", num_examples=self._acc.num_examples)
+            if self.config.score == "variance" and self._acc.num_examples < 2:
+                warnings.warn(
+                    "the variance score needs >= 2 calibration examples; with 1 it is zero", stacklevel=3
+                )
+        elif self.config.score == "variance" and num_batches < 2:
             warnings.warn(
                 "the variance score needs >= 2 calibration batches; with 1 it is zero", stacklevel=3
             )
@@ -334,7 +532,7 @@ class FimCalibration:
             num_batches=num_batches,
             seconds=time.perf_counter() - self._t0,
             world_size=world,
-            metadata={"score": self.config.score, "aggregation": self.config.aggregation},
+            metadata=metadata,
         )
 
     @property
