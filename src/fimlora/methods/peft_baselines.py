@@ -11,32 +11,109 @@
   vectors of the layers' inputs and ranks are redistributed (``rho``) keeping the rank sum r * n. The result
   already is a standard LoRA adapter.
 
-Budgets: both hold the *rank sum* of uniform LoRA at the config's r (AdaLoRA: ``target_r = r``, so its final
-triplet count is r * n; EVA by construction). Neither can hold a parameter count; the final rank map's
-metadata reports both ``total_rank`` and ``total_params`` next to uniform LoRA's, so comparisons at the same
-budget can say which budget matched.
+Budgets (``budget_unit``): with ``"ranks"`` (the default, PEFT's own budgets) both hold the *rank sum* of
+uniform LoRA at the config's r (AdaLoRA: ``target_r = r``, so its final triplet count is r * n; EVA by
+construction), whatever the modules' shapes; their parameter counts then differ from uniform LoRA's. With
+``"params"`` both hold uniform LoRA's *parameter count* P = r * sum_m (in_m + out_m) (AdaLoRA: ``target_r``
+in place of r), spending it with :func:`select_within_budget`: items in decreasing importance, each
+costing in_m + out_m of its module, kept while they fit, so the result stays <= P and the slack is smaller
+than any item left out.
 
-This module reaches into AdaLoRA's layers (``lora_E``, ``ranknum``), the one place outside
-:mod:`fimlora.peft_glue` that does: the conversion is specific to this baseline.
+* AdaLoRA: the allocator's budget follows PEFT's cubic schedule in parameters, from init_r * sum(in + out)
+  down to P, and each masking keeps the most important triplets that fit (PEFT keeps the top-k by
+  ``kthvalue``). The final mask (PEFT's ``rank_pattern`` at tfinal) is that selection, so
+  :func:`adalora_to_lora` gives a plain LoRA model with <= P parameters.
+* EVA: components in decreasing explained-variance ratio (PEFT's order), at most round(rho * r) per
+  module (PEFT's maximum), each costing in_m + out_m, until P is spent. A module left with no component is
+  not adapted (PEFT puts its base layer back).
+
+The final rank map's metadata reports ``total_rank`` and ``total_params`` next to uniform LoRA's, so a
+comparison can say which budget matched.
+
+This module reaches into AdaLoRA's layers (``lora_E``, ``ranknum``) and allocator, and into EVA's rank
+distribution, the one place outside :mod:`fimlora.peft_glue` that does: both are specific to these baselines.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from fimlora.methods.base import StaticRanksMethod, register_method, trainable_param_groups
 from fimlora.methods.history import RankEvent, RankHistory
+from fimlora.methods.l1ra import BudgetUnit, _check_budget
 from fimlora.peft_glue import current_ranks, lora_modules, module_shapes, pattern_key, scaled_alpha
 from fimlora.rankmap import RankMap
 
-__all__ = ["AdaLoraMethod", "AdaLoraOptions", "EvaMethod", "EvaOptions", "adalora_to_lora"]
+__all__ = [
+    "AdaLoraMethod",
+    "AdaLoraOptions",
+    "EvaMethod",
+    "EvaOptions",
+    "adalora_to_lora",
+    "select_within_budget",
+]
+
+
+# ---- the budget in parameters (pure) ---------------------------------------------------------------------
+
+
+def select_within_budget(scores: Sequence[float], costs: Sequence[int], budget: int) -> list[bool]:
+    """Which items to keep: in decreasing score, each one whose cost still fits in what is left.
+
+    The scan goes on past an item that does not fit, so cheaper, less important items can use the rest:
+    the slack (budget minus the kept cost) is smaller than the cost of every item left out. Equal scores
+    keep the earlier item first, so the result is deterministic.
+
+    Args:
+        scores: Importance of each item, shape (n,); higher is kept first.
+        costs: Positive cost of each item, shape (n,) (a rank of module m costs in_m + out_m parameters).
+        budget: Total cost allowed (>= 0).
+
+    Returns:
+        ``keep``, shape (n,): with sum(cost[i] for kept i) <= budget.
+
+    Raises:
+        ValueError: lengths differ, a cost is not positive, a score is NaN, or the budget is negative.
+    """
+    if len(scores) != len(costs):
+        raise ValueError(
+            f"`scores` and `costs` must have the same length, got {len(scores)} and {len(costs)}"
+        )
+    if budget < 0:
+        raise ValueError(f"`budget` must be >= 0, got {budget}")
+    if any(c <= 0 for c in costs):
+        raise ValueError("`costs` must all be positive")
+    if any(math.isnan(x) for x in scores):
+        raise ValueError("`scores` must not be NaN")
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])  # stable: ties keep index order
+    keep = [False] * len(scores)
+    left = budget
+    for i in order:
+        if costs[i] <= left:
+            keep[i] = True
+            left -= costs[i]
+    return keep
+
+
+def _cubic_budget(step: int, *, tinit: int, tfinal: int, total: int, start: int, end: int) -> int:
+    """AdaLoRA's budget at ``step``: ``start`` until tinit, then a cubic decrease to ``end`` reached at
+    total - tfinal, then ``end`` (PEFT's ``RankAllocator.budget_schedule``, in any unit)."""
+    if step <= tinit:
+        return start
+    if step >= total - tfinal:
+        return end
+    left = 1 - (step - tinit) / (total - tfinal - tinit)  # 1 -> 0 over the pruning phase
+    return int((start - end) * left**3 + end)
 
 
 # ---- AdaLoRA ----------------------------------------------------------------------------------------------
@@ -73,7 +150,12 @@ class AdaLoraOptions:
     total_step: int | None = None
     """Total training steps; default: the ``total_steps`` given to ``prepare`` (one of them is required)."""
 
+    budget_unit: BudgetUnit = "ranks"
+    """What is held constant: the rank sum ("ranks", PEFT's) or the LoRA parameter count ("params",
+    target_r * sum_m (in_m + out_m))."""
+
     def __post_init__(self) -> None:
+        _check_budget(self.budget_unit, None, None)
         for name in ("init_r", "target_r", "total_step"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -97,7 +179,7 @@ class AdaLoraOptions:
 
 @register_method("adalora")
 class AdaLoraMethod:
-    """AdaLoRA via PEFT, budget-matched to uniform LoRA's rank sum, finalised as plain LoRA.
+    """AdaLoRA via PEFT, budget-matched to uniform LoRA's rank sum or parameter count, finalised as plain LoRA.
 
     ``update_and_allocate`` needs each step's gradients, and the protocol's training loop calls
     ``on_step_end`` after ``optimizer.zero_grad()``. So the method keeps a *reference* to every AdaLoRA
@@ -139,6 +221,8 @@ class AdaLoraMethod:
         ada_config = self.adalora_config(lora_config, total_steps)
         self.lora_config = copy.deepcopy(lora_config)
         model = get_peft_model(base_model, ada_config)
+        if self.options.budget_unit == "params":
+            _ParamBudgetAllocation(model, _peft_root(model).rankallocator, int(ada_config.target_r))
         self._model = model
         self._ranks = _adalora_ranks(model, self.adapter_name)
         self.history.log(RankEvent(0, n, int(lora_config.r), r, "init") for n, r in self._ranks.items())
@@ -417,6 +501,66 @@ def _adalora_ranks(model: nn.Module, adapter: str) -> dict[str, int]:
     return {n: len(_kept_triplets(n, layer, adapter, cfg)) for n, layer in _adalora_layers(model).items()}
 
 
+class _ParamBudgetAllocation:
+    """AdaLoRA's allocation with its budget in parameters, installed on one PEFT ``RankAllocator``.
+
+    It replaces the allocator's ``budget_schedule`` (same cubic schedule, from init_r * sum(in + out) down
+    to target_r * sum(in + out)) and ``mask_to_budget`` (the most important triplets that fit, each costing
+    in_m + out_m of its module, instead of the top-k). Importance is still PEFT's: the allocator's EMAs,
+    combined per triplet by its own ``_element_score`` and ``_combine_ipt``. Since PEFT stores what
+    ``mask_to_budget`` returns as ``rank_pattern`` at tfinal and masks with it afterwards, the final ranks
+    are this selection.
+    """
+
+    def __init__(self, model: nn.Module, allocator: Any, target_r: int) -> None:
+        self.allocator = allocator
+        self.adapter = allocator.adapter_name
+        self.layers = _adalora_layers(model)
+        self.costs: dict[str, int] = {}
+        self.start = 0
+        for name, layer in self.layers.items():
+            a, b = layer.lora_A[self.adapter], layer.lora_B[self.adapter]  # (r, in), (out, r)
+            self.costs[name] = int(a.shape[1] + b.shape[0])
+            self.start += int(a.shape[0]) * self.costs[name]
+        self.target = target_r * sum(self.costs.values())
+        allocator.budget_schedule = self.budget_schedule
+        allocator.mask_to_budget = self.mask_to_budget
+
+    def budget_schedule(self, step: int) -> tuple[int, bool]:
+        """(budget in parameters, whether to mask at this step), as PEFT's schedule decides."""
+        cfg = self.allocator.peft_config
+        tinit, tfinal, total = cfg.tinit, cfg.tfinal, cfg.total_step
+        budget = _cubic_budget(
+            step, tinit=tinit, tfinal=tfinal, total=total, start=self.start, end=self.target
+        )
+        mask = step > tinit and (step > total - tfinal or step % cfg.deltaT == 0)
+        return budget, mask
+
+    def mask_to_budget(self, model: nn.Module, budget: int) -> dict[str, list[bool]]:
+        """Zero the singular values of the triplets left out; PEFT's ``rank_pattern`` of the kept ones."""
+        alloc, adapter = self.allocator, self.adapter
+        scores: list[float] = []
+        costs: list[int] = []
+        for name in self.layers:
+            ipt_e = alloc._element_score(f"{name}.lora_E.{adapter}")  # (r, 1)
+            ipt_a = alloc._element_score(f"{name}.lora_A.{adapter}").mean(dim=1, keepdim=True)  # (r, 1)
+            ipt_b = alloc._element_score(f"{name}.lora_B.{adapter}").mean(dim=0).view(-1, 1)  # (r, 1)
+            triplet = alloc._combine_ipt(ipt_e, torch.cat([ipt_a, ipt_b], dim=1))  # (r,)
+            scores += triplet.tolist()
+            costs += [self.costs[name]] * triplet.numel()
+        keep = select_within_budget(scores, costs, budget)
+        pattern: dict[str, list[bool]] = {}
+        start = 0
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                e = layer.lora_E[adapter]  # (r, 1)
+                kept = keep[start : start + e.shape[0]]
+                start += e.shape[0]
+                e.masked_fill_(~torch.tensor(kept, device=e.device).view(-1, 1), 0.0)
+                pattern[f"{name}.lora_E.{adapter}"] = kept
+        return pattern
+
+
 def _steps(value: float | int, total: int) -> int:
     return int(round(value * total)) if isinstance(value, float) else int(value)
 
@@ -466,7 +610,12 @@ class EvaOptions:
     max_passes: int = 20
     """Give up (with an error) after this many passes over the calibration batches without convergence."""
 
+    budget_unit: BudgetUnit = "ranks"
+    """What is held constant: the rank sum ("ranks", PEFT's) or the LoRA parameter count ("params",
+    r * sum_m (in_m + out_m))."""
+
     def __post_init__(self) -> None:
+        _check_budget(self.budget_unit, None, None)
         if self.rho < 1.0:
             raise ValueError(f"`rho` must be >= 1.0, got {self.rho}")
         if not 0.0 <= self.tau <= 1.0:
@@ -526,21 +675,152 @@ class EvaMethod(StaticRanksMethod):
             whiten=o.whiten,
             adjust_scaling_factors=True,  # keep every module's scale alpha/r, as fimlora does
         )
+        if o.budget_unit == "params" and cfg.rank_pattern:
+            raise ValueError(
+                "EVA with budget_unit='params' holds uniform LoRA's parameter count: the LoRA config must not "
+                "have a rank_pattern"
+            )
         model = get_peft_model(base_model, cfg)
-        initialize_lora_eva_weights(
-            model,
-            batches,
-            prepare_model_inputs_fn=_eva_token_indices,
-            prepare_layer_inputs_fn=_eva_layer_inputs,
-            forward_fn=_BoundedForward(o.max_passes * len(batches), o.rho * int(lora_config.r)),
-            show_progress_bar=False,
-        )
         self.lora_r = int(lora_config.r)
+        shapes = module_shapes(lora_modules(model))  # before EVA drops the modules it gives no component
+        forward = _BoundedForward(o.max_passes * len(batches), o.rho * self.lora_r)
+        if o.budget_unit == "params":
+            budget = self.lora_r * sum(i + j for i, j in shapes.values())
+            state = _eva_state_dict_within_params(model, batches, budget, forward)
+            initialize_lora_eva_weights(model, eva_state_dict=state, show_progress_bar=False)
+        else:
+            initialize_lora_eva_weights(
+                model,
+                batches,
+                prepare_model_inputs_fn=_eva_token_indices,
+                prepare_layer_inputs_fn=_eva_layer_inputs,
+                forward_fn=forward,
+                show_progress_bar=False,
+            )
         ranks = current_ranks(model)
-        meta = _budget_metadata("eva", ranks, module_shapes(lora_modules(model)), self.lora_r)
+        # Budget over every targeted module, those EVA left without a component at rank 0.
+        meta = _budget_metadata("eva", {n: ranks.get(n, 0) for n in shapes}, shapes, self.lora_r)
         meta["config"] = asdict(o)
+        meta["zero_rank_modules"] = sorted(set(shapes) - set(ranks))
         self.rank_map = RankMap(ranks, metadata=meta)
         return model
+
+
+def _eva_state_dict_within_params(
+    model: nn.Module, batches: list[dict[str, Any]], budget: int, forward: _BoundedForward
+) -> dict[str, torch.Tensor]:
+    """PEFT's EVA state dict (layer name -> A, shape (rank, in)) with ranks that hold ``budget`` parameters.
+
+    Every component a module may get (round(rho * r), PEFT's maximum) is made a candidate by asking PEFT for
+    rank round(rho * r) at rho = 1; :class:`_CostWeightedEvaRanks` then chooses among them.
+    """
+    from peft import get_eva_state_dict
+
+    cfg: Any = copy.copy(cast(Any, model).peft_config["default"])
+    most = round(int(cfg.r) * cfg.eva_config.rho)
+    cfg.r = most
+    cfg.eva_config = dataclasses.replace(cfg.eva_config, rho=1.0)
+    mods = lora_modules(model)
+    cost = {n: i + j for n, (i, j) in module_shapes(mods).items()}
+    by_id = {id(m): n for n, m in mods.items()}
+    costs = {full: cost[by_id[id(m)]] for full, m in model.named_modules() if id(m) in by_id}
+    selection = _CostWeightedEvaRanks(costs, budget, most)
+    with selection.installed():
+        state = get_eva_state_dict(
+            model,
+            batches,
+            peft_config=cfg,
+            forward_fn=forward,
+            prepare_model_inputs_fn=_eva_token_indices,
+            prepare_layer_inputs_fn=_eva_layer_inputs,
+            show_progress_bar=False,
+        )
+    return selection.restore_choice(state)
+
+
+class _CostWeightedEvaRanks:
+    """EVA's rank distribution with a budget in parameters, swapped into PEFT 0.21's EVA while installed.
+
+    PEFT chooses EVA's ranks in ``_get_rank_distribution``, a function nested in ``_get_eva_state_dict``
+    that cannot be replaced. It sorts every candidate component by explained-variance ratio, takes the
+    first ``rank_budget`` and counts them per layer with ``collections.Counter``, looked up in the EVA
+    module's globals. When every candidate fits in ``rank_budget`` (the caller asks for rank round(rho * r)
+    at rho = 1), that ``Counter`` receives the layer name of *every* component in PEFT's order; standing in
+    for it, this object keeps the components that fit in the parameter budget (:func:`select_within_budget`,
+    cost in_m + out_m) and returns their counts. Everything else stays PEFT's: convergence is checked on the
+    chosen components only, and a layer given 0 components is later put back to its base layer.
+
+    One thing is undone afterwards: layers that see the same input share one SVD, and PEFT swaps their counts
+    so that the layer holding the SVD has the largest (its convergence covers them all). With equal costs
+    that is harmless; with different ones (LLaMA's k/v projections are narrower than q) it would change the
+    parameter count, so :meth:`restore_choice` gives each layer back its chosen count, as a prefix of the
+    shared components. ``find_equal_values`` is wrapped to learn those groups.
+    """
+
+    def __init__(self, costs: Mapping[str, int], budget: int, most: int) -> None:
+        self.costs = dict(costs)  # PEFT layer name (with base_model.model.) -> in + out
+        self.budget = budget
+        self.most = most
+        self.counts: dict[str, int] | None = None
+        self.groups: list[list[str]] = []
+
+    def __call__(self, ordered: Iterable[str]) -> Counter[str]:
+        """``Counter(layer names of the chosen components)``, from the names of all components, best first."""
+        names = list(ordered)
+        if len(names) != self.most * len(self.costs) or not set(names) <= set(self.costs):
+            raise RuntimeError(
+                "EVA's rank distribution did not receive every candidate component; this PEFT version's EVA "
+                "differs from the one fimlora's budget_unit='params' was written for (peft 0.21)"
+            )
+        scores = [float(len(names) - i) for i in range(len(names))]  # PEFT's order, best first
+        keep = select_within_budget(scores, [self.costs[n] for n in names], self.budget)
+        counts = Counter(n for n, k in zip(names, keep, strict=True) if k)
+        self.counts = {n: counts.get(n, 0) for n in self.costs}
+        return counts
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """Stand in for PEFT EVA's ``Counter`` and record its equal-input groups; restored on exit or error."""
+        from peft.tuners.lora import eva
+
+        counter, find_equal_values = eva.Counter, eva.find_equal_values
+        if counter is not Counter:
+            raise RuntimeError("PEFT's EVA rank distribution is already replaced (nested EVA runs?)")
+
+        def record_groups(hashes: dict[str, Any]) -> dict[Any, list[str]]:
+            groups = find_equal_values(hashes)
+            self.groups = [list(names) for names in groups.values()]
+            return groups
+
+        setattr(eva, "Counter", self)  # noqa: B010 - a module global, replaced on purpose
+        setattr(eva, "find_equal_values", record_groups)  # noqa: B010
+        try:
+            yield
+        finally:
+            setattr(eva, "Counter", counter)  # noqa: B010
+            setattr(eva, "find_equal_values", find_equal_values)  # noqa: B010
+
+    def restore_choice(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state`` with every layer at its chosen count (undoing PEFT's swaps within equal-input groups).
+
+        Raises:
+            RuntimeError: the distribution never ran, or PEFT's ranks are not the chosen ones up to those swaps.
+        """
+        if self.counts is None:
+            raise RuntimeError("EVA's rank distribution never ran (no layer computed an SVD)")
+        counts = self.counts
+        for group in self.groups:
+            if sorted(state[n].shape[0] for n in group) != sorted(counts[n] for n in group):
+                raise RuntimeError(f"EVA's ranks of the equal-input layers {group} are not the chosen ones")
+            shared = state[max(group, key=lambda n: state[n].shape[0])]  # (most of the group, in)
+            for name in group:
+                state[name] = shared[: counts[name]].clone()
+        wrong = sorted(n for n, u in state.items() if u.shape[0] != counts.get(n))
+        if wrong or set(state) != set(counts):
+            raise RuntimeError(
+                f"EVA's ranks are not the chosen ones ({(wrong or sorted(set(state) ^ set(counts)))[:3]})"
+            )
+        return state
 
 
 def _eva_token_indices(model_input: Mapping[str, torch.Tensor], peft_config: Any) -> torch.Tensor:
