@@ -7,9 +7,10 @@ linear layer*, ``P = N * sum_m (in_m + out_m)``. Each method is configured to sp
 uniform             r = N everywhere (defines P)
 fim, fim-variance   ``FimConfig(budget_unit="params")``: sum r_m (in_m + out_m) <= P, least slack
 l1ra, lrlora        ``budget_unit="params"`` (their reallocation holds P exactly)
-adalora, eva        hold the *rank sum* N * n_modules (PEFT's own budgets cannot hold a parameter
-                    count); the record stores their actual LoRA parameters, and the report flags a
-                    deviation from P above 2 %.
+adalora, eva        ``budget_unit="params"``: PEFT's choice made cost-weighted, sum r_m
+                    (in_m + out_m) <= P, slack below one rank of any module left out;
+                    the record stores their actual LoRA parameters, and the report
+                    flags a deviation from P above 2 %.
 ==================  =======================================================================
 """
 
@@ -62,8 +63,8 @@ def method_settings(
                 fim[key] = overrides[key]
         if method == "fim-variance" and overrides.get("score", "variance") != "variance":
             raise ValueError("fim-variance fixes score='variance'; use method 'fim' for other scores")
-    elif method in ("l1ra", "lrlora"):
+    elif method in ("l1ra", "lrlora", "adalora", "eva"):
         options.setdefault("budget_unit", "params")
-    elif method not in ("uniform", "adalora", "eva"):
+    elif method != "uniform":
         raise ValueError(f"unknown bench method {method!r}")
     return name, fim, options

@@ -33,15 +33,20 @@ def test_fim_methods_use_a_parameter_budget(method: str, name: str, score: str) 
     assert options == {}
 
 
-@pytest.mark.parametrize("method", ["l1ra", "lrlora"])
+@pytest.mark.parametrize("method", ["l1ra", "lrlora", "adalora", "eva"])
 def test_training_time_methods_hold_parameters(method: str) -> None:
     name, fim, options = method_settings(method, {})
     assert (name, fim, options) == (method, {}, {"budget_unit": "params"})
 
 
-def test_rank_sum_methods_and_unknown() -> None:
-    assert method_settings("adalora", {}) == ("adalora", {}, {})
-    assert method_settings("eva", {"method_options": {"rho": 1.5}}) == ("eva", {}, {"rho": 1.5})
+def test_peft_methods_options_and_unknown() -> None:
+    assert method_settings("eva", {"method_options": {"rho": 1.5}}) == (
+        "eva",
+        {},
+        {"rho": 1.5, "budget_unit": "params"},
+    )
+    opts = {"method_options": {"budget_unit": "ranks"}}  # PEFT's own rank-sum budget, on request
+    assert method_settings("adalora", opts) == ("adalora", {}, {"budget_unit": "ranks"})
     with pytest.raises(ValueError, match="fim-variance"):
         method_settings("fim-variance", {"score": "fisher"})
     with pytest.raises(ValueError, match="unknown"):
