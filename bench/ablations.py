@@ -15,6 +15,12 @@ Subcommands (each writes a Markdown table, a JSON file and a PNG under ``--out``
   remove each module's adapter in turn (its LoRA-B set to zero, i.e. delta_W = 0) and measure the
   drop in test accuracy and the rise in test loss; correlate them (Spearman) with the module's
   calibration score.
+* ``per-example``: batch vs per-example estimator (``FimConfig.estimator``). For T in {1, 2, 4, 8}, both
+  estimators calibrate (through ``estimate_module_scores`` itself) on two *disjoint* sets of training
+  batches, [0, T) and [8, 8 + T), of the same seed and model; reported: Spearman / Kendall tau-b between the
+  two rank maps of each estimator (and between the two score vectors), per score type and aggregation,
+  and the calibration seconds of each estimator on the same batches (equal T = equal forward/backward
+  passes, so the time ratio is the estimator's overhead).
 * ``bounds``: r_min / r_max accuracy ablation through the benchmark grid machinery (one task, several
   seeds), written to the normal result store (labels like ``fim[r_min=1]``).
 
@@ -22,6 +28,8 @@ Commands (see docs/results/README.md)::
 
     python -m bench.ablations stability --task trec6 --seeds 0 1 2 --out docs/results/ablations
     python -m bench.ablations contribution --task trec6 --seed 0 --out docs/results/ablations
+    python -m bench.ablations per-example --tasks trec6 sms_spam --seeds 0 1 2 --threads 1 \
+        --out docs/results/ablations
 """
 
 from __future__ import annotations
@@ -37,9 +45,24 @@ from typing import Any
 from bench.harness import RunSpec
 from bench.harness.record import git_info, package_versions
 
-__all__ = ["capture_b_gradients", "contribution", "rank_maps_for", "scores_from_gradients", "stability"]
+__all__ = [
+    "capture_b_gradients",
+    "contribution",
+    "per_example_stability",
+    "rank_maps_for",
+    "scores_from_gradients",
+    "stability",
+]
 
 T_VALUES: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+PE_T_VALUES: tuple[int, ...] = (1, 2, 4, 8)
+ESTIMATORS: tuple[str, ...] = ("batch", "per_example")
+VARIANTS: tuple[tuple[str, str], ...] = (
+    ("fisher", "mean"),
+    ("fisher", "sum"),
+    ("variance", "mean"),
+    ("variance", "sum"),
+)
 _BASE_OVERRIDES: dict[str, Any] = {
     "max_train": 1280,  # 80 batches of 16: enough for two disjoint sets of 32 batches
     "max_eval": 400,
@@ -445,8 +468,221 @@ def _write_contribution(p: Mapping[str, Any], out: Path) -> None:
     fig.savefig(out / "contribution.png", dpi=120)
 
 
+def _calibration_setup(spec: RunSpec, n_batches: int) -> tuple[Any, list[dict[str, Any]]]:
+    """A fresh PEFT model (B = 0) and the run's first ``n_batches`` training batches, as the run sees them."""
+    import torch
+    from peft import get_peft_model
+
+    from bench.suites.run import prepare_spec
+    from fimlora.tasks import collator_for
+    from fimlora.training import _BatchPlan
+
+    prepared = prepare_spec(spec)
+    torch.manual_seed(spec.seed)
+    model = get_peft_model(prepared.model, prepared.lora_config)
+    collate = collator_for("classification", prepared.tokenizer)
+    plan = _BatchPlan(len(prepared.train_rows), prepared.train_config.batch_size, spec.seed)
+    if plan.steps_per_epoch < n_batches:
+        raise ValueError(f"{n_batches} batches requested, the training set has {plan.steps_per_epoch}")
+    stream = [collate([prepared.train_rows[i] for i in plan.indices(step)]) for step in range(n_batches)]
+    return model, stream
+
+
+def _sd(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    if len(finite) < 2:
+        return float("nan")
+    m = sum(finite) / len(finite)
+    return math.sqrt(sum((v - m) ** 2 for v in finite) / (len(finite) - 1))
+
+
+def per_example_stability(
+    tasks: Sequence[str], seeds: Sequence[int], out: Path, *, r: int = 8
+) -> dict[str, Any]:
+    """Disjoint-set rank-map stability of the batch and per-example estimators at equal T, and their cost."""
+    from fimlora import estimate_module_scores
+    from fimlora.config import FimConfig
+    from fimlora.peft_glue import lora_modules, module_shapes
+
+    started = time.perf_counter()
+    second = max(PE_T_VALUES)  # the second calibration set starts where the largest first one ends
+    rows: list[dict[str, Any]] = []
+    timing: list[dict[str, Any]] = []
+    for task in tasks:
+        per_seed: dict[tuple[str, int, str, str], list[tuple[float, float, float, float]]] = {}
+        seconds: dict[str, list[float]] = {e: [] for e in ESTIMATORS}
+        for seed in seeds:
+            spec = RunSpec("encoder", task, "minilm", "fim", f"r{r}", seed, _BASE_OVERRIDES)
+            model, stream = _calibration_setup(spec, 2 * second)
+            shapes = module_shapes(lora_modules(model))
+            for estimator in ESTIMATORS:  # warm-up (allocator, kernels), not timed
+                estimate_module_scores(
+                    model,
+                    stream[:1],
+                    FimConfig(calibration_batches=1, estimator=estimator, show_progress=False),  # type: ignore[arg-type]
+                )
+            for t in PE_T_VALUES:
+                stats: dict[tuple[str, str], Any] = {}
+                for i, (half, start) in enumerate((("a", 0), ("b", second))):
+                    # Alternate which estimator goes first, so drift on a shared machine hits both.
+                    order = ESTIMATORS if i % 2 == 0 else tuple(reversed(ESTIMATORS))
+                    for estimator in order:
+                        cfg = FimConfig(calibration_batches=t, estimator=estimator, show_progress=False)  # type: ignore[arg-type]
+                        st = estimate_module_scores(model, stream[start : start + t], cfg)
+                        stats[(estimator, half)] = st
+                        seconds[estimator].append(st.seconds / t)
+                for estimator in ESTIMATORS:
+                    for kind, agg in VARIANTS:
+                        sa = stats[(estimator, "a")].scores(kind, agg)
+                        sb = stats[(estimator, "b")].scores(kind, agg)
+                        comp = rank_maps_for(sa, shapes, r).compare(rank_maps_for(sb, shapes, r))
+                        per_seed.setdefault((estimator, t, kind, agg), []).append(
+                            (comp.spearman, comp.kendall, comp.l1_normalised, _corr(sa, sb)[0])
+                        )
+            print(f"{task} seed {seed}: done ({time.perf_counter() - started:.0f} s)", flush=True)
+        for (estimator, t, kind, agg), values in per_seed.items():
+            sp, kt, moved, score_sp = (list(v) for v in zip(*values, strict=True))
+            rows.append(
+                {
+                    "task": task,
+                    "estimator": estimator,
+                    "T": t,
+                    "score": kind,
+                    "aggregation": agg,
+                    "spearman": _mean(sp),
+                    "spearman_sd": _sd(sp),
+                    "kendall": _mean(kt),
+                    "kendall_sd": _sd(kt),
+                    "l1_moved": _mean(moved),
+                    "score_spearman": _mean(score_sp),
+                    "per_seed_spearman": sp,
+                    "per_seed_kendall": kt,
+                }
+            )
+        per_batch = {e: _mean(v) for e, v in seconds.items()}
+        timing.append(
+            {
+                "task": task,
+                "seconds_per_batch": per_batch,
+                "ratio_per_example_to_batch": per_batch["per_example"] / per_batch["batch"],
+                "batches_timed": {e: len(v) for e, v in seconds.items()},
+            }
+        )
+    result = {
+        "command": (
+            f"python -m bench.ablations per-example --tasks {' '.join(tasks)} --seeds "
+            f"{' '.join(map(str, seeds))} --threads 1 --out docs/results/ablations"
+        ),
+        "tasks": list(tasks),
+        "seeds": list(seeds),
+        "r": r,
+        "T_values": list(PE_T_VALUES),
+        "second_set_start": second,
+        "overrides": _BASE_OVERRIDES,
+        "stability": rows,
+        "timing": timing,
+        "seconds": time.perf_counter() - started,
+        "provenance": {"git": git_info(), "versions": package_versions()},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "per_example.json").write_text(json.dumps(result, indent=1) + "\n")
+    _write_per_example_md(result, out / "per_example.md")
+    _plot_per_example(result, out / "per_example.png")
+    return result
+
+
+def _write_per_example_md(result: Mapping[str, Any], path: Path) -> None:
+    git = result["provenance"]["git"]
+    lines = [
+        "# Batch vs per-example gradient estimator: rank-map stability at equal T",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"MiniLM-L6, budget r{result['r']} (parameters of uniform LoRA), batch size "
+        f"{result['overrides']['batch_size']}, max length {result['overrides']['max_length']}, seeds "
+        f"{result['seeds']}. For each seed, both estimators calibrate on training batches [0, T) and, "
+        f"disjoint, [{result['second_set_start']}, {result['second_set_start']} + T); the table gives the "
+        "agreement of the two rank maps (mean ± sd over seeds). Equal T = the same forward/backward passes.",
+        "",
+    ]
+    for kind, agg in VARIANTS:
+        lines += [f"## {kind}/{agg}", ""]
+        lines += [
+            "| task | T | batch Spearman | per-example Spearman | batch Kendall | per-example Kendall | "
+            "batch moved | per-example moved | batch score Spearman | per-example score Spearman |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for task in result["tasks"]:
+            for t in result["T_values"]:
+                sel = {
+                    r["estimator"]: r
+                    for r in result["stability"]
+                    if r["task"] == task and r["T"] == t and r["score"] == kind and r["aggregation"] == agg
+                }
+                b, p = sel["batch"], sel["per_example"]
+                lines.append(
+                    f"| {task} | {t} | {_f(b['spearman'])} ± {_f(b['spearman_sd'])} | "
+                    f"{_f(p['spearman'])} ± {_f(p['spearman_sd'])} | {_f(b['kendall'])} ± {_f(b['kendall_sd'])} | "
+                    f"{_f(p['kendall'])} ± {_f(p['kendall_sd'])} | {_f(b['l1_moved'])} | {_f(p['l1_moved'])} | "
+                    f"{_f(b['score_spearman'])} | {_f(p['score_spearman'])} |"
+                )
+        lines.append("")
+    lines += ["## Calibration time (same batches, same machine, interleaved)", ""]
+    lines += ["| task | batch s/batch | per-example s/batch | ratio |", "|---|---|---|---|"]
+    for tm in result["timing"]:
+        s = tm["seconds_per_batch"]
+        lines.append(
+            f"| {tm['task']} | {s['batch']:.3f} | {s['per_example']:.3f} | "
+            f"{tm['ratio_per_example_to_batch']:.2f} |"
+        )
+    lines += [
+        "",
+        f"_{result['seconds']:.0f} s, --threads 1 on a 2-core CPU shared with a benchmark; git "
+        f"{str(git.get('commit'))[:12]}{'+dirty' if git.get('dirty') else ''}._",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def _plot_per_example(result: Mapping[str, Any], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    tasks = result["tasks"]
+    fig = Figure(figsize=(4.5 * len(tasks), 3.6))
+    FigureCanvasAgg(fig)
+    for i, task in enumerate(tasks):
+        ax = fig.add_subplot(1, len(tasks), i + 1)
+        for estimator, style in (("batch", "-o"), ("per_example", "--s")):
+            for kind, agg in (("fisher", "mean"), ("fisher", "sum")):
+                sel = [
+                    r
+                    for r in result["stability"]
+                    if r["task"] == task
+                    and r["estimator"] == estimator
+                    and r["score"] == kind
+                    and r["aggregation"] == agg
+                ]
+                ax.errorbar(
+                    [r["T"] for r in sel],
+                    [r["spearman"] for r in sel],
+                    yerr=[0.0 if math.isnan(r["spearman_sd"]) else r["spearman_sd"] for r in sel],
+                    fmt=style,
+                    capsize=2,
+                    label=f"{estimator} {kind}/{agg}",
+                )
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("calibration batches T")
+        ax.set_ylabel("Spearman, disjoint calibration sets")
+        ax.set_title(task)
+        ax.set_ylim(-0.2, 1.05)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m bench.ablations {stability,contribution} ...``."""
+    """``python -m bench.ablations {stability,contribution,per-example} ...``."""
     parser = argparse.ArgumentParser(prog="python -m bench.ablations")
     sub = parser.add_subparsers(dest="cmd", required=True)
     st = sub.add_parser("stability", help="rank-map stability vs T; score type / aggregation agreement")
@@ -457,7 +693,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     co.add_argument("--task", default="trec6")
     co.add_argument("--seed", type=int, default=0)
     co.add_argument("--out", type=Path, default=Path("docs/results/ablations"))
-    for p in (st, co):
+    pe = sub.add_parser(
+        "per-example", help="batch vs per-example estimator: disjoint-set rank-map stability and time"
+    )
+    pe.add_argument("--tasks", nargs="+", default=["trec6", "sms_spam"])
+    pe.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    pe.add_argument("--out", type=Path, default=Path("docs/results/ablations"))
+    for p in (st, co, pe):
         p.add_argument("--threads", type=int)
     args = parser.parse_args(argv)
     if args.threads:
@@ -466,6 +708,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.cmd == "stability":
         stability(args.task, args.seeds, args.out)
+    elif args.cmd == "per-example":
+        per_example_stability(args.tasks, args.seeds, args.out)
     else:
         contribution(args.task, args.seed, args.out)
     return 0
