@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from fimlora.rankmap import RankMap
 
-__all__ = ["allocate_ranks", "uniform_ranks"]
+__all__ = ["allocate_ranks", "select_within_budget", "uniform_ranks"]
 
 _BISECTION_STEPS = 200
 # Remainders are compared to this many decimals, so that exact ties stay ties (see _remainder).
@@ -266,3 +266,41 @@ def _bounds(field: str, value: int | Mapping[str, int], names: list[str]) -> lis
 def _require_positive_int(field: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{field}` must be a positive integer, got {value!r}")
+
+
+def select_within_budget(scores: Sequence[float], costs: Sequence[int], budget: int) -> list[bool]:
+    """Which items to keep: in decreasing score, each one whose cost still fits in what is left.
+
+    The scan goes on past an item that does not fit, so cheaper, less important items can use the rest:
+    the slack (budget minus the kept cost) is smaller than the cost of every item left out. Equal scores
+    keep the earlier item first, so the result is deterministic.
+
+    Args:
+        scores: Importance of each item, shape (n,); higher is kept first.
+        costs: Positive cost of each item, shape (n,) (a rank of module m costs in_m + out_m parameters).
+        budget: Total cost allowed (>= 0).
+
+    Returns:
+        ``keep``, shape (n,): with sum(cost[i] for kept i) <= budget.
+
+    Raises:
+        ValueError: lengths differ, a cost is not positive, a score is NaN, or the budget is negative.
+    """
+    if len(scores) != len(costs):
+        raise ValueError(
+            f"`scores` and `costs` must have the same length, got {len(scores)} and {len(costs)}"
+        )
+    if budget < 0:
+        raise ValueError(f"`budget` must be >= 0, got {budget}")
+    if any(c <= 0 for c in costs):
+        raise ValueError("`costs` must all be positive")
+    if any(math.isnan(x) for x in scores):
+        raise ValueError("`scores` must not be NaN")
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])  # stable: ties keep index order
+    keep = [False] * len(scores)
+    left = budget
+    for i in order:
+        if costs[i] <= left:
+            keep[i] = True
+            left -= costs[i]
+    return keep

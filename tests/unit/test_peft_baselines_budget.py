@@ -10,6 +10,7 @@ import torch
 from peft import LoraConfig
 from tiny_models import ARCHS, batches, method_step
 
+from fimlora.allocate import select_within_budget
 from fimlora.methods import get_method
 from fimlora.methods.peft_baselines import (
     AdaLoraMethod,
@@ -17,7 +18,6 @@ from fimlora.methods.peft_baselines import (
     EvaOptions,
     _CostWeightedEvaRanks,
     _cubic_budget,
-    select_within_budget,
 )
 
 # ---- the pure selection ------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import copy
 import dataclasses
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, cast
@@ -48,6 +48,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from fimlora.allocate import select_within_budget
 from fimlora.methods.base import StaticRanksMethod, register_method, trainable_param_groups
 from fimlora.methods.history import RankEvent, RankHistory
 from fimlora.methods.l1ra import BudgetUnit, _check_budget
@@ -60,49 +61,10 @@ __all__ = [
     "EvaMethod",
     "EvaOptions",
     "adalora_to_lora",
-    "select_within_budget",
 ]
 
 
 # ---- the budget in parameters (pure) ---------------------------------------------------------------------
-
-
-def select_within_budget(scores: Sequence[float], costs: Sequence[int], budget: int) -> list[bool]:
-    """Which items to keep: in decreasing score, each one whose cost still fits in what is left.
-
-    The scan goes on past an item that does not fit, so cheaper, less important items can use the rest:
-    the slack (budget minus the kept cost) is smaller than the cost of every item left out. Equal scores
-    keep the earlier item first, so the result is deterministic.
-
-    Args:
-        scores: Importance of each item, shape (n,); higher is kept first.
-        costs: Positive cost of each item, shape (n,) (a rank of module m costs in_m + out_m parameters).
-        budget: Total cost allowed (>= 0).
-
-    Returns:
-        ``keep``, shape (n,): with sum(cost[i] for kept i) <= budget.
-
-    Raises:
-        ValueError: lengths differ, a cost is not positive, a score is NaN, or the budget is negative.
-    """
-    if len(scores) != len(costs):
-        raise ValueError(
-            f"`scores` and `costs` must have the same length, got {len(scores)} and {len(costs)}"
-        )
-    if budget < 0:
-        raise ValueError(f"`budget` must be >= 0, got {budget}")
-    if any(c <= 0 for c in costs):
-        raise ValueError("`costs` must all be positive")
-    if any(math.isnan(x) for x in scores):
-        raise ValueError("`scores` must not be NaN")
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])  # stable: ties keep index order
-    keep = [False] * len(scores)
-    left = budget
-    for i in order:
-        if costs[i] <= left:
-            keep[i] = True
-            left -= costs[i]
-    return keep
 
 
 def _cubic_budget(step: int, *, tinit: int, tfinal: int, total: int, start: int, end: int) -> int:
