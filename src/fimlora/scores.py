@@ -284,6 +284,7 @@ class _PerExampleAccumulator(_BGradAccumulator):
         self._pending: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {n: [] for n in self.params}
         self._forward_id = 0
         self.unseen: list[tuple[int, str, torch.Tensor]] = []
+        self._probes: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def attach(self) -> None:
         self._handles.append(self.model.register_forward_pre_hook(self._new_forward))
@@ -328,39 +329,65 @@ class _PerExampleAccumulator(_BGradAccumulator):
             groups: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
             for forward_id, h, d in pending:
                 groups.setdefault(forward_id, []).append((h, d))
-            sum_sq = g.new_zeros((), dtype=torch.float32)
-            sum_g = torch.zeros_like(self.sum_g[name])
-            seen = torch.zeros_like(self.sum_g[name])
-            examples = 0
-            for pairs in groups.values():
-                n = pairs[0][0].shape[0]
-                if any(h.shape[0] != n or d.shape[0] != n for h, d in pairs):
-                    raise CalibrationError(
-                        f"estimator='per_example': lora_B of {name!r} saw inputs with different first "
-                        f"dimensions {sorted({h.shape[0] for h, _ in pairs})} in one forward pass; the first "
-                        "dimension must index the examples"
-                    )
-                h = torch.cat([h.reshape(n, -1, h.shape[-1]) for h, _ in pairs], dim=1)
-                d = torch.cat([d.reshape(n, -1, d.shape[-1]) for _, d in pairs], dim=1)
-                # x n: the loss is a mean over the batch, so N * (example n's part) is grad(loss_n).
-                sum_sq += per_example_sq_norms(h, d).sum().float() * (n * n)
-                g_group = torch.einsum("nto,ntr->or", d.float(), h.float())
-                seen += g_group
-                sum_g.add_(g_group, alpha=n)
-                examples += n
             g = g.detach().float()
+            # x n below: the loss is a mean over the batch, so N * (example n's part) is grad(loss_n).
+            if len(groups) == 1:
+                # The usual case, one forward per backward: sum_n g_n is N times B's own gradient, and a
+                # projection on a fixed probe vector checks that all of it went through the layer.
+                n, h, d = self._positions(name, next(iter(groups.values())))
+                sum_sq = per_example_sq_norms(h, d).sum().float() * (n * n)
+                self.sum_g[name].add_(g, alpha=n)
+                probe = self._probe(g)
+                seen = torch.einsum("nto,nt->o", d.float(), h.float() @ probe)
+                unseen = (seen - g @ probe).norm() > self._SEEN_RTOL * g.norm() * probe.norm()
+                examples = n
+            else:
+                sum_sq = g.new_zeros(())
+                total = torch.zeros_like(g)
+                examples = 0
+                for pairs in groups.values():
+                    n, h, d = self._positions(name, pairs)
+                    sum_sq += per_example_sq_norms(h, d).sum().float() * (n * n)
+                    g_group = torch.einsum("nto,ntr->or", d.float(), h.float())
+                    total += g_group
+                    self.sum_g[name].add_(g_group, alpha=n)
+                    examples += n
+                unseen = (total - g).norm() > self._SEEN_RTOL * g.norm()
             self.nonfinite.append(
                 (self.counts[name], name, ~(torch.isfinite(g).all() & torch.isfinite(sum_sq)))
             )
-            self.unseen.append(
-                (self.counts[name], name, (seen - g).norm() > self._SEEN_RTOL * g.norm() + 1e-30)
-            )
+            self.unseen.append((self.counts[name], name, unseen))
             self.sum_sq[name] += sum_sq
-            self.sum_g[name] += sum_g
             self.counts[name] += 1
             self.examples[name] += examples
 
         return hook
+
+    @staticmethod
+    def _positions(
+        name: str, pairs: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(N, H (N, P, r), D (N, P, out)) of one forward pass: each call of the layer adds positions."""
+        n = pairs[0][0].shape[0]
+        if any(h.shape[0] != n or d.shape[0] != n for h, d in pairs):
+            raise CalibrationError(
+                f"estimator='per_example': lora_B of {name!r} saw inputs with different first dimensions "
+                f"{sorted({h.shape[0] for h, _ in pairs})} in one forward pass; the first dimension must "
+                "index the examples"
+            )
+        hs = [h.reshape(n, -1, h.shape[-1]) for h, _ in pairs]
+        ds = [d.reshape(n, -1, d.shape[-1]) for _, d in pairs]
+        if len(pairs) == 1:  # no copy
+            return n, hs[0], ds[0]
+        return n, torch.cat(hs, dim=1), torch.cat(ds, dim=1)
+
+    def _probe(self, g: torch.Tensor) -> torch.Tensor:
+        """A fixed vector of r positive entries (cached per r and device)."""
+        key = (g.shape[1], g.device)
+        if key not in self._probes:
+            gen = torch.Generator().manual_seed(0)
+            self._probes[key] = (0.5 + torch.rand(g.shape[1], generator=gen)).to(g.device)
+        return self._probes[key]
 
     def check_finite(self) -> None:
         """Raise on a non-finite gradient, or on a B gradient not made of what its lora_B layer saw."""
