@@ -303,10 +303,10 @@ class _PerExampleAccumulator(_BGradAccumulator):
                 return
             h = args[0].detach()
             forward_id = self._forward_id
-            pending = self._pending[name]
 
             def on_grad(d: torch.Tensor) -> None:
-                pending.append((forward_id, h, d.detach()))
+                # The list is looked up now, not at forward time: graphs may be differentiated out of order.
+                self._pending[name].append((forward_id, h, d.detach()))
 
             output.register_hook(on_grad)
 

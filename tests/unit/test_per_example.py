@@ -229,6 +229,13 @@ def test_shared_layer_and_two_forwards_per_backward() -> None:
         (_twice_loss(model, halves[0]) + _twice_loss(model, halves[1])).backward()
     assert cal.scores.num_batches == 1 and cal.scores.metadata["num_examples"] == 4
     _assert_matches(cal.scores, ref)
+    # Two forwards, then their two backwards (two calibration batches of 2).
+    with fim_calibration(model, _cfg(2, score="variance")) as cal:
+        losses = [_twice_loss(model, half) for half in halves]
+        for loss in losses:
+            loss.backward()
+    assert cal.scores.num_batches == 2 and cal.scores.metadata["num_examples"] == 4
+    _assert_matches(cal.scores, ref)
 
 
 def test_gradient_bypassing_lora_b_layer_is_an_error() -> None:
