@@ -250,7 +250,9 @@ class _BGradAccumulator:
             t = max(num_batches, 1)
             fisher = self.sum_g2[n].double() / t
             mean = self.sum_g[n].double() / t
-            variance = (fisher - mean * mean).clamp_min(0.0)
+            # One batch: E[g^2] - E[g]^2 is exactly 0, but fp32 g^2 vs (fp32 g)^2 in fp64 leaves rounding
+            # noise (~1e-8 of the Fisher) that would otherwise become a random rank map.
+            variance = (fisher - mean * mean).clamp_min(0.0) if t > 1 else torch.zeros_like(fisher)
             fan_in, fan_out = shapes[n]
             out[n] = ModuleStat(
                 in_features=fan_in,

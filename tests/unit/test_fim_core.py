@@ -183,3 +183,14 @@ def test_variance_and_sum_aggregation_change_the_map() -> None:
         peft_model("llama", r=4), fim_config=_quiet(score="variance", r_min=1, r_max=16), scores=stats
     )
     assert isinstance(m_var, RankMap) and m_var.total_rank == 4 * len(stats.modules)
+
+
+def test_variance_of_a_single_batch_is_exactly_zero() -> None:
+    """E[g^2] - E[g]^2 over one batch is 0; fp32 rounding must not turn into a (random) variance map."""
+    data = batches("llama")[:1]
+    with pytest.warns(UserWarning, match="variance score needs >= 2"):
+        stats = estimate_module_scores(
+            peft_model("llama", r=4), data, _quiet(score="variance", calibration_batches=1)
+        )
+    assert all(s.variance_sum == 0.0 for s in stats.modules.values())
+    assert any(s.fisher_sum > 0.0 for s in stats.modules.values())
