@@ -24,7 +24,15 @@ __all__ = ["FIM_KEYS", "budget_rank", "method_settings"]
 
 _BUDGET = re.compile(r"r(\d+)")
 
-FIM_KEYS = ("calibration_batches", "score", "aggregation", "r_min", "r_max", "adjust_scaling_factors")
+FIM_KEYS = (
+    "calibration_batches",
+    "score",
+    "aggregation",
+    "r_min",
+    "r_max",
+    "adjust_scaling_factors",
+    "score_power",
+)
 """Spec overrides that are passed to :class:`fimlora.FimConfig` (fim / fim-variance only)."""
 
 

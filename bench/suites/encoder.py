@@ -60,6 +60,7 @@ _KNOWN_KEYS = set(DEFAULTS) | {
     "r_min",
     "r_max",
     "adjust_scaling_factors",
+    "score_power",
     "method_options",
     "train",
     "eval",

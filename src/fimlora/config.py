@@ -37,6 +37,9 @@ class FimConfig:
     aggregation: Aggregation = "mean"
     """How a module's elements are reduced to one score: "mean" favours small matrices, "sum" large ones."""
 
+    score_power: float = 1.0
+    """Ranks are proportional to score**score_power: 1 = proportional to the score (FIM-LoRA); between 0 and 1 flattens the map towards uniform (0 = uniform)."""
+
     estimator: Estimator = "batch"
     """Which gradients are squared: "batch" = each calibration batch's gradient; "per_example" = each example's, exact, from one pass (mean over examples; see fimlora.scores)."""
 
@@ -76,6 +79,12 @@ class FimConfig:
             raise ValueError(f"`score` must be one of {SCORE_KINDS}, got {self.score!r}")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"`aggregation` must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if (
+            isinstance(self.score_power, bool)
+            or not isinstance(self.score_power, (int, float))
+            or not 0.0 <= self.score_power <= 4.0
+        ):
+            raise ValueError(f"`score_power` must be a number in [0, 4], got {self.score_power!r}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"`estimator` must be one of {ESTIMATORS}, got {self.estimator!r}")
         if self.budget_unit not in BUDGET_UNITS:

@@ -81,6 +81,9 @@ def plan_rank_map(
     }
     if metadata:
         meta.update(metadata)
+    if fim_config.score_power != 1.0:  # the map's "scores" are then the tempered ones; keep the raw ones too
+        meta["raw_scores"] = {n: float(v) for n, v in scores.items()}
+        scores = {n: float(v) ** fim_config.score_power if v > 0 else 0.0 for n, v in scores.items()}
     rank_map = allocate_ranks(
         scores,
         budget_ranks=budget_ranks,

@@ -194,3 +194,22 @@ def test_variance_of_a_single_batch_is_exactly_zero() -> None:
         )
     assert all(s.variance_sum == 0.0 for s in stats.modules.values())
     assert any(s.fisher_sum > 0.0 for s in stats.modules.values())
+
+
+def test_score_power_flattens_the_map_towards_uniform() -> None:
+    """score_power = 0 gives uniform ranks; 0.5 lies between uniform and the proportional map."""
+    from fimlora.initialize import plan_rank_map
+
+    scores = {f"m{i}": float(i + 1) for i in range(6)}
+    shapes = {n: (64, 64) for n in scores}
+
+    def spread(power: float) -> int:
+        cfg = _quiet(score_power=power, r_min=1, r_max=32)
+        ranks = dict(plan_rank_map(scores, shapes, cfg, r=8))
+        assert sum(ranks.values()) == 8 * len(scores)
+        return max(ranks.values()) - min(ranks.values())
+
+    assert spread(0.0) == 0
+    assert 0 < spread(0.5) < spread(1.0)
+    with pytest.raises(ValueError, match="score_power"):
+        FimConfig(score_power=-1.0)
