@@ -43,6 +43,11 @@ def _set_trainable(model: torch.nn.Module, train_a: bool) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_args(parser)
+    parser.add_argument(
+        "--per-example",
+        action="store_true",
+        help="also time FimConfig(estimator='per_example') (exact per-example squared gradient norms)",
+    )
     args = parser.parse_args(argv)
     device = common.setup(args)
     shape = common.resolve_shape(args)
@@ -58,8 +63,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model(**b).loss.backward()
             model.zero_grad(set_to_none=True)
 
-    def calibrate(freeze_a: bool) -> None:
-        cfg = FimConfig(calibration_batches=args.batches, freeze_lora_A=freeze_a, show_progress=False)
+    def calibrate(freeze_a: bool, estimator: str = "batch") -> None:
+        cfg = FimConfig(
+            calibration_batches=args.batches,
+            freeze_lora_A=freeze_a,
+            show_progress=False,
+            estimator=estimator,  # type: ignore[arg-type]
+        )
         estimate_module_scores(model, batches, cfg)
 
     variants = {
@@ -68,6 +78,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "calibration": lambda: calibrate(True),
         "calibration_trainable_a": lambda: calibrate(False),
     }
+    if args.per_example:
+        variants["calibration_per_example"] = lambda: calibrate(True, "per_example")
     timings = common.time_interleaved(variants, device, args.repeats, args.warmup)
 
     def train_step() -> None:
@@ -102,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio_calibration_vs_plain_min": common.ratio(
             timings["calibration"]["min_s"], timings["plain_lora"]["min_s"]
         ),
+        "ratio_per_example_vs_plain": common.ratio(med.get("calibration_per_example"), med["plain_lora"]),
         "target_ratio": 1.02 if device.type == "cpu" else 1.05 if args.shape == "8b" else 1.02,
         "peak_gib": {k: common.gib(v) for k, v in peak.items()},
         "ratio_peak_calibration_vs_train_step": common.ratio(peak["calibration"], peak["train_step"]),
