@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -45,11 +46,18 @@ def git_info(repo: str | Path = _REPO_ROOT) -> dict[str, Any]:
     """Return ``{"commit": sha | "unknown", "dirty": bool | None}`` for the repository at ``repo``.
 
     Tolerates a missing git binary, a directory that is not a repository and a hung git (timeout): all
-    give ``"unknown"``/``None`` rather than an exception, since provenance must never abort a run.
+    give ``"unknown"``/``None`` rather than an exception, since provenance must never abort a run. A copy
+    of the tree without ``.git`` (a remote machine) reads ``$FIMLORA_GIT_COMMIT`` and
+    ``$FIMLORA_GIT_DIRTY`` ("1"/"0"), which ``scripts/remote_prepare.sh`` records for it.
     """
     commit = _git(repo, "rev-parse", "HEAD")
     if commit is None:
-        return {"commit": "unknown", "dirty": None}
+        env_commit = os.environ.get("FIMLORA_GIT_COMMIT")
+        env_dirty = os.environ.get("FIMLORA_GIT_DIRTY")
+        return {
+            "commit": env_commit or "unknown",
+            "dirty": None if env_dirty not in ("0", "1") else env_dirty == "1",
+        }
     status = _git(repo, "status", "--porcelain")
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 

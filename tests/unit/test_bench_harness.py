@@ -327,6 +327,17 @@ def test_git_info_outside_a_repository_is_unknown(tmp_path: Path) -> None:
     assert git_info(tmp_path) == {"commit": "unknown", "dirty": None}
 
 
+def test_git_info_outside_a_repository_reads_the_recorded_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A copy of the tree sent to another machine has no .git; remote_prepare.sh records the commit.
+    monkeypatch.setenv("FIMLORA_GIT_COMMIT", "abc123")
+    monkeypatch.setenv("FIMLORA_GIT_DIRTY", "1")
+    assert git_info(tmp_path) == {"commit": "abc123", "dirty": True}
+    monkeypatch.setenv("FIMLORA_GIT_DIRTY", "maybe")
+    assert git_info(tmp_path) == {"commit": "abc123", "dirty": None}
+
+
 # ----------------------------------------------------------------------------------------------------
 # runner.py
 
