@@ -248,3 +248,17 @@ def test_bitsandbytes_4bit_base(tmp_path: Any, reference: ModuleStats) -> None:
         ref = reference.modules[name].fisher_sum
         assert 0 < m.fisher_sum < float("inf"), name
         assert 0.2 * ref < m.fisher_sum < 5 * ref, (name, m.fisher_sum, ref)
+
+    # The quantized layers are rebuilt at the chosen ranks, and the 4-bit model still trains.
+    from fimlora import initialize_lora_fim_ranks
+    from fimlora.peft_glue import current_ranks
+
+    packed = {n: p.data.clone() for n, p in base.named_parameters() if p.dtype == torch.uint8}
+    rank_map = initialize_lora_fim_ranks(model, fim_config=_cfg(), scores=stats)
+    assert current_ranks(model) == dict(rank_map.items())
+    assert len(set(rank_map.values())) > 1  # not the uniform fallback
+    assert all(torch.equal(p.data, packed[n]) for n, p in base.named_parameters() if n in packed)
+    batch = {k: v.to("cuda") for k, v in _batches(1)[0].items()}
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss)
