@@ -58,7 +58,7 @@ echo "   gpu grid: $(ls $store/runs 2>/dev/null | wc -l) records at $(elapsed)s"
 tail -n 3 "$OUT"/grid-*.log >>"$log" 2>&1
 rm -f "$OUT"/grid-*.log
 tar czf "$OUT/gpu_reduced_store.tgz" "$store" 2>>"$log"
-python3 - "$perf" <<'PY' | tee -a "$log"
+[ -f "$perf" ] && python3 - "$perf" <<'PY' | tee -a "$log"
 import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)
