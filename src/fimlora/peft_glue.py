@@ -207,6 +207,7 @@ def resize_lora_modules(
                 old = snapshots[name]
                 alpha = alphas[name] if alphas and name in alphas else module.lora_alpha[adapter_name]
                 module.update_layer(adapter_name=adapter_name, r=r, lora_alpha=alpha, config=cfg)
+                _match_dtypes(module, adapter_name, old)
                 if keep and name in keep and keep[name]:
                     _copy_kept(module, adapter_name, old, list(keep[name]))
     except BaseException:
@@ -287,6 +288,21 @@ def _restore(module: Any, adapter: str, snap: Mapping[str, Any]) -> None:
             store[adapter] = snap[attr]
         elif adapter in store:
             del store[adapter]
+
+
+def _match_dtypes(module: Any, adapter: str, old: Mapping[str, Any]) -> None:
+    """Give the rebuilt factors the dtype the old ones had.
+
+    ``update_layer`` creates them in the base layer's dtype, but ``get_peft_model`` upcasts the adapter of
+    a bf16/fp16 base to fp32 (``autocast_adapter_dtype=True``, its default). Without this a re-ranked
+    adapter on a bf16 model would train in bf16 while uniform LoRA trains in fp32: a different optimizer
+    numerics and a different step time, not just different ranks.
+    """
+    for attr in ("lora_A", "lora_B", "lora_magnitude_vector"):
+        store = getattr(module, attr, None)
+        ref = next(old[attr].parameters(), None) if attr in old else None
+        if store is not None and adapter in store and ref is not None:
+            store[adapter].to(dtype=ref.dtype)
 
 
 @torch.no_grad()

@@ -61,6 +61,29 @@ def test_parameter_budget_slack_below_one_rank(arch: str) -> None:
     assert rank_map.metadata["allocation"]["total_params"] == used
 
 
+@pytest.mark.parametrize("autocast_adapter_dtype", [True, False])
+def test_rebuilt_factors_keep_the_adapter_dtype_of_a_bf16_base(autocast_adapter_dtype: bool) -> None:
+    # get_peft_model upcasts the adapter of a bf16 base to fp32 by default; PEFT's update_layer would
+    # rebuild it in bf16 (measured on an H200: re-ranked adapters trained 27% faster than uniform LoRA
+    # because they silently ran in bf16). The re-ranked adapter must keep what PEFT chose.
+    from peft import LoraConfig, get_peft_model
+    from tiny_models import tiny_llama
+
+    model = get_peft_model(
+        tiny_llama().to(torch.bfloat16),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+        autocast_adapter_dtype=autocast_adapter_dtype,
+    )
+    expected = torch.float32 if autocast_adapter_dtype else torch.bfloat16
+    before = {n: p.dtype for n, p in model.named_parameters() if "lora_" in n}
+    assert set(before.values()) == {expected}
+    rank_map = initialize_lora_fim_ranks(model, batches("llama"), _quiet())
+    assert len(set(rank_map.values())) > 1
+    after = {n: p.dtype for n, p in model.named_parameters() if "lora_" in n}
+    assert after == before
+    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if "base_layer" in n)
+
+
 def test_gpt2_conv1d_fused_c_attn_shapes() -> None:
     model = peft_model("gpt2", r=4)
     initialize_lora_fim_ranks(model, batches("gpt2"), _quiet())
