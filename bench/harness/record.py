@@ -47,17 +47,17 @@ def git_info(repo: str | Path = _REPO_ROOT) -> dict[str, Any]:
 
     Tolerates a missing git binary, a directory that is not a repository and a hung git (timeout): all
     give ``"unknown"``/``None`` rather than an exception, since provenance must never abort a run. A copy
-    of the tree without ``.git`` (a remote machine) reads ``$FIMLORA_GIT_COMMIT`` and
-    ``$FIMLORA_GIT_DIRTY`` ("1"/"0"), which ``scripts/remote_prepare.sh`` records for it.
+    of the tree sent to another machine says where it came from with ``$FIMLORA_GIT_COMMIT`` and
+    ``$FIMLORA_GIT_DIRTY`` ("1"/"0"), which ``scripts/remote_prepare.sh`` records; when set, they win over
+    git (such a machine may hold a stale ``.git`` of its own: seen on a lent GPU machine).
     """
+    env_commit = os.environ.get("FIMLORA_GIT_COMMIT")
+    if env_commit:
+        env_dirty = os.environ.get("FIMLORA_GIT_DIRTY")
+        return {"commit": env_commit, "dirty": None if env_dirty not in ("0", "1") else env_dirty == "1"}
     commit = _git(repo, "rev-parse", "HEAD")
     if commit is None:
-        env_commit = os.environ.get("FIMLORA_GIT_COMMIT")
-        env_dirty = os.environ.get("FIMLORA_GIT_DIRTY")
-        return {
-            "commit": env_commit or "unknown",
-            "dirty": None if env_dirty not in ("0", "1") else env_dirty == "1",
-        }
+        return {"commit": "unknown", "dirty": None}
     status = _git(repo, "status", "--porcelain")
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 

@@ -327,11 +327,12 @@ def test_git_info_outside_a_repository_is_unknown(tmp_path: Path) -> None:
     assert git_info(tmp_path) == {"commit": "unknown", "dirty": None}
 
 
-def test_git_info_outside_a_repository_reads_the_recorded_commit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A copy of the tree sent to another machine has no .git; remote_prepare.sh records the commit.
+def test_git_info_prefers_the_recorded_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A copy of the tree sent to another machine may have no .git, or a stale one; remote_prepare.sh
+    # records the commit, and it wins over whatever git says there.
     monkeypatch.setenv("FIMLORA_GIT_COMMIT", "abc123")
+    monkeypatch.setenv("FIMLORA_GIT_DIRTY", "0")
+    assert git_info() == {"commit": "abc123", "dirty": False}
     monkeypatch.setenv("FIMLORA_GIT_DIRTY", "1")
     assert git_info(tmp_path) == {"commit": "abc123", "dirty": True}
     monkeypatch.setenv("FIMLORA_GIT_DIRTY", "maybe")
