@@ -30,6 +30,8 @@ from typing import Any
 from .stats import classify_paired, mean_std, paired_bootstrap_ci, sign_flip_permutation_pvalue
 
 __all__ = [
+    "MIN_PAIRS_FOR_VERDICT",
+    "NO_VERDICT",
     "Comparison",
     "GroupRow",
     "MethodSummary",
@@ -68,6 +70,14 @@ class GroupRow:
     def n(self) -> int:
         """Number of seeds (records) in the group."""
         return len(self.seeds)
+
+
+MIN_PAIRS_FOR_VERDICT = 3
+"""Fewest seed pairs for a win/tie/loss verdict. With 2 pairs the bootstrap has 3 distinct resample means
+and the exact sign-flip p is at least 0.5: a CI that excludes 0 there says nothing."""
+
+NO_VERDICT = "n/a"
+"""The verdict of a comparison with fewer than ``min_pairs`` pairs (not counted as a win, tie or loss)."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,8 @@ class ResultTable:
     comparisons: tuple[Comparison, ...]
     summary: tuple[MethodSummary, ...]
     provenance: TableProvenance
+    min_pairs: int = MIN_PAIRS_FOR_VERDICT
+    """Fewest seed pairs a comparison needs for a verdict."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +158,7 @@ def aggregate(
     tol: float | None = None,
     param_tolerance: float = 0.02,
     seed: int = 0,
+    min_pairs: int = MIN_PAIRS_FOR_VERDICT,
 ) -> ResultTable:
     """Build the result tables from run records.
 
@@ -159,6 +172,8 @@ def aggregate(
         tol: Practical-equivalence margin for win/loss, in metric units (``None``: 0).
         param_tolerance: Relative deviation from the baseline's parameter count that is flagged.
         seed: RNG seed of the bootstrap.
+        min_pairs: Fewest seed pairs for a win/tie/loss verdict; a comparison with fewer is reported
+            (difference, CI, p) with verdict ``"n/a"`` and left out of the win/tie/loss counts.
 
     Returns:
         A :class:`ResultTable`.
@@ -167,7 +182,9 @@ def aggregate(
     runs, provenance = _collect_runs(records, metric)
     groups = _group_runs(runs)
     rows = _group_rows(groups, baseline, param_tolerance)
-    comparisons = _compare(groups, baseline, higher_is_better, alpha, n_boot, tol, seed)
+    if min_pairs < 1:
+        raise ValueError(f"`min_pairs` must be >= 1, got {min_pairs}")
+    comparisons = _compare(groups, baseline, higher_is_better, alpha, n_boot, tol, seed, min_pairs)
     return ResultTable(
         metric=metric,
         higher_is_better=higher_is_better,
@@ -177,6 +194,7 @@ def aggregate(
         comparisons=comparisons,
         summary=_summarise(comparisons),
         provenance=provenance,
+        min_pairs=min_pairs,
     )
 
 
@@ -325,6 +343,7 @@ def _compare(
     n_boot: int,
     tol: float | None,
     seed: int,
+    min_pairs: int,
 ) -> tuple[Comparison, ...]:
     comparisons = []
     for (cell, method), by_seed in groups.items():
@@ -341,8 +360,12 @@ def _compare(
         a = [by_seed[s].value for s in seeds]
         b = [base_by_seed[s].value for s in seeds]
         diff, low, high = paired_bootstrap_ci(a, b, n_boot=n_boot, alpha=alpha, seed=seed)
-        verdict = classify_paired(
-            a, b, tol=tol, higher_is_better=higher_is_better, n_boot=n_boot, alpha=alpha, seed=seed
+        verdict = (
+            classify_paired(
+                a, b, tol=tol, higher_is_better=higher_is_better, n_boot=n_boot, alpha=alpha, seed=seed
+            )
+            if len(seeds) >= min_pairs
+            else NO_VERDICT
         )
         p_value = sign_flip_permutation_pvalue(a, b, n_perm=n_boot, seed=seed)
         comparisons.append(
@@ -354,7 +377,9 @@ def _compare(
 def _summarise(comparisons: Sequence[Comparison]) -> tuple[MethodSummary, ...]:
     counts: dict[str, dict[str, int]] = {}
     for comp in comparisons:
-        counts.setdefault(comp.method, {"win": 0, "tie": 0, "loss": 0})[comp.verdict] += 1
+        tally = counts.setdefault(comp.method, {"win": 0, "tie": 0, "loss": 0})
+        if comp.verdict != NO_VERDICT:
+            tally[comp.verdict] += 1
     order = sorted(counts, key=lambda m: _sort_key(("", "", "", ""), m))
     return tuple(MethodSummary(m, counts[m]["win"], counts[m]["tie"], counts[m]["loss"]) for m in order)
 
@@ -382,7 +407,14 @@ def to_markdown(table: ResultTable, *, digits: int = 2, scale: float = 1.0) -> s
     lines = [f"# Results: `{table.metric}` ({direction})", ""]
     lines += ["## Groups", "", *_groups_table(table, digits, scale), "", source, ""]
     lines += [f"## Paired comparison vs `{table.baseline}` ({level} bootstrap CI, sign-flip p)", ""]
-    lines += [*_comparisons_table(table, digits, scale, level), "", source, ""]
+    lines += [*_comparisons_table(table, digits, scale, level), ""]
+    lines += [
+        f"Verdict: win / loss when the whole CI is above / below 0, else tie; `{NO_VERDICT}` with fewer "
+        f"than {table.min_pairs} seed pairs (not counted below).",
+        "",
+        source,
+        "",
+    ]
     lines += [f"## Win / tie / loss vs `{table.baseline}`", "", *_summary_table(table), "", source]
     return "\n".join(lines) + "\n"
 

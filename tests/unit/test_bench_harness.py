@@ -573,9 +573,22 @@ def test_aggregate_comparisons_and_summary() -> None:
     assert fim.verdict == "win"
     assert comps["l1ra"].mean_diff == pytest.approx(-5.0 / 3.0)  # diffs -1, -2, -2
     assert comps["l1ra"].verdict == "loss"
-    assert comps["fim[r_min=2]"].n_pairs == 1 and comps["fim[r_min=2]"].verdict == "tie"
+    # One pair: difference and CI are reported, but no verdict, and it is not counted.
+    assert comps["fim[r_min=2]"].n_pairs == 1 and comps["fim[r_min=2]"].verdict == "n/a"
     summary = {(s.method, s.wins, s.ties, s.losses) for s in table.summary}
-    assert summary == {("fim", 1, 0, 0), ("fim[r_min=2]", 0, 1, 0), ("l1ra", 0, 0, 1)}
+    assert summary == {("fim", 1, 0, 0), ("fim[r_min=2]", 0, 0, 0), ("l1ra", 0, 0, 1)}
+
+
+def test_aggregate_gives_no_verdict_below_min_pairs() -> None:
+    # fim beats uniform on all 3 seeds: a win with 3 pairs, no verdict when 4 are required.
+    assert {c.method: c.verdict for c in aggregate(_synthetic_records(), min_pairs=3).comparisons}[
+        "fim"
+    ] == "win"
+    table = aggregate(_synthetic_records(), min_pairs=4)
+    assert {c.method: c.verdict for c in table.comparisons}["fim"] == "n/a"
+    assert all(s.wins + s.ties + s.losses == 0 for s in table.summary)
+    with pytest.raises(ValueError, match="min_pairs"):
+        aggregate(_synthetic_records(), min_pairs=0)
 
 
 def test_aggregate_provenance_counts_records_and_commits() -> None:
