@@ -22,7 +22,7 @@ import math
 import re
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ __all__ = [
     "MIN_PAIRS_FOR_VERDICT",
     "NO_VERDICT",
     "Comparison",
+    "PooledComparison",
     "GroupRow",
     "MethodSummary",
     "ResultTable",
@@ -99,6 +100,29 @@ class Comparison:
 
 
 @dataclass(frozen=True)
+class PooledComparison:
+    """A method vs the baseline over every (task, seed) pair of one (suite, model, budget).
+
+    Five seeds per task cannot reach p < 0.05 (the exact sign-flip test stops at 2 / 32); pooling the
+    pairs of all tasks can. The sign-flip test stays valid when tasks differ in scale or spread: it only
+    assumes each pair's difference is symmetric about 0 under H0 and pairs are independent. The bootstrap
+    resamples pairs, ignoring which task they come from.
+    """
+
+    suite: str
+    model: str
+    budget: str
+    method: str
+    baseline: str
+    n_tasks: int
+    n_pairs: int
+    mean_diff: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+
+
+@dataclass(frozen=True)
 class MethodSummary:
     """Win/tie/loss counts of one method over all cells where it was compared."""
 
@@ -131,6 +155,8 @@ class ResultTable:
     provenance: TableProvenance
     min_pairs: int = MIN_PAIRS_FOR_VERDICT
     """Fewest seed pairs a comparison needs for a verdict."""
+    pooled: tuple[PooledComparison, ...] = ()
+    """Each method against the baseline over all tasks of a (suite, model, budget)."""
 
 
 @dataclass(frozen=True)
@@ -185,6 +211,7 @@ def aggregate(
     if min_pairs < 1:
         raise ValueError(f"`min_pairs` must be >= 1, got {min_pairs}")
     comparisons = _compare(groups, baseline, higher_is_better, alpha, n_boot, tol, seed, min_pairs)
+    pooled = _pool(groups, baseline, alpha, n_boot, seed)
     return ResultTable(
         metric=metric,
         higher_is_better=higher_is_better,
@@ -195,6 +222,7 @@ def aggregate(
         summary=_summarise(comparisons),
         provenance=provenance,
         min_pairs=min_pairs,
+        pooled=pooled,
     )
 
 
@@ -335,6 +363,31 @@ def _mean(values: Sequence[float]) -> float:
     return math.fsum(values) / len(values)
 
 
+def _pairs(
+    groups: Mapping[tuple[CellKey, str], dict[int, _Run]], baseline: str
+) -> Iterator[tuple[CellKey, str, str, list[float], list[float]]]:
+    """``(cell, method, baseline label, method values, baseline values)``, paired by seed.
+
+    Only seeds both methods finished enter; cells without a baseline, or with no common seed, are skipped.
+    """
+    for (cell, method), by_seed in groups.items():
+        if _base(by_seed) == baseline:
+            continue
+        base_label = _find_baseline(groups, cell, method, baseline)
+        if base_label is None:
+            continue
+        base_by_seed = groups[(cell, base_label)]
+        seeds = sorted(set(by_seed) & set(base_by_seed))
+        if seeds:
+            yield (
+                cell,
+                method,
+                base_label,
+                [by_seed[k].value for k in seeds],
+                [base_by_seed[k].value for k in seeds],
+            )
+
+
 def _compare(
     groups: Mapping[tuple[CellKey, str], dict[int, _Run]],
     baseline: str,
@@ -346,32 +399,42 @@ def _compare(
     min_pairs: int,
 ) -> tuple[Comparison, ...]:
     comparisons = []
-    for (cell, method), by_seed in groups.items():
-        if _base(by_seed) == baseline:
-            continue
-        base_label = _find_baseline(groups, cell, method, baseline)
-        if base_label is None:
-            continue
-        base_by_seed = groups[(cell, base_label)]
-        # Pair by seed: only seeds both methods finished enter the comparison.
-        seeds = sorted(set(by_seed) & set(base_by_seed))
-        if not seeds:
-            continue
-        a = [by_seed[s].value for s in seeds]
-        b = [base_by_seed[s].value for s in seeds]
+    for cell, method, base_label, a, b in _pairs(groups, baseline):
         diff, low, high = paired_bootstrap_ci(a, b, n_boot=n_boot, alpha=alpha, seed=seed)
         verdict = (
             classify_paired(
                 a, b, tol=tol, higher_is_better=higher_is_better, n_boot=n_boot, alpha=alpha, seed=seed
             )
-            if len(seeds) >= min_pairs
+            if len(a) >= min_pairs
             else NO_VERDICT
         )
         p_value = sign_flip_permutation_pvalue(a, b, n_perm=n_boot, seed=seed)
-        comparisons.append(
-            Comparison(*cell, method, base_label, len(seeds), diff, low, high, p_value, verdict)
-        )
+        comparisons.append(Comparison(*cell, method, base_label, len(a), diff, low, high, p_value, verdict))
     return tuple(comparisons)
+
+
+def _pool(
+    groups: Mapping[tuple[CellKey, str], dict[int, _Run]], baseline: str, alpha: float, n_boot: int, seed: int
+) -> tuple[PooledComparison, ...]:
+    """Pool the seed pairs of every task per (suite, model, budget, method); see :class:`PooledComparison`."""
+    pooled: dict[tuple[str, str, str, str, str], tuple[list[float], list[float], set[str]]] = {}
+    for (suite, model, task, budget), method, base_label, a, b in _pairs(groups, baseline):
+        xs, ys, tasks = pooled.setdefault((suite, model, budget, method, base_label), ([], [], set()))
+        xs.extend(a)
+        ys.extend(b)
+        tasks.add(task)
+    out = []
+    for (suite, model, budget, method, base_label), (a, b, tasks) in pooled.items():
+        diff, low, high = paired_bootstrap_ci(a, b, n_boot=n_boot, alpha=alpha, seed=seed)
+        p_value = sign_flip_permutation_pvalue(a, b, n_perm=n_boot, seed=seed)
+        out.append(
+            PooledComparison(
+                suite, model, budget, method, base_label, len(tasks), len(a), diff, low, high, p_value
+            )
+        )
+    return tuple(
+        sorted(out, key=lambda c: (c.suite, c.model, c.budget, _sort_key(("", "", "", ""), c.method)))
+    )
 
 
 def _summarise(comparisons: Sequence[Comparison]) -> tuple[MethodSummary, ...]:
@@ -415,6 +478,19 @@ def to_markdown(table: ResultTable, *, digits: int = 2, scale: float = 1.0) -> s
         source,
         "",
     ]
+    if table.pooled:
+        lines += [
+            f"## Pooled over tasks vs `{table.baseline}` ({level} bootstrap CI over pairs, sign-flip p)",
+            "",
+        ]
+        lines += [*_pooled_table(table, digits, scale, level), ""]
+        lines += [
+            "Every (task, seed) pair of a budget in one test: valid when tasks differ in scale (each "
+            "difference need only be symmetric about 0 under H0); the mean weights every task by its seeds.",
+            "",
+            source,
+            "",
+        ]
     lines += [f"## Win / tie / loss vs `{table.baseline}`", "", *_summary_table(table), "", source]
     return "\n".join(lines) + "\n"
 
@@ -489,6 +565,27 @@ def _comparisons_table(table: ResultTable, digits: int, scale: float, level: str
                 ci,
                 f"{comp.p_value:.3g}",
                 comp.verdict,
+            ]
+        )
+    return _md_table(header, rows)
+
+
+def _pooled_table(table: ResultTable, digits: int, scale: float, level: str) -> list[str]:
+    header = ["suite", "model", "budget", "method", "tasks", "pairs", f"Δ {table.metric}", f"{level} CI", "p"]
+    rows = []
+    for comp in table.pooled:
+        ci = f"[{_fmt_signed(comp.ci_low, digits, scale)}, {_fmt_signed(comp.ci_high, digits, scale)}]"
+        rows.append(
+            [
+                comp.suite,
+                comp.model,
+                comp.budget,
+                comp.method,
+                str(comp.n_tasks),
+                str(comp.n_pairs),
+                _fmt_signed(comp.mean_diff, digits, scale),
+                ci,
+                f"{comp.p_value:.3g}",
             ]
         )
     return _md_table(header, rows)

@@ -579,6 +579,28 @@ def test_aggregate_comparisons_and_summary() -> None:
     assert summary == {("fim", 1, 0, 0), ("fim[r_min=2]", 0, 0, 0), ("l1ra", 0, 0, 1)}
 
 
+def test_pooled_comparison_pairs_every_task_and_seed() -> None:
+    records = _synthetic_records()
+    # A second task where fim loses by 1 on seeds 0 and 1 (seed 2 of fim missing: not paired).
+    for seed, (u, f) in enumerate([(70.0, 69.0), (71.0, 70.0), (72.0, None)]):
+        records.append(_record("mnli", "uniform", seed, u))
+        if f is not None:
+            records.append(_record("mnli", "fim", seed, f))
+    records.append(_record("mnli", "uniform", 0, 90.0, budget="r2"))  # another budget: pooled apart
+    records.append(_record("mnli", "fim", 0, 91.0, budget="r2"))
+    table = aggregate(records)
+    pooled = {(c.budget, c.method): c for c in table.pooled}
+    fim = pooled[("r8", "fim")]
+    assert (fim.n_tasks, fim.n_pairs, fim.baseline) == (2, 5, "uniform")
+    assert fim.mean_diff == pytest.approx((3 + 2 + 4 - 1 - 1) / 5)
+    assert fim.ci_low <= fim.mean_diff <= fim.ci_high
+    # 5 pairs, |d| = 3, 2, 4, 1, 1 (total 11), observed sum 7: a sign pattern reaches |sum| >= 7 when the
+    # magnitudes it flips add up to <= 2 ({}, {1}, {1'}, {1, 1'}, {2}) or >= 9 (their complements): 10 of 32.
+    assert fim.p_value == pytest.approx(10 / 32)
+    assert pooled[("r2", "fim")].n_pairs == 1 and pooled[("r2", "fim")].mean_diff == pytest.approx(1.0)
+    assert ("r8", "fim[r_min=2]") in pooled and pooled[("r8", "l1ra")].n_tasks == 1
+
+
 def test_aggregate_gives_no_verdict_below_min_pairs() -> None:
     # fim beats uniform on all 3 seeds: a win with 3 pairs, no verdict when 4 are required.
     assert {c.method: c.verdict for c in aggregate(_synthetic_records(), min_pairs=3).comparisons}[
@@ -629,7 +651,9 @@ def test_markdown_has_formatted_cells_flags_and_provenance() -> None:
     assert "| 0.25 | win |" in md
     assert "| fim | 1 | 0 | 0 |" in md
     assert "| l1ra | 0 | 0 | 1 |" in md
-    assert md.count("_Built from 10 records (1 skipped") == 3  # one provenance line per table
+    assert md.count("_Built from 10 records (1 skipped") == 4  # one provenance line per table
+    assert "## Pooled over tasks vs `uniform`" in md
+    assert "| glue | tiny-bert | r8 | fim | 1 | 3 | +3.00 |" in md
     assert f"`{'a' * 12}`" in md and f"`{'b' * 12}+dirty`" in md
     scaled = to_markdown(aggregate(_synthetic_records()), scale=0.01, digits=4)
     assert "0.8200 ± 0.0200" in scaled
