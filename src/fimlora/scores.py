@@ -224,8 +224,10 @@ class _BGradAccumulator:
         torch._foreach_add_([self.sum_g[n] for n in names], grads)
         torch._foreach_addcmul_([self.sum_g2[n] for n in names], grads, grads)
         # ||g|| is inf or NaN exactly when g holds an inf or a NaN (or overflows, which g^2 would too).
-        norms = torch.stack(torch._foreach_norm(grads))
-        self.nonfinite.append(([(i, n) for n, (i, _) in taken.items()], ~torch.isfinite(norms)))
+        # (.to is a no-op on one device; a model split over devices has its norms on each.)
+        norms = torch._foreach_norm(grads)
+        flags = ~torch.isfinite(torch.stack([x.to(norms[0].device) for x in norms]))
+        self.nonfinite.append(([(i, n) for n, (i, _) in taken.items()], flags))
 
     def finish(self) -> None:
         """Add what is pending and raise on any non-finite gradient (one device synchronisation)."""
