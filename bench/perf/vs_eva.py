@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "time when EVA is far slower than the target needs; main thread, POSIX only)",
     )
     args = parser.parse_args(argv)
+    if args.eva_timeout is not None and args.eva_timeout <= 0:
+        parser.error(f"--eva-timeout must be > 0 seconds, got {args.eva_timeout}")
     device = common.setup(args)
     shape = common.resolve_shape(args)
     from peft import EvaConfig, LoraConfig, initialize_lora_eva_weights
