@@ -547,47 +547,28 @@ def _fmt_signed(value: float, digits: int, scale: float) -> str:
     return "–" if math.isnan(value) else f"{value * scale:+.{digits}f}"
 
 
+def _difference_cells(comp: Comparison | PooledComparison, digits: int, scale: float) -> list[str]:
+    """The Δ, CI and p cells shared by the per-task and the pooled comparison tables."""
+    ci = f"[{_fmt_signed(comp.ci_low, digits, scale)}, {_fmt_signed(comp.ci_high, digits, scale)}]"
+    return [str(comp.n_pairs), _fmt_signed(comp.mean_diff, digits, scale), ci, f"{comp.p_value:.3g}"]
+
+
 def _comparisons_table(table: ResultTable, digits: int, scale: float, level: str) -> list[str]:
     header = ["suite", "model", "task", "budget", "method", "pairs", f"Δ {table.metric}", f"{level} CI"]
     header += ["p", "verdict"]
-    rows = []
-    for comp in table.comparisons:
-        ci = f"[{_fmt_signed(comp.ci_low, digits, scale)}, {_fmt_signed(comp.ci_high, digits, scale)}]"
-        rows.append(
-            [
-                comp.suite,
-                comp.model,
-                comp.task,
-                comp.budget,
-                comp.method,
-                str(comp.n_pairs),
-                _fmt_signed(comp.mean_diff, digits, scale),
-                ci,
-                f"{comp.p_value:.3g}",
-                comp.verdict,
-            ]
-        )
+    rows = [
+        [c.suite, c.model, c.task, c.budget, c.method, *_difference_cells(c, digits, scale), c.verdict]
+        for c in table.comparisons
+    ]
     return _md_table(header, rows)
 
 
 def _pooled_table(table: ResultTable, digits: int, scale: float, level: str) -> list[str]:
     header = ["suite", "model", "budget", "method", "tasks", "pairs", f"Δ {table.metric}", f"{level} CI", "p"]
-    rows = []
-    for comp in table.pooled:
-        ci = f"[{_fmt_signed(comp.ci_low, digits, scale)}, {_fmt_signed(comp.ci_high, digits, scale)}]"
-        rows.append(
-            [
-                comp.suite,
-                comp.model,
-                comp.budget,
-                comp.method,
-                str(comp.n_tasks),
-                str(comp.n_pairs),
-                _fmt_signed(comp.mean_diff, digits, scale),
-                ci,
-                f"{comp.p_value:.3g}",
-            ]
-        )
+    rows = [
+        [c.suite, c.model, c.budget, c.method, str(c.n_tasks), *_difference_cells(c, digits, scale)]
+        for c in table.pooled
+    ]
     return _md_table(header, rows)
 
 
