@@ -19,7 +19,7 @@ elapsed() { echo $(($(date +%s) - start)); }
 mkdir -p .remote/site && tar xzf .remote/data.tar.gz -C .remote/site
 export PYTHONPATH="$PWD/.remote/site:$PWD/src:$PWD" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export FIMLORA_BENCH_CACHE=/tmp/fimlora-bench HF_HUB_OFFLINE=1
-set -a && . .remote/git.env && set +a  # the commit this tree came from (the copy has no .git)
+set -a && . .remote/git.env && set +a  # the commit this tree came from (its .git, if any, may be stale)
 
 step() {  # step NAME LIMIT_SECONDS COMMAND...
   local name=$1 limit=$2
