@@ -10,8 +10,9 @@ Three tables come out of :func:`aggregate`:
 * summary: per method, how many (task, budget) cells it wins, ties and loses.
 
 Records whose overrides differ from the rest (an ablation such as ``r_min=2``) keep them in the method
-label, e.g. ``fim[r_min=2]``, so they are never averaged into the main result. Overrides shared by every
-record (a common learning rate) are left out of labels. Every table carries the number of records and the
+label, e.g. ``fim[r_min=2]``, so they are never averaged into the main result. An override at the value
+most records have (a common learning rate; ``calibration_batches=8`` when an ablation varies it) is left
+out of labels; so is its absence when most records lack the key. Every table carries the number of records and the
 git commits it was built from.
 """
 
@@ -21,7 +22,7 @@ import json
 import math
 import re
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,9 +273,24 @@ def _override_pairs(overrides: Mapping[str, Any]) -> set[tuple[str, str]]:
 
 
 def _common_overrides(records: list[Mapping[str, Any]]) -> set[tuple[str, str]]:
-    """Override (key, value) pairs present in every record: shared settings, not ablations."""
+    """Override (key, value) pairs that are the usual setting: for each key, its most frequent value.
+
+    A record without the key counts as a value of its own ("absent"), so a key that only an ablation sets
+    stays in that ablation's label. Ties go to the smaller JSON text, so labels never depend on order.
+    """
     sets = [_override_pairs((r.get("spec") or {}).get("overrides") or {}) for r in records]
-    return set.intersection(*sets) if sets else set()
+    keys = {key for pairs in sets for key, _ in pairs}
+    counts: dict[str, Counter[str | None]] = defaultdict(Counter)
+    for pairs in sets:
+        present = dict(pairs)
+        for key in keys:
+            counts[key][present.get(key)] += 1
+    usual = set()
+    for key, values in counts.items():
+        value, _ = min(values.items(), key=lambda kv: (-kv[1], kv[0] is None, kv[0] or ""))
+        if value is not None:
+            usual.add((key, value))
+    return usual
 
 
 def _commit_label(record: Mapping[str, Any]) -> str:

@@ -601,6 +601,22 @@ def test_pooled_comparison_pairs_every_task_and_seed() -> None:
     assert ("r8", "fim[r_min=2]") in pooled and pooled[("r8", "l1ra")].n_tasks == 1
 
 
+def test_labels_show_only_settings_that_differ_from_the_usual_one() -> None:
+    # Every record sets calibration_batches; an ablation changes it for fim on one task. Only the
+    # ablation's label shows it, and it is compared with the (unlabelled) uniform baseline.
+    records = [
+        _record("sst2", method, seed, acc, calibration_batches=8)
+        for seed in range(3)
+        for method, acc in (("uniform", 80.0 + seed), ("fim", 81.0 + seed))
+    ]
+    records += [_record("sst2", "fim", seed, 79.0 + seed, calibration_batches=32) for seed in range(3)]
+    table = aggregate(records)
+    assert [row.method for row in table.rows] == ["uniform", "fim", "fim[calibration_batches=32]"]
+    comps = {c.method: c for c in table.comparisons}
+    assert comps["fim[calibration_batches=32]"].baseline == "uniform"
+    assert comps["fim[calibration_batches=32]"].mean_diff == pytest.approx(-1.0)
+
+
 def test_aggregate_gives_no_verdict_below_min_pairs() -> None:
     # fim beats uniform on all 3 seeds: a win with 3 pairs, no verdict when 4 are required.
     assert {c.method: c.verdict for c in aggregate(_synthetic_records(), min_pairs=3).comparisons}[
