@@ -276,7 +276,8 @@ def _common_overrides(records: list[Mapping[str, Any]]) -> set[tuple[str, str]]:
     """Override (key, value) pairs that are the usual setting: for each key, its most frequent value.
 
     A record without the key counts as a value of its own ("absent"), so a key that only an ablation sets
-    stays in that ablation's label. Ties go to the smaller JSON text, so labels never depend on order.
+    stays in that ablation's label. Ties go to a set value over absence, then to the smaller JSON text,
+    so labels never depend on record order.
     """
     sets = [_override_pairs((r.get("spec") or {}).get("overrides") or {}) for r in records]
     keys = {key for pairs in sets for key, _ in pairs}
