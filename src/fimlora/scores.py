@@ -10,8 +10,10 @@ shape ``(out_m, r_m)`` we accumulate, in fp32,
 and reduce each to one score per module by a mean or a sum over its elements. The statistics cost two
 fp32 tensors per B (O(sum numel(B_m))), a few hundred times less than a full-model Fisher diagonal.
 
-Gradients are read by ``register_post_accumulate_grad_hook`` on the B parameters, so the same code serves
-the dataloader path (:func:`estimate_module_scores`) and a user's own loop (:func:`fim_calibration`).
+In a user's own loop (:func:`fim_calibration`) gradients are read by ``register_post_accumulate_grad_hook``
+on the B parameters; the dataloader path (:func:`estimate_module_scores`) owns its loop and reads B's
+``.grad`` after each backward instead, which saves a call from autograd into Python per module per batch.
+Both add one backward's gradients to the sums with the same few multi-tensor kernels.
 Under ``torch.distributed`` the raw sums are all-reduced, so T counts the batches of all processes.
 Calibration is transactional: train/eval modes, ``requires_grad`` flags and existing ``.grad`` tensors are
 restored whether it returns or raises.
@@ -168,15 +170,16 @@ class ModuleStats:
 
 
 class _BGradAccumulator:
-    """fp32 running sums of g and g^2 for every LoRA-B weight, fed by post-accumulate-grad hooks.
+    """fp32 running sums of g and g^2 for every LoRA-B weight, fed by post-accumulate-grad hooks or by
+    :meth:`collect` after each backward.
 
-    The hooks run on autograd's backward thread, where every kernel launch and every line of Python delays
+    Hooks run on autograd's backward thread, where every kernel launch and every line of Python delays
     the rest of the backward pass; at 1.5B parameters a backward is partly launch-bound, so five small
     kernels per module per batch measured +12% over plain passes on an H200. So a hook only takes the
     gradient (and drops ``.grad``); the gradients of one backward are added to the sums together, with a
     few multi-tensor (``torch._foreach_*``) kernels, when the next backward reaches a module again or when
-    calibration ends. Nothing synchronises with the device until the end, when all non-finite flags are
-    read at once.
+    calibration ends. :meth:`collect` takes them all at once after a backward, with no hook at all.
+    Nothing synchronises with the device until the end, when all non-finite flags are read at once.
     """
 
     def __init__(self, b_params: Mapping[str, nn.Parameter]) -> None:
@@ -189,6 +192,7 @@ class _BGradAccumulator:
         # Gradients taken by the hooks and not yet added: module -> (batch index, gradient).
         self._taken: dict[str, tuple[int, torch.Tensor]] = {}
         self._handles: list[Any] = []
+        self._one_device = len({p.device for p in self.params.values()}) <= 1
 
     def attach(self) -> None:
         for name, p in self.params.items():
@@ -213,6 +217,20 @@ class _BGradAccumulator:
 
         return hook
 
+    def collect(self) -> None:
+        """Take the B gradients one backward left in ``.grad`` and add them (instead of the hooks).
+
+        For a loop that calls this after every backward: one pass over the B weights, where the hooks
+        cost a call from autograd into Python per module per backward.
+        """
+        for name, p in self.params.items():
+            g = p.grad
+            if g is not None:
+                p.grad = None
+                self._taken[name] = (self.counts[name], g.detach())
+                self.counts[name] += 1
+        self.flush()
+
     @torch.no_grad()
     def flush(self) -> None:
         """Add the pending gradients to the sums (each module at most once, so no aliasing)."""
@@ -224,9 +242,11 @@ class _BGradAccumulator:
         torch._foreach_add_([self.sum_g[n] for n in names], grads)
         torch._foreach_addcmul_([self.sum_g2[n] for n in names], grads, grads)
         # ||g|| is inf or NaN exactly when g holds an inf or a NaN (or overflows, which g^2 would too).
-        # (.to is a no-op on one device; a model split over devices has its norms on each.)
-        norms = torch._foreach_norm(grads)
-        flags = ~torch.isfinite(torch.stack([x.to(norms[0].device) for x in norms]))
+        # (A model split over devices has its norms on each.)
+        norms = list(torch._foreach_norm(grads))
+        if not self._one_device:
+            norms = [x.to(norms[0].device) for x in norms]
+        flags = ~torch.isfinite(torch.stack(norms))
         self.nonfinite.append(([(i, n) for n, (i, _) in taken.items()], flags))
 
     def finish(self) -> None:
@@ -276,16 +296,25 @@ class _BGradAccumulator:
         """Per-module statistics; batches where a module got no gradient count as zero gradient."""
         num_batches = max(self.counts.values(), default=0)
         t = max(num_batches, 1)
-        sums = []
-        for n in self.params:
-            fisher = self.sum_g2[n].double() / t
-            mean = self.sum_g[n].double() / t
+        # Modules with one shape (on one device) are reduced together: a few kernels per shape rather than
+        # ten per module, which on a thousand-module model is most of the time spent here.
+        groups: dict[tuple[tuple[int, ...], torch.device], list[str]] = {}
+        for n, s in self.sum_g.items():
+            groups.setdefault((tuple(s.shape), s.device), []).append(n)
+        order: list[str] = []
+        parts = []
+        for names in groups.values():
+            fisher = torch.stack([self.sum_g2[n] for n in names]).double() / t
+            mean = torch.stack([self.sum_g[n] for n in names]).double() / t
             # One batch: E[g^2] - E[g]^2 is exactly 0, but fp32 g^2 vs (fp32 g)^2 in fp64 leaves rounding
             # noise (~1e-8 of the Fisher) that would otherwise become a random rank map.
             variance = (fisher - mean * mean).clamp_min(0.0) if t > 1 else torch.zeros_like(fisher)
-            sums.append(torch.stack([fisher.sum(), variance.sum()]))
+            parts.append(torch.stack([fisher.flatten(1).sum(1), variance.flatten(1).sum(1)], dim=1))
+            order += names
         # One synchronisation for all modules (which may sit on several devices).
-        values = torch.stack([v.to(sums[0].device) for v in sums]).tolist() if sums else []
+        rows = torch.cat([x.to(parts[0].device) for x in parts]).tolist() if parts else []
+        by_name = dict(zip(order, rows, strict=True))
+        values = [by_name[n] for n in self.params]
         out = {}
         for n, (fisher_sum, variance_sum) in zip(self.params, values, strict=True):
             fan_in, fan_out = shapes[n]
@@ -494,40 +523,65 @@ class _PerExampleAccumulator(_BGradAccumulator):
 
 @dataclass
 class _SavedState:
-    training: dict[nn.Module, bool]
-    requires_grad: dict[nn.Parameter, bool]
-    grads: dict[nn.Parameter, torch.Tensor | None]
+    training: list[tuple[nn.Module, bool]]
+    requires_grad: list[tuple[nn.Parameter, bool]]
+    grads: list[tuple[nn.Parameter, torch.Tensor]]
+
+
+def _checkpoints(module: nn.Module) -> bool:
+    """``module.gradient_checkpointing is True``, without nn.Module's slow ``__getattr__`` miss.
+
+    Hugging Face sets the flag as a plain instance attribute over a class default; reading the instance
+    dict, then the class, gives what ``getattr`` gives for such a flag at a fraction of the cost
+    (calibration looks at every module of the model on each call).
+    """
+    own = vars(module)
+    if "gradient_checkpointing" in own:
+        return own["gradient_checkpointing"] is True
+    return getattr(type(module), "gradient_checkpointing", False) is True
 
 
 def _enter_calibration(model: nn.Module, trainable: Iterable[nn.Parameter]) -> _SavedState:
-    """Put the model in calibration state (eval mode, only ``trainable`` needs grad, no .grad)."""
+    """Put the model in calibration state (eval mode, only ``trainable`` needs grad, no .grad).
+
+    One pass over the modules and one over the parameters: on a model with a thousand modules each pass
+    costs about a millisecond, a visible part of calibrating a small model.
+    """
+    modules = list(model.modules())
+    params = list(model.parameters())
     saved = _SavedState(
-        training={m: m.training for m in model.modules()},
-        requires_grad={p: p.requires_grad for p in model.parameters()},
-        grads={p: p.grad for p in model.parameters()},
+        training=[(m, m.training) for m in modules],
+        requires_grad=[(p, p.requires_grad) for p in params],
+        grads=[(p, p.grad) for p in params if p.grad is not None],
     )
-    keep = {id(p) for p in trainable}
-    for p in model.parameters():
+    for p, _ in saved.grads:
         p.grad = None
-        p.requires_grad_(id(p) in keep)
+    keep = {id(p) for p in trainable}
+    for p in params:
+        wanted = id(p) in keep
+        if p.requires_grad != wanted:
+            p.requires_grad_(wanted)
     # eval(): no dropout, so the statistics depend on the data and the seed of LoRA-A only.
     model.eval()
     # ...except for the layers (transformers >= 4.35) or models (older) that gradient-checkpoint: they
     # checkpoint only while `training` is True, so eval() would silently keep every activation and push
     # calibration's peak memory above a checkpointed training step's. Only that module's own flag is set;
     # its children (dropout included) stay in eval mode.
-    for m in model.modules():
-        if getattr(m, "gradient_checkpointing", False) is True:
+    for m in modules:
+        if _checkpoints(m):
             m.training = True
     return saved
 
 
 def _exit_calibration(saved: _SavedState) -> None:
-    for m, mode in saved.training.items():
+    for m, mode in saved.training:
         m.training = mode
-    for p, flag in saved.requires_grad.items():
-        p.requires_grad_(flag)
-    for p, g in saved.grads.items():
+    for p, flag in saved.requires_grad:
+        if p.grad is not None:  # left by calibration (A's, when it was trainable)
+            p.grad = None
+        if p.requires_grad != flag:
+            p.requires_grad_(flag)
+    for p, g in saved.grads:
         p.grad = g
 
 
@@ -535,7 +589,12 @@ class FimCalibration:
     """State of one calibration run; use through :func:`fim_calibration` or :func:`estimate_module_scores`."""
 
     def __init__(
-        self, model: nn.Module, fim_config: FimConfig | None = None, *, adapter_name: str = "default"
+        self,
+        model: nn.Module,
+        fim_config: FimConfig | None = None,
+        *,
+        adapter_name: str = "default",
+        _own_loop: bool = False,
     ):
         self.model = model
         self.config = fim_config or FimConfig()
@@ -552,13 +611,17 @@ class FimCalibration:
             else _BGradAccumulator(b_params)
         )
         self._trainable = trainable
+        # The batch estimator under estimate_module_scores' own loop reads .grad after each backward
+        # (collect_backward); in a user's loop, and for the per-example estimator, hooks do the reading.
+        self._hooks = not (_own_loop and type(self._acc) is _BGradAccumulator)
         self._saved: _SavedState | None = None
         self._t0 = 0.0
         self._result: ModuleStats | None = None
 
     def __enter__(self) -> FimCalibration:
         self._saved = _enter_calibration(self.model, self._trainable)
-        self._acc.attach()
+        if self._hooks:
+            self._acc.attach()
         self._t0 = time.perf_counter()
         return self
 
@@ -598,6 +661,11 @@ class FimCalibration:
             world_size=world,
             metadata=metadata,
         )
+
+    def collect_backward(self) -> None:
+        """Called after each backward by a loop that built the session with ``_own_loop=True``."""
+        if not self._hooks:
+            self._acc.collect()
 
     @property
     def scores(self) -> ModuleStats:
@@ -651,7 +719,7 @@ def estimate_module_scores(
             the batch index). The model is left exactly as it was.
     """
     cfg = fim_config or FimConfig()
-    session = FimCalibration(model, cfg, adapter_name=adapter_name)
+    session = FimCalibration(model, cfg, adapter_name=adapter_name, _own_loop=True)
     device = _model_device(model)
     with session:
         seen = 0
@@ -661,6 +729,7 @@ def estimate_module_scores(
         ):
             loss = _batch_loss(model, _to_device(batch, device), loss_fn, i)
             loss.backward()
+            session.collect_backward()
             # Read after the loop: a per-batch read would stall the device once per batch.
             loss_flags.append(~torch.isfinite(loss.detach()))
             seen += 1

@@ -10,7 +10,13 @@ import torch
 from peft import IA3Config, get_peft_model
 from tiny_models import batches, peft_model, tiny_llama
 
-from fimlora import CalibrationError, FimConfig, estimate_module_scores, initialize_lora_fim_ranks
+from fimlora import (
+    CalibrationError,
+    FimConfig,
+    estimate_module_scores,
+    fim_calibration,
+    initialize_lora_fim_ranks,
+)
 from fimlora.peft_glue import lora_modules
 
 
@@ -97,8 +103,11 @@ def test_non_dict_batch_needs_loss_fn(model) -> None:
         estimate_module_scores(model, [torch.zeros(2, 3)], _cfg())
 
 
-def test_nan_gradient_names_the_batch(model) -> None:
-    snap = _snapshot(model)
+def _poisoned_at_2() -> tuple[list, object]:
+    """Four batches and a loss whose gradient is NaN (the loss finite) on batch 2 only."""
+    data = batches("llama", 4)
+    poisoned = data[2]["input_ids"][0, 0].item()
+    assert all(b["input_ids"][0, 0] != poisoned for b in data[:2])
 
     def loss_fn(m, batch):
         out = m(**batch)
@@ -107,11 +116,24 @@ def test_nan_gradient_names_the_batch(model) -> None:
             return out.loss + (out.logits.sum() * 0).abs().sqrt()
         return out.loss
 
-    data = batches("llama", 4)
-    poisoned = data[2]["input_ids"][0, 0].item()
-    assert all(b["input_ids"][0, 0] != poisoned for b in data[:2])
+    return data, loss_fn
+
+
+def test_nan_gradient_names_the_batch(model) -> None:
+    snap = _snapshot(model)
+    data, loss_fn = _poisoned_at_2()
     with pytest.raises(CalibrationError, match="batch 2"):
         initialize_lora_fim_ranks(model, data, _cfg(), loss_fn=loss_fn)
+    _assert_unchanged(model, snap)
+
+
+def test_nan_gradient_names_the_batch_in_a_users_loop(model) -> None:
+    # fim_calibration reads gradients through hooks, estimate_module_scores after each backward: both name it.
+    snap = _snapshot(model)
+    data, loss_fn = _poisoned_at_2()
+    with pytest.raises(CalibrationError, match="batch 2"), fim_calibration(model, _cfg()):
+        for batch in data:
+            loss_fn(model, batch).backward()
     _assert_unchanged(model, snap)
 
 
