@@ -318,11 +318,15 @@ def _sort_key(cell: CellKey, method: str) -> tuple[Any, ...]:
     suite, model, task, budget = cell
     base = method.split("[", 1)[0]
     order = _METHOD_ORDER.index(base) if base in _METHOD_ORDER else len(_METHOD_ORDER)
-    return (suite, model, _natural_key(budget), task, order, method)
+    return (suite, model, _natural_key(budget), task, order, _natural_key(method))
 
 
 def _natural_key(text: str) -> tuple[Any, ...]:
-    """Sort "r2" before "r16": digit runs compare as numbers."""
+    """Sort "r2" before "r16" (and "T=2" before "T=16"): digit runs compare as numbers.
+
+    ``re.split`` with a capture group puts text at even positions and digit runs at odd ones, so two keys
+    never compare a str with an int.
+    """
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
 
 

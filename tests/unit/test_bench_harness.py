@@ -617,6 +617,20 @@ def test_labels_show_only_settings_that_differ_from_the_usual_one() -> None:
     assert comps["fim[calibration_batches=32]"].mean_diff == pytest.approx(-1.0)
 
 
+def test_ablation_rows_sort_numerically() -> None:
+    records = [
+        _record("sst2", "fim", seed, 80.0, calibration_batches=t) for seed in range(2) for t in (16, 1, 8, 2)
+    ]
+    records += [_record("sst2", "uniform", seed, 80.0, calibration_batches=8) for seed in range(2)]
+    assert [row.method for row in aggregate(records).rows] == [
+        "uniform",
+        "fim",  # T = 8, the usual value, is unlabelled
+        "fim[calibration_batches=1]",
+        "fim[calibration_batches=2]",
+        "fim[calibration_batches=16]",
+    ]
+
+
 def test_aggregate_gives_no_verdict_below_min_pairs() -> None:
     # fim beats uniform on all 3 seeds: a win with 3 pairs, no verdict when 4 are required.
     assert {c.method: c.verdict for c in aggregate(_synthetic_records(), min_pairs=3).comparisons}[
