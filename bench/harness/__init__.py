@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from .aggregate import (
     Comparison,
+    CostSummary,
     GroupRow,
     MethodSummary,
     ResultTable,
@@ -38,6 +39,7 @@ from .store import ResultStore
 __all__ = [
     "KNOWN_METHODS",
     "Comparison",
+    "CostSummary",
     "ExperimentGrid",
     "FrozenMapping",
     "GridSummary",

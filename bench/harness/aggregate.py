@@ -124,6 +124,30 @@ class PooledComparison:
 
 
 @dataclass(frozen=True)
+class CostSummary:
+    """Mean wall-clock seconds per run of one method over all tasks of a (suite, model, budget).
+
+    ``total_ratio`` is (calibration + training) divided by the baseline's on the same tasks, each task
+    weighted by this method's seeds there (an ablation run on two tasks is compared on those two); None
+    when some task has no baseline group.
+    """
+
+    suite: str
+    model: str
+    budget: str
+    method: str
+    n_tasks: int
+    n_runs: int
+    calibration_seconds: float
+    train_seconds: float
+    total_ratio: float | None
+
+    @property
+    def total_seconds(self) -> float:
+        return self.calibration_seconds + self.train_seconds
+
+
+@dataclass(frozen=True)
 class MethodSummary:
     """Win/tie/loss counts of one method over all cells where it was compared."""
 
@@ -158,6 +182,8 @@ class ResultTable:
     """Fewest seed pairs a comparison needs for a verdict."""
     pooled: tuple[PooledComparison, ...] = ()
     """Each method against the baseline over all tasks of a (suite, model, budget)."""
+    costs: tuple[CostSummary, ...] = ()
+    """Seconds per run of each method over all tasks of a (suite, model, budget)."""
 
 
 @dataclass(frozen=True)
@@ -224,6 +250,7 @@ def aggregate(
         provenance=provenance,
         min_pairs=min_pairs,
         pooled=pooled,
+        costs=_costs(rows, baseline),
     )
 
 
@@ -458,6 +485,35 @@ def _pool(
     )
 
 
+def _costs(rows: Sequence[GroupRow], baseline: str) -> tuple[CostSummary, ...]:
+    """Pool the groups' mean times per (suite, model, budget, method); see :class:`CostSummary`."""
+    by_method: dict[tuple[str, str, str, str], list[GroupRow]] = defaultdict(list)
+    for row in rows:
+        by_method[(row.suite, row.model, row.budget, row.method)].append(row)
+    base = {(r.suite, r.model, r.budget, r.task): r for r in rows if r.method == baseline}
+    out = []
+    for (suite, model, budget, method), group in by_method.items():
+        n = sum(r.n for r in group)
+        calib = sum(r.calibration_seconds * r.n for r in group) / n
+        train = sum(r.train_seconds * r.n for r in group) / n
+        refs = [base.get((suite, model, budget, r.task)) for r in group]
+        ratio = None
+        if all(ref is not None for ref in refs):
+            ref_total = sum(
+                (ref.calibration_seconds + ref.train_seconds) * r.n
+                for ref, r in zip(refs, group, strict=True)
+                if ref is not None
+            )
+            ratio = (calib + train) * n / ref_total if ref_total > 0 else None
+        out.append(CostSummary(suite, model, budget, method, len(group), n, calib, train, ratio))
+    return tuple(
+        sorted(
+            out,
+            key=lambda c: (c.suite, c.model, _natural_key(c.budget), _sort_key(("", "", "", ""), c.method)),
+        )
+    )
+
+
 def _summarise(comparisons: Sequence[Comparison]) -> tuple[MethodSummary, ...]:
     counts: dict[str, dict[str, int]] = {}
     for comp in comparisons:
@@ -512,7 +568,16 @@ def to_markdown(table: ResultTable, *, digits: int = 2, scale: float = 1.0) -> s
             source,
             "",
         ]
-    lines += [f"## Win / tie / loss vs `{table.baseline}`", "", *_summary_table(table), "", source]
+    lines += [f"## Win / tie / loss vs `{table.baseline}`", "", *_summary_table(table), "", source, ""]
+    if table.costs:
+        lines += ["## Cost pooled over tasks (mean seconds per run)", "", *_costs_table(table), ""]
+        lines += [
+            "Wall-clock time as each run recorded it: calibration (or initialisation) and training, "
+            "evaluation excluded. Times depend on what else the machine ran then: compare methods that "
+            "ran together (one grid, interleaved), not rows from grids run at different times.",
+            "",
+            source,
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -589,6 +654,27 @@ def _pooled_table(table: ResultTable, digits: int, scale: float, level: str) -> 
     rows = [
         [c.suite, c.model, c.budget, c.method, str(c.n_tasks), *_difference_cells(c, digits, scale)]
         for c in table.pooled
+    ]
+    return _md_table(header, rows)
+
+
+def _costs_table(table: ResultTable) -> list[str]:
+    header = ["suite", "model", "budget", "method", "tasks", "runs", "calib s", "train s", "total s"]
+    header.append(f"total / {table.baseline}")
+    rows = [
+        [
+            c.suite,
+            c.model,
+            c.budget,
+            c.method,
+            str(c.n_tasks),
+            str(c.n_runs),
+            f"{c.calibration_seconds:.2f}",
+            f"{c.train_seconds:.2f}",
+            f"{c.total_seconds:.2f}",
+            "–" if c.total_ratio is None else f"{c.total_ratio:.2f}",
+        ]
+        for c in table.costs
     ]
     return _md_table(header, rows)
 

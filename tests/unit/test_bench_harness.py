@@ -631,6 +631,33 @@ def test_ablation_rows_sort_numerically() -> None:
     ]
 
 
+def test_costs_pool_tasks_and_compare_on_the_same_tasks() -> None:
+    records = []
+    for seed in range(3):
+        for task, train in (("a", 10.0), ("b", 20.0)):
+            records.append(
+                _record(task, "uniform", seed, 80.0, calib=0.0, train=train, calibration_batches=8)
+            )
+            records.append(_record(task, "fim", seed, 80.0, calib=1.0, train=train, calibration_batches=8))
+        # an ablation run on task a only, and a method on a task the baseline never ran
+        records.append(_record("a", "fim", seed, 80.0, calib=4.0, train=10.0, calibration_batches=32))
+        records.append(_record("c", "eva", seed, 80.0, calib=2.0, train=5.0, calibration_batches=8))
+    table = aggregate(records)
+    costs = {c.method: c for c in table.costs}
+    assert list(costs) == ["uniform", "fim", "fim[calibration_batches=32]", "eva"]
+    assert (costs["fim"].n_tasks, costs["fim"].n_runs) == (2, 6)
+    assert costs["fim"].calibration_seconds == pytest.approx(1.0)
+    assert costs["fim"].train_seconds == pytest.approx(15.0)
+    assert costs["fim"].total_ratio == pytest.approx(16.0 / 15.0)
+    assert costs["uniform"].total_ratio == pytest.approx(1.0)
+    # compared with uniform on task a (10 s), not on both tasks (15 s)
+    assert costs["fim[calibration_batches=32]"].total_ratio == pytest.approx(14.0 / 10.0)
+    assert costs["eva"].total_ratio is None
+    markdown = to_markdown(table)
+    assert "## Cost pooled over tasks" in markdown
+    assert "| glue | tiny-bert | r8 | fim | 2 | 6 | 1.00 | 15.00 | 16.00 | 1.07 |" in markdown
+
+
 def test_aggregate_gives_no_verdict_below_min_pairs() -> None:
     # fim beats uniform on all 3 seeds: a win with 3 pairs, no verdict when 4 are required.
     assert {c.method: c.verdict for c in aggregate(_synthetic_records(), min_pairs=3).comparisons}[
@@ -681,7 +708,7 @@ def test_markdown_has_formatted_cells_flags_and_provenance() -> None:
     assert "| 0.25 | win |" in md
     assert "| fim | 1 | 0 | 0 |" in md
     assert "| l1ra | 0 | 0 | 1 |" in md
-    assert md.count("_Built from 10 records (1 skipped") == 4  # one provenance line per table
+    assert md.count("_Built from 10 records (1 skipped") == 5  # one provenance line per table (5 tables)
     assert "## Pooled over tasks vs `uniform`" in md
     assert "| glue | tiny-bert | r8 | fim | 1 | 3 | +3.00 |" in md
     assert f"`{'a' * 12}`" in md and f"`{'b' * 12}+dirty`" in md
