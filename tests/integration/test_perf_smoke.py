@@ -1,8 +1,8 @@
 """Smoke test of the performance benchmarks: each script runs at the tiny shape and prints valid JSON.
 
 No timing is asserted (timings at this size are noise); only that every script runs end to end and its
-record carries the keys ``docs/performance.md`` reads. The torchrun case also checks that two gloo
-processes reproduce single-process statistics, through the same command the docs give for GPUs.
+record carries the keys ``docs/performance.md`` reads. The torchrun and ``accelerate launch`` cases also
+check that two gloo processes reproduce single-process statistics, through the commands the docs give.
 """
 
 from __future__ import annotations
@@ -75,27 +75,23 @@ def test_script_runs_as_a_file_too(tmp_path: Path) -> None:
     assert round(record["results"]["ratio_full_fisher_vs_b_fisher"]) == 497
 
 
-def test_torchrun_two_cpu_processes_match_single_process(tmp_path: Path) -> None:
-    record = _run(
-        [
-            sys.executable,  # `python -m torch.distributed.run` is `torchrun`, without relying on PATH
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "bench.perf.distributed_calibration",
-            "--device",
-            "cpu",
-            "--shape",
-            "tiny",
-            "--threads",
-            "1",
-            "--check",
-        ],
-        tmp_path,
-    )
+CHECK = ["-m", "bench.perf.distributed_calibration", "--device", "cpu", "--shape", "tiny", "--threads", "1"]
+CHECK += ["--check"]
+LAUNCHERS = {
+    # `python -m torch.distributed.run` is `torchrun`, without relying on PATH
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    # accelerate's --cpu launcher runs one process (several need MPI); its multi-process launcher is
+    # torchrun underneath and, with --device cpu, the processes use gloo on a machine without a GPU
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    + ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_cpu_processes_match_single_process(launcher: str, tmp_path: Path) -> None:
+    if launcher == "accelerate":
+        pytest.importorskip("accelerate")
+    record = _run([*LAUNCHERS[launcher], *CHECK], tmp_path)
     res = record["results"]
     assert res["world_size"] == 2 and res["num_batches"] == 8 and res["backend"] == "gloo"
     assert res["max_relative_difference"] <= 1e-6
