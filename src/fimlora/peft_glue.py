@@ -49,6 +49,33 @@ def _lora_layer_cls() -> type:
     return LoraLayer
 
 
+def data_parallel_inner(model: nn.Module) -> nn.Module | None:
+    """The model inside a ``DistributedDataParallel`` or ``DataParallel`` wrapper; None for anything else."""
+    if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        return cast(nn.Module, model.module)
+    return None
+
+
+def _wrapper_error(model: nn.Module) -> TypeError | None:
+    """A clear error for a data-parallel wrapper (whose ``.module`` fimlora must be given), else None."""
+    name = type(model).__name__
+    if data_parallel_inner(model) is not None:
+        return TypeError(
+            f"{name} is a data-parallel wrapper; fimlora works on the PEFT model inside it, `model.module`. "
+            "estimate_module_scores unwraps it itself; in your own loop use "
+            "`fim_calibration(model.module)` and call `model.module(...)`, because the wrapper's backward "
+            "averages gradients over processes and statistics of averaged gradients are wrong (fimlora "
+            "all-reduces its own sums). Change ranks (initialize_lora_fim_ranks with scores=...) on "
+            "`model.module` before wrapping: the wrapper must be built after parameters change shape"
+        )
+    if name == "FullyShardedDataParallel" or any(c.__name__ == "FSDPModule" for c in type(model).__mro__):
+        return TypeError(
+            f"{name}: fimlora does not calibrate or resize sharded (FSDP) models; calibrate and set the "
+            "ranks on the PEFT model before sharding it (or calibrate under DDP, which fimlora supports)"
+        )
+    return None
+
+
 def _root_and_configs(model: nn.Module) -> tuple[nn.Module, Mapping[str, Any]]:
     """The module whose ``named_modules()`` names are PEFT's keys, and the adapter configs."""
     from peft import PeftModel
@@ -65,6 +92,9 @@ def _root_and_configs(model: nn.Module) -> tuple[nn.Module, Mapping[str, Any]]:
             model,
             configs,
         )  # adapters injected with transformers' `add_adapter` / `inject_adapter_in_model`
+    wrapped = _wrapper_error(model)
+    if wrapped is not None:
+        raise wrapped
     raise TypeError(
         f"{type(model).__name__} is not a PEFT LoRA model: wrap it first, e.g. "
         "`model = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules='all-linear'))`"

@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from fimlora.config import AGGREGATIONS, SCORE_KINDS, FimConfig
-from fimlora.peft_glue import lora_modules, module_shapes
+from fimlora.peft_glue import data_parallel_inner, lora_modules, module_shapes
 from fimlora.per_example import per_example_sq_norms
 
 __all__ = ["CalibrationError", "ModuleStat", "ModuleStats", "estimate_module_scores", "fim_calibration"]
@@ -704,7 +704,9 @@ def estimate_module_scores(
     """Run ``calibration_batches`` forward/backward passes and return per-module LoRA-B statistics.
 
     Args:
-        model: a PEFT model with LoRA layers for ``adapter_name`` (B = 0, as freshly initialised).
+        model: a PEFT model with LoRA layers for ``adapter_name`` (B = 0, as freshly initialised). A
+            ``DistributedDataParallel`` or ``DataParallel`` wrapper is unwrapped: the model inside is run,
+            so that its backward does not average gradients over processes.
         dataloader: yields batches: dicts of tensors (Hugging Face convention; the model output's
             ``.loss`` is used) or anything ``loss_fn`` understands.
         fim_config: calibration settings (``calibration_batches`` is T).
@@ -719,6 +721,11 @@ def estimate_module_scores(
             the batch index). The model is left exactly as it was.
     """
     cfg = fim_config or FimConfig()
+    # A DDP / DataParallel wrapper would average gradients over processes in backward; this loop is ours,
+    # so it runs the model inside (the statistics are all-reduced here instead).
+    inner = data_parallel_inner(model)
+    if inner is not None:
+        model = inner
     session = FimCalibration(model, cfg, adapter_name=adapter_name, _own_loop=True)
     device = _model_device(model)
     with session:

@@ -137,6 +137,24 @@ def test_nan_gradient_names_the_batch_in_a_users_loop(model) -> None:
     _assert_unchanged(model, snap)
 
 
+def test_data_parallel_wrapper(model) -> None:
+    # estimate_module_scores runs the model inside the wrapper; a user's loop and resizing must be given
+    # `model.module` (a wrapper's backward would average gradients; DDP must be rebuilt after resizing).
+    data = batches("llama", 2)
+    wrapped = torch.nn.DataParallel(model)
+    stats = estimate_module_scores(wrapped, data, _cfg(calibration_batches=2))
+    assert (
+        stats.to_dict()["modules"]
+        == estimate_module_scores(model, data, _cfg(calibration_batches=2)).to_dict()["modules"]
+    )
+    snap = _snapshot(model)
+    with pytest.raises(TypeError, match=r"data-parallel wrapper.*fim_calibration\(model\.module\)"):
+        fim_calibration(wrapped, _cfg())
+    with pytest.raises(TypeError, match=r"initialize_lora_fim_ranks.*`model\.module` before wrapping"):
+        initialize_lora_fim_ranks(wrapped, scores=stats)
+    _assert_unchanged(model, snap)
+
+
 def test_non_finite_loss(model) -> None:
     with pytest.raises(CalibrationError, match="non-finite loss"):
         estimate_module_scores(

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from peft import LoraConfig, get_peft_model
 from tiny_models import VOCAB, tiny_llama
+from torch.nn.parallel import DistributedDataParallel
 
 from fimlora import FimConfig, ModuleStats, estimate_module_scores, initialize_lora_fim_ranks
 from fimlora.initialize import plan_rank_map
@@ -62,8 +63,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         per_rank = BATCHES // WORLD
         shard = _batches()[rank * per_rank : (rank + 1) * per_rank]
         stats = estimate_module_scores(model, shard, _config(per_rank))
+        # The same through a DDP wrapper, which estimate_module_scores unwraps (DDP's backward would
+        # average the gradients over the two processes before fimlora sees them).
+        ddp_stats = estimate_module_scores(DistributedDataParallel(model), shard, _config(per_rank))
         if rank == 0:
             stats.save_json(Path(out_dir) / "stats.json")
+            ddp_stats.save_json(Path(out_dir) / "ddp_stats.json")
         # Leave together: a peer that tears gloo down early can make the other process abort.
         dist.barrier()
     finally:
@@ -81,12 +86,25 @@ def _rel(a: float, b: float) -> float:
 
 
 @pytest.fixture(scope="module")
-def both_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModuleStats, ModuleStats]:
+def dist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The statistics files rank 0 wrote (both processes run once per module)."""
     out = tmp_path_factory.mktemp("dist")
     mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    distributed = ModuleStats.load_json(out / "stats.json")
+    return out
+
+
+@pytest.fixture(scope="module")
+def both_runs(dist_dir: Path) -> tuple[ModuleStats, ModuleStats]:
+    distributed = ModuleStats.load_json(dist_dir / "stats.json")
     single = estimate_module_scores(_model(), _batches(), _config(BATCHES))
     return distributed, single
+
+
+def test_ddp_wrapped_model_gives_the_same_statistics(dist_dir: Path) -> None:
+    plain = ModuleStats.load_json(dist_dir / "stats.json")
+    through_ddp = ModuleStats.load_json(dist_dir / "ddp_stats.json")
+    assert through_ddp.world_size == WORLD and through_ddp.num_batches == BATCHES
+    assert through_ddp.to_dict()["modules"] == plain.to_dict()["modules"]
 
 
 def test_all_reduced_statistics_equal_single_process_union(
