@@ -81,6 +81,9 @@ def _root_and_configs(model: nn.Module) -> tuple[nn.Module, Mapping[str, Any]]:
     from peft import PeftModel
     from peft.tuners.lora import LoraModel
 
+    wrapped = _wrapper_error(model)  # first: FSDP2's fully_shard keeps the model's class as a base
+    if wrapped is not None:
+        raise wrapped
     if isinstance(model, PeftModel):
         root: Any = model.base_model.model
         return root, model.peft_config
@@ -92,9 +95,6 @@ def _root_and_configs(model: nn.Module) -> tuple[nn.Module, Mapping[str, Any]]:
             model,
             configs,
         )  # adapters injected with transformers' `add_adapter` / `inject_adapter_in_model`
-    wrapped = _wrapper_error(model)
-    if wrapped is not None:
-        raise wrapped
     raise TypeError(
         f"{type(model).__name__} is not a PEFT LoRA model: wrap it first, e.g. "
         "`model = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules='all-linear'))`"

@@ -155,6 +155,17 @@ def test_data_parallel_wrapper(model) -> None:
     _assert_unchanged(model, snap)
 
 
+def test_fsdp_sharded_model_is_refused(model) -> None:
+    # FSDP2's fully_shard swaps the model's class for a subclass of FSDPModule and the original class;
+    # the same swap here, without a process group, checks that such a model gets the FSDP error.
+    class FSDPModule:
+        pass
+
+    model.__class__ = type("FSDPPeftModel", (FSDPModule, type(model)), {})
+    with pytest.raises(TypeError, match="sharded .FSDP. models.*before sharding"):
+        estimate_module_scores(model, batches("llama", 1), _cfg())
+
+
 def test_non_finite_loss(model) -> None:
     with pytest.raises(CalibrationError, match="non-finite loss"):
         estimate_module_scores(
