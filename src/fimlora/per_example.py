@@ -72,8 +72,11 @@ def per_example_sq_norms(
         raise ValueError(f"`method` must be 'auto', 'gram' or 'direct', got {method!r}")
     dtype = torch.promote_types(torch.promote_types(h.dtype, d.dtype), torch.float32)
     n, r, out = h.shape[0], h.shape[-1], d.shape[-1]
-    h3 = h.reshape(n, -1, r).to(dtype)
-    d3 = d.reshape(n, -1, out).to(dtype)
+    h3 = h.reshape(n, -1, r)
+    d3 = d.reshape(n, -1, out)
+    # (.to only when needed: this runs per module per batch, and a no-op conversion still costs a dispatch)
+    h3 = h3 if h3.dtype == dtype else h3.to(dtype)
+    d3 = d3 if d3.dtype == dtype else d3.to(dtype)
     t = h3.shape[1]
     if t == 1:
         # One position: G_n = d_n^T h_n is rank one, ||G_n||^2 = ||d_n||^2 ||h_n||^2.
@@ -90,4 +93,6 @@ def per_example_sq_norms(
             norms.append((hc @ hc.transpose(1, 2)).mul_(dc @ dc.transpose(1, 2)).sum((1, 2)))
         else:
             norms.append((dc.transpose(1, 2) @ hc).square().sum((1, 2)))
+    if len(norms) == 1:
+        return norms[0]
     return torch.cat(norms) if norms else h3.new_zeros(0)

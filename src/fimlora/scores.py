@@ -189,7 +189,7 @@ class _BGradAccumulator:
         self.counts = dict.fromkeys(self.params, 0)
         # Non-finite flags, read lazily: ((batch index, module) per entry, bool tensor of that length).
         self.nonfinite: list[tuple[list[tuple[int, str]], torch.Tensor]] = []
-        # Gradients taken by the hooks and not yet added: module -> (batch index, gradient).
+        # Gradients taken (by the hooks or collect) and not yet added: module -> (batch index, gradient).
         self._taken: dict[str, tuple[int, torch.Tensor]] = {}
         self._handles: list[Any] = []
         self._one_device = len({p.device for p in self.params.values()}) <= 1
@@ -331,8 +331,12 @@ class _BGradAccumulator:
 class _PerExampleAccumulator(_BGradAccumulator):
     """fp32 running sums of sum_n ||g_n||^2 and sum_n g_n for every LoRA-B weight (see the module docstring).
 
-    Only ``detach`` and the non-finite check are shared with the batch accumulator; ``sum_g`` holds
-    ``sum_n g_n``, ``counts`` backward passes and ``examples`` examples per module.
+    ``sum_g`` holds ``sum_n g_n``, ``sum_sq`` ``sum_n ||g_n||^2``, ``counts`` backward passes and
+    ``examples`` examples per module. As in the batch accumulator, a hook does only the per-module work
+    (here the exact squared norms from the layer's H and D) and one backward's parts are added to the sums,
+    and its finiteness flags made, by a few multi-tensor kernels when the next backward reaches a module
+    again or calibration ends. Whether B's whole gradient passes through its lora_B layer is checked on
+    each module's first backward only: it depends on the model's structure, not on the batch.
     """
 
     # B's gradient must equal the sum of what its forward calls saw, to this relative tolerance (bf16 grads
@@ -350,7 +354,11 @@ class _PerExampleAccumulator(_BGradAccumulator):
         self._pending: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {n: [] for n in self.params}
         self._forward_id = 0
         self.unseen: list[tuple[int, str, torch.Tensor]] = []
+        self._checked: set[str] = set()  # modules whose gradient path has been checked
         self._probes: dict[tuple[int, torch.device], torch.Tensor] = {}
+        # One backward's parts not yet added, per module: (batch index, tensor, its weight in sum_g,
+        # sum of squared per-example norms, its weight in sum_sq).
+        self._taken_pe: dict[str, tuple[int, torch.Tensor, float, torch.Tensor, float]] = {}
 
     def attach(self) -> None:
         self._handles.append(self.model.register_forward_pre_hook(self._new_forward))
@@ -390,44 +398,73 @@ class _PerExampleAccumulator(_BGradAccumulator):
                     f"estimator='per_example': the LoRA-B weight of {name!r} got a gradient that did not "
                     "pass through its lora_B layer; use estimator='batch' for this model"
                 )
+            if name in self._taken_pe:  # a new backward pass: add the previous one first
+                self.flush()
             # One group per forward pass: a layer called several times in one forward (shared weights)
             # adds positions to the same examples; separate forwards are separate examples.
             groups: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
             for forward_id, h, d in pending:
                 groups.setdefault(forward_id, []).append((h, d))
-            g = g.detach().float()
+            g = g.detach()
+            check = name not in self._checked  # the gradient path is the model's structure: check it once
+            self._checked.add(name)
             # x n below: the loss is a mean over the batch, so N * (example n's part) is grad(loss_n).
             if len(groups) == 1:
                 # The usual case, one forward per backward: sum_n g_n is N times B's own gradient, and a
                 # projection on a fixed probe vector checks that all of it went through the layer.
                 n, h, d = self._positions(name, next(iter(groups.values())))
-                sum_sq = per_example_sq_norms(h, d).sum().float() * (n * n)
-                self.sum_g[name].add_(g, alpha=n)
-                probe = self._probe(g)
-                seen = torch.einsum("nto,nt->o", d.float(), h.float() @ probe)
-                unseen = (seen - g @ probe).norm() > self._SEEN_RTOL * g.norm() * probe.norm()
+                sq = per_example_sq_norms(h, d).sum().float()
+                self._taken_pe[name] = (self.counts[name], g, float(n), sq, float(n * n))
+                if check:
+                    gf, probe = g.float(), self._probe(g)
+                    seen = torch.einsum("nto,nt->o", d.float(), h.float() @ probe)
+                    unseen = (seen - gf @ probe).norm() > self._SEEN_RTOL * gf.norm() * probe.norm()
+                    self.unseen.append((self.counts[name], name, unseen))
                 examples = n
             else:
-                sum_sq = g.new_zeros(())
-                total = torch.zeros_like(g)
+                gf = g.float()
+                sum_sq = gf.new_zeros(())
+                total = torch.zeros_like(gf)
+                weighted = torch.zeros_like(gf)
                 examples = 0
                 for pairs in groups.values():
                     n, h, d = self._positions(name, pairs)
                     sum_sq += per_example_sq_norms(h, d).sum().float() * (n * n)
                     g_group = torch.einsum("nto,ntr->or", d.float(), h.float())
                     total += g_group
-                    self.sum_g[name].add_(g_group, alpha=n)
+                    weighted.add_(g_group, alpha=n)
                     examples += n
-                unseen = (total - g).norm() > self._SEEN_RTOL * g.norm()
-            self.nonfinite.append(
-                ([(self.counts[name], name)], ~(torch.isfinite(g).all() & torch.isfinite(sum_sq)))
-            )
-            self.unseen.append((self.counts[name], name, unseen))
-            self.sum_sq[name] += sum_sq
+                self._taken_pe[name] = (self.counts[name], weighted, 1.0, sum_sq, 1.0)
+                if check:
+                    self.unseen.append(
+                        (self.counts[name], name, (total - gf).norm() > self._SEEN_RTOL * gf.norm())
+                    )
             self.counts[name] += 1
             self.examples[name] += examples
 
         return hook
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Add one backward's per-module parts to the sums with a few multi-tensor kernels."""
+        if not self._taken_pe:
+            return
+        taken, self._taken_pe = self._taken_pe, {}
+        names = list(taken)
+        parts = list(taken.values())
+        grads = [g if g.dtype == torch.float32 else g.float() for _, g, _, _, _ in parts]
+        torch._foreach_add_(
+            [self.sum_g[n] for n in names], torch._foreach_mul(grads, [a for _, _, a, _, _ in parts])
+        )
+        sqs = list(torch._foreach_mul([sq for _, _, _, sq, _ in parts], [a for _, _, _, _, a in parts]))
+        torch._foreach_add_([self.sum_sq[n] for n in names], sqs)
+        # Non-finite exactly when B's gradient or the squared norms hold an inf or a NaN.
+        norms = list(torch._foreach_norm(grads))
+        if not self._one_device:
+            norms = [x.to(norms[0].device) for x in norms]
+            sqs = [x.to(norms[0].device) for x in sqs]
+        flags = ~torch.isfinite(torch.stack(norms) + torch.stack(sqs))
+        self.nonfinite.append(([(i, n) for n, (i, _, _, _, _) in taken.items()], flags))
 
     @staticmethod
     def _positions(
