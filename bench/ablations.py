@@ -48,6 +48,7 @@ from bench.harness.record import git_info, package_versions
 __all__ = [
     "capture_b_gradients",
     "contribution",
+    "paired_counts",
     "per_example_stability",
     "rank_maps_for",
     "scores_from_gradients",
@@ -610,6 +611,19 @@ def per_example_stability(
     return result
 
 
+def paired_counts(batch: Sequence[float], per_example: Sequence[float]) -> tuple[int, int, int]:
+    """(higher, equal, lower): seeds where the per-example Spearman beats, ties or trails the batch one.
+
+    A seed where either is undefined (nan: a constant rank map) is not counted.
+    """
+    counts = [0, 0, 0]
+    for b, p in zip(batch, per_example, strict=True):
+        if math.isnan(b) or math.isnan(p):
+            continue
+        counts[0 if p > b + 1e-12 else 1 if abs(p - b) <= 1e-12 else 2] += 1
+    return counts[0], counts[1], counts[2]
+
+
 def _write_per_example_md(result: Mapping[str, Any], path: Path) -> None:
     git = result["provenance"]["git"]
     lines = [
@@ -641,17 +655,18 @@ def _write_per_example_md(result: Mapping[str, Any], path: Path) -> None:
                     for r in result["stability"]
                     if r["task"] == task and r["T"] == t and r["score"] == kind and r["aggregation"] == agg
                 }
-                for b, p in zip(sel["batch"], sel["per_example"], strict=True):
-                    wins[0 if p > b + 1e-12 else 1 if abs(p - b) <= 1e-12 else 2] += 1
+                wins = [
+                    a + b for a, b in zip(wins, paired_counts(sel["batch"], sel["per_example"]), strict=True)
+                ]
             total = [a + b for a, b in zip(total, wins, strict=True)]
-            cells.append("/".join(map(str, wins)))
+            cells.append("/".join(map(str, wins)) if any(wins) else "–")
         lines.append(f"| {kind}/{agg} | " + " | ".join(cells) + f" | {'/'.join(map(str, total))} |")
     lines += [
         "",
-        "With T = 1 the batch estimator's variance is E[g^2] - E[g]^2 of a single gradient: zero in exact "
-        "arithmetic, fp32 rounding noise (about 1e-8 of the Fisher) in fimlora's sums, which makes its "
-        "variance rows at T = 1 a noisy copy of its Fisher rows. The per-example variance at T = 1 is a "
-        "real variance over the batch's examples.",
+        "With T = 1 the batch estimator's variance is E[g^2] - E[g]^2 of a single gradient, which fimlora "
+        "sets to exactly zero (rather than keep fp32 rounding noise): every score is zero, the allocation "
+        "falls back to uniform, and its agreement is undefined (–) and not counted above. The per-example "
+        "variance at T = 1 is a real variance over the batch's examples.",
         "",
     ]
     for kind, agg in VARIANTS:
