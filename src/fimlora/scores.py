@@ -48,7 +48,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -242,12 +242,18 @@ class _BGradAccumulator:
         torch._foreach_add_([self.sum_g[n] for n in names], grads)
         torch._foreach_addcmul_([self.sum_g2[n] for n in names], grads, grads)
         # ||g|| is inf or NaN exactly when g holds an inf or a NaN (or overflows, which g^2 would too).
-        # (A model split over devices has its norms on each.)
-        norms = list(torch._foreach_norm(grads))
-        if not self._one_device:
-            norms = [x.to(norms[0].device) for x in norms]
-        flags = ~torch.isfinite(torch.stack(norms))
+        flags = ~torch.isfinite(torch.stack(self._on_one_device(torch._foreach_norm(grads))))
         self.nonfinite.append(([(i, n) for n, (i, _) in taken.items()], flags))
+
+    def _on_one_device(
+        self, tensors: Sequence[torch.Tensor], device: torch.device | None = None
+    ) -> list[torch.Tensor]:
+        """``tensors`` on ``device`` (default: the first one's), for stacking; a model split over devices
+        has its per-module results on each. A no-op, without a call per tensor, on one device."""
+        if self._one_device:
+            return list(tensors)
+        target = device if device is not None else tensors[0].device
+        return [x.to(target) for x in tensors]
 
     def finish(self) -> None:
         """Add what is pending and raise on any non-finite gradient (one device synchronisation)."""
@@ -459,11 +465,8 @@ class _PerExampleAccumulator(_BGradAccumulator):
         sqs = list(torch._foreach_mul([sq for _, _, _, sq, _ in parts], [a for _, _, _, _, a in parts]))
         torch._foreach_add_([self.sum_sq[n] for n in names], sqs)
         # Non-finite exactly when B's gradient or the squared norms hold an inf or a NaN.
-        norms = list(torch._foreach_norm(grads))
-        if not self._one_device:
-            norms = [x.to(norms[0].device) for x in norms]
-            sqs = [x.to(norms[0].device) for x in sqs]
-        flags = ~torch.isfinite(torch.stack(norms) + torch.stack(sqs))
+        norms = self._on_one_device(torch._foreach_norm(grads))
+        flags = ~torch.isfinite(torch.stack(norms) + torch.stack(self._on_one_device(sqs, norms[0].device)))
         self.nonfinite.append(([(i, n) for n, (i, _, _, _, _) in taken.items()], flags))
 
     @staticmethod
