@@ -382,8 +382,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from fimlora.io import OutputDir
     from fimlora.peft_glue import export_uniform
-    from fimlora.run_config import OutputDir
 
     src = Path(args.adapter)
     if (src / "adapter" / "adapter_config.json").is_file():

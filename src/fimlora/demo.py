@@ -23,8 +23,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fimlora.io import OutputDir, write_provenance
 from fimlora.report import Report, format_mean_std, markdown_table
-from fimlora.run_config import DataSpec, LoraSpec, OutputDir, RunConfig, write_provenance
+from fimlora.run_config import DataSpec, LoraSpec, RunConfig
 
 __all__ = ["DEMO_TARGET_MODULES", "DemoConfig", "run_demo"]
 

@@ -164,8 +164,9 @@ def compare_runs(
     Returns:
         ``{"runs": [...], "rank_agreement": [...]}`` (also printed by the CLI).
     """
+    from fimlora.errors import UsageError
+    from fimlora.io import OutputDir, write_provenance
     from fimlora.rankmap import RankMap
-    from fimlora.run_config import OutputDir, UsageError, write_provenance
 
     if len(run_dirs) < 1:
         raise UsageError("compare needs at least one run directory")
@@ -266,9 +267,10 @@ def plot_outputs(
     Returns:
         The final paths of the figures written.
     """
+    from fimlora.errors import UsageError
+    from fimlora.io import OutputDir
     from fimlora.plot import plot_training_curves
     from fimlora.rankmap import RankMap
-    from fimlora.run_config import OutputDir, UsageError
     from fimlora.training import smooth
 
     src = Path(source)

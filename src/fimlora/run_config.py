@@ -21,41 +21,33 @@ from __future__ import annotations
 import ast
 import contextlib
 import dataclasses
-import datetime as _dt
-import importlib.metadata
 import inspect
 import json
 import os
-import platform
 import re
-import shutil
-import subprocess
 import sys
 import textwrap
 import types
 import typing
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from fimlora.errors import UsageError
+
 __all__ = [
     "DataSpec",
     "LoraSpec",
-    "OutputDir",
     "RunConfig",
     "UsageError",
     "apply_overrides",
     "field_docs",
     "load_config_file",
     "parse_count",
-    "provenance",
-    "write_provenance",
 ]
 
 
-class UsageError(ValueError):
-    """A problem the user can fix (bad path, option, column, existing output): one line, says what to do."""
 
 
 # ---- configuration sections ----------------------------------------------------------------------------
@@ -367,194 +359,3 @@ def _parse_scalar(raw: str) -> Any:
             return raw
     except Exception:
         return raw
-
-
-# ---- output directories -------------------------------------------------------------------------------
-
-
-class OutputDir:
-    """Write a run into a staging directory and move it into place only when it succeeds.
-
-    ``<parent>/.<name>.partial`` is the staging directory. It survives a crash or a kill (so a training
-    run's checkpoints can be resumed from it) and is removed when the run ends with a usage error.
-
-    Example::
-
-        out = OutputDir("runs/a", overwrite=False)     # raises UsageError if runs/a exists
-        with out as staging:
-            ...write files under staging...
-        # runs/a now holds them
-    """
-
-    def __init__(
-        self, path: str | os.PathLike[str], *, overwrite: bool = False, resume: bool = False
-    ) -> None:
-        self.path = Path(path).expanduser()
-        self.overwrite = overwrite
-        self.resume = resume
-        self.staging = self.path.parent / f".{self.path.name}.partial"
-        self.check()
-
-    def check(self) -> None:
-        """Validate the destination before anything is computed or written.
-
-        Raises:
-            UsageError: the directory exists (without overwrite), a previous partial run exists (without
-                resume/overwrite), or the parent cannot hold a new directory.
-        """
-        if self.path.exists() and not self.overwrite:
-            raise UsageError(
-                f"output directory {self.path} already exists; pass --overwrite to replace it or choose "
-                "another --out"
-            )
-        if self.staging.exists() and not (self.resume or self.overwrite):
-            raise UsageError(
-                f"an interrupted run left {self.staging}; pass --resume to continue it or --overwrite to "
-                "start over"
-            )
-        ancestor = self.path.parent
-        while not ancestor.exists():
-            ancestor = ancestor.parent
-        if not ancestor.is_dir():
-            raise UsageError(
-                f"cannot create {self.path}: {ancestor} is not a directory; choose another --out"
-            )
-        if not os.access(ancestor, os.W_OK | os.X_OK):
-            raise UsageError(f"cannot write to {ancestor} (permission denied); choose another --out")
-
-    def __enter__(self) -> Path:
-        if self.staging.exists() and self.overwrite and not self.resume:
-            shutil.rmtree(self.staging)
-        try:
-            self.staging.mkdir(parents=True, exist_ok=True)
-            probe = self.staging / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                self.staging.rmdir()
-            raise UsageError(
-                f"cannot write to {self.path.parent} ({e.strerror}); choose another --out"
-            ) from None
-        return self.staging
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        if exc_type is None:
-            self.commit()
-        elif issubclass(exc_type, UsageError) or not _has_checkpoint(self.staging):
-            shutil.rmtree(self.staging, ignore_errors=True)
-
-    def commit(self) -> None:
-        """Move the staging directory into place (replacing an existing one only with overwrite)."""
-        trash: Path | None = None
-        if self.path.exists():
-            if not self.overwrite:  # appeared while we were running
-                raise UsageError(
-                    f"output directory {self.path} appeared during the run; results are in {self.staging}"
-                )
-            trash = self.path.parent / f".{self.path.name}.old"
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(self.path, trash)
-        os.replace(self.staging, self.path)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-
-
-def _has_checkpoint(path: Path) -> bool:
-    return (path / "checkpoints").is_dir() and any((path / "checkpoints").iterdir())
-
-
-# ---- provenance ----------------------------------------------------------------------------------------
-
-_PACKAGES = ("fimlora", "torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "numpy")
-
-
-def _git_state() -> dict[str, Any]:
-    """The commit of the source tree fimlora is imported from, if it is a git checkout."""
-    src = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = bool(
-            subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=src,
-                capture_output=True,
-                text=True,
-                timeout=10,
-                check=True,
-            ).stdout.strip()
-        )
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": commit, "dirty": dirty}
-
-
-def provenance(*, seed: int | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Versions, git commit, command line, platform and time: what ``run.json`` records."""
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in _PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    device = "cpu"
-    with contextlib.suppress(Exception):
-        import torch
-
-        if torch.cuda.is_available():
-            device = torch.cuda.get_device_name(0)
-        versions["torch_threads"] = str(torch.get_num_threads())
-    record: dict[str, Any] = {
-        "seed": seed,
-        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
-        "versions": versions,
-        "git": _git_state(),
-        "platform": platform.platform(),
-        "device": device,
-        "cpu_count": os.cpu_count(),
-        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    if extra:
-        record.update(extra)
-    return record
-
-
-def write_provenance(
-    out_dir: str | os.PathLike[str],
-    config: Mapping[str, Any],
-    *,
-    seed: int | None = None,
-    extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Write ``config.json`` (+ ``config.yaml`` with PyYAML) and ``run.json`` into ``out_dir``.
-
-    Returns:
-        The ``run.json`` record.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
-    with contextlib.suppress(ImportError):
-        import yaml
-
-        (out / "config.yaml").write_text(
-            yaml.safe_dump(json.loads(json.dumps(config, default=str)), sort_keys=True)
-        )
-    record = provenance(seed=seed, extra=extra)
-    (out / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    return record
-
-
-@contextlib.contextmanager
-def timer() -> Iterator[dict[str, float]]:
-    """``with timer() as t: ...`` then ``t["seconds"]``."""
-    import time
-
-    box = {"seconds": 0.0}
-    start = time.perf_counter()
-    try:
-        yield box
-    finally:
-        box["seconds"] = time.perf_counter() - start

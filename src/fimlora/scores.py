@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 from fimlora.config import AGGREGATIONS, SCORE_KINDS, FimConfig
+from fimlora.errors import CalibrationError
 from fimlora.peft_glue import data_parallel_inner, lora_modules, module_shapes
 from fimlora.per_example import per_example_sq_norms
 
@@ -64,10 +65,6 @@ __all__ = ["CalibrationError", "ModuleStat", "ModuleStats", "estimate_module_sco
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 _FORMAT = "fimlora.module_stats/1"
-
-
-class CalibrationError(RuntimeError):
-    """Calibration could not produce usable statistics (no batches, no loss, non-finite gradients)."""
 
 
 @dataclass(frozen=True)

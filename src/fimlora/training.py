@@ -710,7 +710,7 @@ def finetune(
     Returns:
         The metrics written to ``metrics.json``.
     """
-    from fimlora.run_config import OutputDir, write_provenance
+    from fimlora.io import OutputDir, write_provenance
 
     output = OutputDir(out_dir, overwrite=overwrite, resume=resume)
     prepared = prepare_run(run)
@@ -752,8 +752,8 @@ def allocate(
     provenance files to ``out_dir`` when given. Nothing is trained.
     """
     from fimlora.initialize import plan_rank_map
+    from fimlora.io import OutputDir, write_provenance
     from fimlora.peft_glue import lora_modules, module_shapes
-    from fimlora.run_config import OutputDir, write_provenance
     from fimlora.scores import estimate_module_scores
 
     output = OutputDir(out_dir, overwrite=overwrite) if out_dir is not None else None

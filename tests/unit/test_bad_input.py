@@ -7,8 +7,8 @@ import warnings
 
 import pytest
 import torch
+from helpers.tiny_models import batches, peft_model, tiny_llama
 from peft import IA3Config, get_peft_model
-from tiny_models import batches, peft_model, tiny_llama
 
 from fimlora import (
     CalibrationError,

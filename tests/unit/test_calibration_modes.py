@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 import torch
+from helpers.tiny_models import VOCAB, tiny_llama
 from peft import LoraConfig, get_peft_model
-from tiny_models import VOCAB, tiny_llama
 
 from fimlora import FimConfig, ModuleStats, estimate_module_scores, fim_calibration
 

@@ -17,16 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.data_files import classification_rows, multiple_choice_rows, sft_rows, write_csv, write_jsonl
+from helpers.tiny_models import make_tiny_bert, make_tiny_llama
 from safetensors.torch import load_file
-from test_cli_tiny import (
-    classification_rows,
-    make_tiny_bert,
-    make_tiny_llama,
-    multiple_choice_rows,
-    sft_rows,
-    write_csv,
-    write_jsonl,
-)
 
 FAST = ["--no-progress", "--device", "cpu"]
 # One thread: tiny models gain nothing from two, and OpenMP spin-waits collapse when CPUs are shared.

@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers.tiny_models import VOCAB, tiny_llama
 from peft import LoraConfig, get_peft_model
-from tiny_models import VOCAB, tiny_llama
 from torch.nn.parallel import DistributedDataParallel
 
 from fimlora import FimConfig, ModuleStats, estimate_module_scores, initialize_lora_fim_ranks

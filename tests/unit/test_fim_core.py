@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import batches, peft_model
+from helpers.tiny_models import batches, peft_model
 
 from fimlora import (
     FimConfig,
@@ -66,8 +66,8 @@ def test_rebuilt_factors_keep_the_adapter_dtype_of_a_bf16_base(autocast_adapter_
     # get_peft_model upcasts the adapter of a bf16 base to fp32 by default; PEFT's update_layer would
     # rebuild it in bf16 (measured on an H200: re-ranked adapters trained 27% faster than uniform LoRA
     # because they silently ran in bf16). The re-ranked adapter must keep what PEFT chose.
+    from helpers.tiny_models import tiny_llama
     from peft import LoraConfig, get_peft_model
-    from tiny_models import tiny_llama
 
     model = get_peft_model(
         tiny_llama().to(torch.bfloat16),

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 import torch
+from helpers.tiny_models import ARCHS, batches, eval_logits, method_step
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
-from tiny_models import ARCHS, batches, eval_logits, method_step
 
 from fimlora.methods import get_method
 from fimlora.methods.l1ra import L1raConfig, L1raMethod, RankBudget, plan_reallocation

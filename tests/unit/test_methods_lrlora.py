@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 import torch
+from helpers.tiny_models import ARCHS, batches, eval_logits, method_step
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
-from tiny_models import ARCHS, batches, eval_logits, method_step
 
 from fimlora.methods import get_method
 from fimlora.methods.lrlora import LrLoraConfig, LrLoraMethod, soft_rank_mask

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.tiny_models import ARCHS, batches
 from peft import LoraConfig
-from tiny_models import ARCHS, batches
 
 from fimlora.methods import get_method
 from fimlora.methods.peft_baselines import AdaLoraMethod

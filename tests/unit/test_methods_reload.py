@@ -10,8 +10,8 @@ import textwrap
 from pathlib import Path
 
 import torch
+from helpers.tiny_models import ARCHS, batches
 from peft import LoraConfig
-from tiny_models import ARCHS, batches
 
 from fimlora.methods import get_method
 

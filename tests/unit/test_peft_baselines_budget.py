@@ -7,8 +7,8 @@ import warnings
 
 import pytest
 import torch
+from helpers.tiny_models import ARCHS, batches, method_step
 from peft import LoraConfig
-from tiny_models import ARCHS, batches, method_step
 
 from fimlora.allocate import select_within_budget
 from fimlora.methods import get_method

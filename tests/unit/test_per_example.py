@@ -19,8 +19,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers.tiny_models import VOCAB, batches, peft_model, tiny_llama
 from peft import LoraConfig, get_peft_model
-from tiny_models import VOCAB, batches, peft_model, tiny_llama
 
 from fimlora import CalibrationError, FimConfig, ModuleStats, estimate_module_scores, fim_calibration
 from fimlora.peft_glue import lora_modules

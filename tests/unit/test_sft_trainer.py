@@ -10,14 +10,14 @@ from typing import Any
 
 import pytest
 import torch
+from helpers.data_files import sft_rows
+from helpers.tiny_models import make_tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fimlora import FimConfig
 from fimlora.integrations import FimCalibrationCallback, fim_initialize_for_trainer
 from fimlora.peft_glue import current_ranks
-
-from test_cli_tiny import make_tiny_llama, sft_rows  # isort: skip
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.tiny_models import ARCHS, batches
 from peft import LoraConfig, get_peft_model
-from tiny_models import ARCHS, batches
 
 from fimlora import FimConfig, export_uniform, initialize_lora_fim_ranks
 from fimlora.peft_glue import lora_modules

@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 import torch
+from helpers.data_files import multiple_choice_rows, write_jsonl
+from helpers.tiny_models import make_tiny_bert, make_tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fimlora.data import DataError
@@ -20,8 +22,6 @@ from fimlora.tasks import (
     score_multiple_choice,
     sft_collator,
 )
-
-from test_cli_tiny import make_tiny_bert, make_tiny_llama, multiple_choice_rows, write_jsonl  # isort: skip
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 import torch
+from helpers.data_files import classification_rows
+from helpers.tiny_models import make_tiny_bert
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
@@ -14,8 +16,6 @@ from fimlora import FimConfig
 from fimlora.integrations import FimCalibrationCallback, fim_initialize_for_trainer
 from fimlora.peft_glue import current_ranks
 from fimlora.tasks import classification_collator, encode_examples
-
-from test_cli_tiny import classification_rows, make_tiny_bert  # isort: skip
 
 
 @pytest.fixture(scope="module")

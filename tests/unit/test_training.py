@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 import torch
+from helpers.data_files import classification_rows
+from helpers.tiny_models import make_tiny_bert
 from peft import LoraConfig
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -24,8 +26,6 @@ from fimlora.training import (
     latest_checkpoint,
     train_adapter,
 )
-
-from test_cli_tiny import classification_rows, make_tiny_bert  # isort: skip
 
 
 @pytest.fixture(scope="module")

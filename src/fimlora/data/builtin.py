@@ -39,8 +39,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fimlora.data.errors import DataError
 from fimlora.data.splits import TextClassificationData, deduplicate_examples, split_examples
+from fimlora.errors import DataError
 from fimlora.packaged import installed_package_dir
 
 __all__ = ["BUILTIN_DATASETS", "MOVIE_NEUTRAL_BAND", "load_builtin_dataset"]

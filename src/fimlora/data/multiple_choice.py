@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fimlora.data.errors import DataError
+from fimlora.errors import DataError
 
 __all__ = ["read_bigbench_multiple_choice"]
 

@@ -2,7 +2,7 @@
 
 Supported inputs: ``.csv``, ``.tsv``, ``.jsonl`` / ``.json`` (JSON lines, or one JSON list of objects)
 and a directory written by ``datasets.Dataset.save_to_disk`` (needs the optional ``datasets`` package,
-imported only then). Every problem raises :class:`~fimlora.data.errors.DataError` with a one-line message
+imported only then). Every problem raises :class:`~fimlora.errors.DataError` with a one-line message
 naming the problem and its fix; row numbers count data rows from 1 (the CSV header is not a row).
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fimlora.data.errors import DataError
+from fimlora.errors import DataError
 
 __all__ = ["load_classification_file", "load_sft_file", "read_records"]
 

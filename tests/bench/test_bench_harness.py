@@ -13,10 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-# bench/ lives outside the installed package; make the repo root importable.
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from bench.harness import (  # noqa: E402
+from bench.harness import (
     ExperimentGrid,
     ResultStore,
     RunSpec,

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers.tiny_models import make_tiny_bert
 
 from bench.harness import ExperimentGrid, ResultStore, aggregate, run_grid
 from bench.suites import budget_rank, method_settings, run_config_for, run_spec
@@ -108,26 +109,9 @@ def test_ablation_grid_files_parse(path: Path) -> None:
 
 def _tiny_model_dir(root: Path) -> Path:
     """A 2-layer, 32-wide random BERT with the embedded MiniLM tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
     from fimlora.models import embedded_model_dir
 
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(embedded_model_dir())
-    config = BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=2,
-    )
-    out = root / "tiny-bert"
-    BertForSequenceClassification(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return make_tiny_bert(root / "tiny-bert", tokenizer_dir=embedded_model_dir(), num_labels=2)
 
 
 def test_tiny_end_to_end_grid_writes_full_records(tmp_path: Path) -> None:
