@@ -41,7 +41,7 @@ class FimConfig:
     """Ranks are proportional to score**score_power: 1 = proportional to the score (FIM-LoRA); between 0 and 1 flattens the map towards uniform (0 = uniform)."""
 
     estimator: Estimator = "batch"
-    """Which gradients are squared: "batch" = each calibration batch's gradient; "per_example" = each example's, exact, from one pass (mean over examples; see fimlora.scores)."""
+    """Which gradients are squared: "batch" = each calibration batch's gradient; "per_example" = each example's, exact, from one pass (mean over examples; see fimlora.calibration)."""
 
     budget_ranks: int | None = None
     """Total rank over all adapted modules (sum of r_i). Mutually exclusive with budget_params."""

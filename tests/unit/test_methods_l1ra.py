@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
 from fimlora.methods import get_method
-from fimlora.methods.l1ra import L1raConfig, L1raMethod, RankBudget, plan_reallocation
+from fimlora.methods.budget import RankBudget
+from fimlora.methods.l1ra import L1raConfig, L1raMethod, plan_reallocation
 from fimlora.methods.optim_state import stale_optimizer_params
 from fimlora.peft_glue import current_ranks, lora_modules, module_shapes
 

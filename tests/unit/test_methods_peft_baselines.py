@@ -8,7 +8,7 @@ from helpers.tiny_models import ARCHS, batches
 from peft import LoraConfig
 
 from fimlora.methods import get_method
-from fimlora.methods.peft_baselines import AdaLoraMethod
+from fimlora.methods.adalora import AdaLoraMethod
 from fimlora.peft_glue import lora_modules
 
 

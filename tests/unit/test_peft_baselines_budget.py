@@ -12,13 +12,9 @@ from peft import LoraConfig
 
 from fimlora.allocate import select_within_budget
 from fimlora.methods import get_method
-from fimlora.methods.peft_baselines import (
-    AdaLoraMethod,
-    AdaLoraOptions,
-    EvaOptions,
-    _CostWeightedEvaRanks,
-    _cubic_budget,
-)
+from fimlora.methods.adalora import AdaLoraMethod, AdaLoraOptions, cubic_budget
+from fimlora.methods.eva import EvaOptions
+from fimlora.peft_glue.eva import CostWeightedEvaRanks
 
 # ---- the pure selection ------------------------------------------------------------------------------------
 
@@ -80,7 +76,7 @@ def test_selection_rejects_bad_inputs() -> None:
 
 def test_cubic_budget_runs_from_start_to_end_over_the_pruning_phase() -> None:
     kw = {"tinit": 2, "tfinal": 3, "total": 12, "start": 1200, "end": 800}
-    values = [_cubic_budget(step, **kw) for step in range(12)]
+    values = [cubic_budget(step, **kw) for step in range(12)]
     assert values[:3] == [1200, 1200, 1200]
     assert values[9:] == [800, 800, 800]
     assert all(a >= b for a, b in zip(values, values[1:], strict=False))  # never grows
@@ -218,7 +214,7 @@ def test_eva_stand_in_is_removed_even_on_error() -> None:
 
     from peft.tuners.lora import eva
 
-    selection = _CostWeightedEvaRanks({"a": 2}, budget=4, most=2)
+    selection = CostWeightedEvaRanks({"a": 2}, budget=4, most=2)
     with pytest.raises(RuntimeError, match="boom"), selection.installed():
         assert eva.Counter is selection
         raise RuntimeError("boom")
@@ -228,7 +224,7 @@ def test_eva_stand_in_is_removed_even_on_error() -> None:
 
 def test_eva_choice_survives_peft_swaps_in_equal_input_groups() -> None:
     # q and k share an input (one SVD); PEFT gives the layer holding the SVD (q) the larger count.
-    selection = _CostWeightedEvaRanks({"q": 64, "k": 48, "o": 64}, budget=4 * 64, most=3)
+    selection = CostWeightedEvaRanks({"q": 64, "k": 48, "o": 64}, budget=4 * 64, most=3)
     counts = selection(["k", "k", "q", "o", "k", "q", "o", "q", "o"])  # best first
     assert counts == {"k": 2, "q": 1, "o": 1}  # 2*48 + 64 + 64 = 224; a third k (48) does not fit
     shared = torch.arange(9.0).view(3, 3)  # the group's components, best first
@@ -241,6 +237,6 @@ def test_eva_choice_survives_peft_swaps_in_equal_input_groups() -> None:
 
 
 def test_eva_stand_in_refuses_an_incomplete_order() -> None:
-    selection = _CostWeightedEvaRanks({"q": 64, "k": 48}, budget=256, most=2)
+    selection = CostWeightedEvaRanks({"q": 64, "k": 48}, budget=256, most=2)
     with pytest.raises(RuntimeError, match="every candidate"):
         selection(["q", "k", "q"])

@@ -166,7 +166,7 @@ def _load_builtin_methods() -> None:
     # Imported lazily so that `fimlora.methods.base` stays import-light and free of cycles.
     import importlib
 
-    for module in ("simple", "l1ra", "lrlora", "peft_baselines"):
+    for module in ("uniform", "fim", "l1ra", "lrlora", "adalora", "eva"):
         try:
             importlib.import_module(f"fimlora.methods.{module}")
         except ModuleNotFoundError as e:  # a method module not written yet must not break the others

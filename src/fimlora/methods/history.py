@@ -19,7 +19,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from fimlora.rankmap import RankMap, split_module_name
+from fimlora.module_names import split_module_name
+from fimlora.rankmap import RankMap
 
 __all__ = ["RankEvent", "RankHistory"]
 
@@ -151,7 +152,7 @@ class RankHistory:
             ValueError: no events.
             ImportError: matplotlib is missing (``pip install 'fimlora[plot]'``).
         """
-        from fimlora.plot import _new_figure, _save
+        from fimlora.plot import new_figure, save_figure
 
         traj = self.trajectories()
         if not traj:
@@ -159,7 +160,7 @@ class RankHistory:
         end = max([last_step or 0] + [s for pts in traj.values() for s, _ in pts])
         kinds = list(dict.fromkeys(split_module_name(n)[1] for n in traj))
         colour = {k: f"C{i % 10}" for i, k in enumerate(kinds)}
-        fig = _new_figure(7.0, 4.2)
+        fig = new_figure(7.0, 4.2)
         ax = fig.subplots()
         labelled: set[str] = set()
         for name, points in traj.items():
@@ -175,7 +176,7 @@ class RankHistory:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, title="module kind", title_fontsize=8)
         ax.set_title(title or f"rank trajectories ({len(traj)} modules)", fontsize=10)
-        return _save(fig, path)
+        return save_figure(fig, path)
 
     @staticmethod
     def plot_final(

@@ -23,46 +23,48 @@ Differences from the published code, on purpose:
 The gates live in the method (an ``nn.ParameterDict``), not in the model, so the model's state dict stays
 a standard LoRA one; :meth:`L1raMethod.state_dict` holds gates, ranks, history and the schedule. They are
 applied with a forward pre-hook on each ``lora_B`` (its input has shape (..., r)), so no PEFT layer is
-subclassed. :class:`RankScaleHooks` and :class:`RankBudget` are shared with LR-LoRA.
+subclassed. The hooks and scale-keeping resizes (:mod:`.gates`) and the budget (:mod:`.budget`) are shared
+with LR-LoRA.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from fimlora.allocate import allocate_ranks
+from fimlora import peft_glue  # peft_glue.lora_config: in prepare(), `lora_config` is the argument
+from fimlora.config import BudgetUnit
 from fimlora.methods.base import register_method, trainable_param_groups
+from fimlora.methods.budget import RankBudget, check_budget, check_float, check_int, initial_ranks
+from fimlora.methods.gates import (
+    RankScaleHooks,
+    module_of_key,
+    param_key,
+    resize_keep_scale,
+    write_scaled_patterns,
+)
 from fimlora.methods.history import RankEvent, RankHistory
 from fimlora.methods.optim_state import ParamRemap, carry_optimizer_state
 from fimlora.peft_glue import (
     current_ranks,
-    lora_config,
+    lora_factor_params,
+    lora_factors,
     lora_modules,
     module_shapes,
-    pattern_key,
-    resize_lora_modules,
-    scaled_alpha,
 )
 from fimlora.rankmap import RankMap
 
 __all__ = [
     "L1raConfig",
     "L1raMethod",
-    "RankBudget",
-    "RankScaleHooks",
     "Reallocation",
     "plan_reallocation",
 ]
-
-BudgetUnit = Literal["ranks", "params"]
 
 
 @dataclass
@@ -103,122 +105,18 @@ class L1raConfig:
     """JSONL file that every rank change is appended to (None: kept in memory and in the state dict)."""
 
     def __post_init__(self) -> None:
-        _check_float("l1_lambda", self.l1_lambda, low=0.0)
-        _check_float("gate_lr", self.gate_lr, low=0.0, strict=True)
-        _check_float("prune_threshold", self.prune_threshold, low=0.0)
+        check_float("l1_lambda", self.l1_lambda, low=0.0)
+        check_float("gate_lr", self.gate_lr, low=0.0, strict=True)
+        check_float("prune_threshold", self.prune_threshold, low=0.0)
         if self.prune_threshold >= 1.0:
             raise ValueError(
                 f"`prune_threshold` must be < 1 (gates live in [0, 1]), got {self.prune_threshold}"
             )
         _check_schedule(self.reallocate_every)
-        _check_int("r_min", self.r_min, minimum=1)
+        check_int("r_min", self.r_min, minimum=1)
         if self.r_max is not None:
-            _check_int("r_max", self.r_max, minimum=self.r_min)
-        _check_budget(self.budget_unit, self.budget_ranks, self.budget_params)
-
-
-# ---- shared pieces: the budget and the rank-scaling hooks ------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RankBudget:
-    """A budget in ranks (sum r_m == total) or parameters (sum r_m (in_m + out_m) <= total, least slack).
-
-    Attributes:
-        unit: "ranks" or "params".
-        total: the budget.
-        costs: module -> budget units per rank (1 for ranks, in + out for parameters).
-    """
-
-    unit: BudgetUnit
-    total: int
-    costs: dict[str, int]
-
-    @classmethod
-    def resolve(
-        cls,
-        shapes: Mapping[str, tuple[int, int]],
-        r: int,
-        unit: BudgetUnit,
-        budget_ranks: int | None,
-        budget_params: int | None,
-    ) -> RankBudget:
-        """The configured budget, defaulting to uniform LoRA at rank ``r`` in ``unit``."""
-        costs = {n: 1 if unit == "ranks" else int(i + o) for n, (i, o) in shapes.items()}
-        explicit = budget_ranks if unit == "ranks" else budget_params
-        total = explicit if explicit is not None else r * sum(costs.values())
-        return cls(unit, int(total), costs)
-
-    def used(self, ranks: Mapping[str, int]) -> int:
-        """Budget units used by ``ranks``."""
-        return sum(int(ranks[n]) * c for n, c in self.costs.items())
-
-    def holds(self, ranks: Mapping[str, int]) -> bool:
-        """The invariant: exact for ranks, at most the total for parameters."""
-        used = self.used(ranks)
-        return used == self.total if self.unit == "ranks" else used <= self.total
-
-    def allocate(
-        self, scores: Mapping[str, float], lo: Mapping[str, int], hi: Mapping[str, int]
-    ) -> dict[str, int]:
-        """Ranks proportional to ``scores`` within ``[lo, hi]`` that meet the budget (see ``allocate_ranks``).
-
-        Raises:
-            ValueError: the budget is outside the feasible range of the bounds (the message gives it).
-        """
-        with warnings.catch_warnings():
-            # All-zero scores fall back to uniform: a defined answer, not worth a warning mid-training.
-            warnings.simplefilter("ignore", UserWarning)
-            rank_map = allocate_ranks(
-                {n: float(scores[n]) for n in self.costs},
-                budget_ranks=self.total if self.unit == "ranks" else None,
-                budget_params=self.total if self.unit == "params" else None,
-                costs=self.costs,
-                r_min={n: int(lo[n]) for n in self.costs},
-                r_max={n: int(hi[n]) for n in self.costs},
-            )
-        return dict(rank_map)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"unit": self.unit, "total": self.total, "costs": dict(self.costs)}
-
-
-class RankScaleHooks:
-    """Multiply the input of each module's ``lora_B`` (shape (..., r)) by a per-rank vector.
-
-    ``vector(name)`` is called at every forward, so the vector may be a parameter (L1RA's gates) or be
-    computed from parameters (LR-LoRA's soft mask). Hooks must be re-installed on a module whose
-    ``lora_B`` was rebuilt by a resize (the old ``nn.Linear`` is gone).
-    """
-
-    def __init__(self, vector: Callable[[str], torch.Tensor], adapter_name: str = "default") -> None:
-        self.vector = vector
-        self.adapter_name = adapter_name
-        self._handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
-
-    def install(self, modules: Mapping[str, Any]) -> None:
-        """(Re-)install the hook on ``modules[name].lora_B[adapter]`` for every listed module."""
-        for name, module in modules.items():
-            self.remove([name])
-            self._handles[name] = module.lora_B[self.adapter_name].register_forward_pre_hook(
-                self._make_hook(name)
-            )
-
-    def remove(self, names: Iterable[str] | None = None) -> None:
-        """Remove the hooks of ``names`` (all when None)."""
-        for name in list(self._handles) if names is None else list(names):
-            handle = self._handles.pop(name, None)
-            if handle is not None:
-                handle.remove()
-
-    def _make_hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-            x = args[0]
-            # .to() is a no-op once the vector lives with the layer; it keeps a model moved after
-            # prepare() (model.to("cuda")) correct until param_groups() moves the gates along.
-            return (x * self.vector(name).to(device=x.device, dtype=x.dtype), *args[1:])
-
-        return hook
+            check_int("r_max", self.r_max, minimum=self.r_min)
+        check_budget(self.budget_unit, self.budget_ranks, self.budget_params)
 
 
 # ---- the reallocation rule (pure: plain lists in, plain dicts out) ---------------------------------------
@@ -350,16 +248,16 @@ class L1raMethod:
         model = get_peft_model(base_model, copy.deepcopy(lora_config))
         mods = lora_modules(model, self.adapter_name)
         shapes = module_shapes(mods, self.adapter_name)
-        cfg = lora_config_of(model, self.adapter_name)
+        cfg = peft_glue.lora_config(model, self.adapter_name)
         self.budget = RankBudget.resolve(
             shapes, cfg.r, self.config.budget_unit, self.config.budget_ranks, self.config.budget_params
         )
         self.r_max = _resolve_r_max(shapes, cfg.r, self.config.r_min, self.config.r_max)
-        initial = _initial_ranks(self.budget, self.config.r_min, self.r_max, cfg.r, "L1RA")
-        _resize_keep_scale(model, initial, self.adapter_name, keep=None, seed=self.config.seed)
+        initial = initial_ranks(self.budget, self.config.r_min, self.r_max, cfg.r, "L1RA")
+        resize_keep_scale(model, initial, self.adapter_name, keep=None, seed=self.config.seed)
         self._model = model
         self.gates = nn.ParameterDict(
-            {_key(n): _new_gate(mods[n], self.adapter_name, initial[n]) for n in initial}
+            {param_key(n): _new_gate(mods[n], self.adapter_name, initial[n]) for n in initial}
         )
         self._hooks.install(lora_modules(model, self.adapter_name))
         self.history.log(RankEvent(0, n, int(cfg.r), r, "init") for n, r in initial.items())
@@ -401,12 +299,12 @@ class L1raMethod:
         mods = lora_modules(model, self.adapter_name)
         with torch.no_grad():
             for name, module in mods.items():
-                weight = module.lora_B[self.adapter_name].weight  # (out, r)
+                weight = lora_factors(module, self.adapter_name)[1].weight  # (out, r)
                 weight.mul_(self._gate(name).to(weight.dtype).unsqueeze(0))
         self._hooks.remove()
         self._finalized = True
         ranks = current_ranks(model, self.adapter_name)
-        _write_patterns(model, ranks, self.adapter_name)
+        write_scaled_patterns(model, ranks, self.adapter_name)
         return model, RankMap(ranks, metadata=self._metadata(model, ranks))
 
     def state_dict(self) -> dict[str, Any]:
@@ -441,14 +339,14 @@ class L1raMethod:
         parameters).
         """
         ranks = {n: int(r) for n, r in state["ranks"].items()}
-        _resize_keep_scale(model, ranks, self.adapter_name, keep=None, seed=self.config.seed)
+        resize_keep_scale(model, ranks, self.adapter_name, keep=None, seed=self.config.seed)
         mods = lora_modules(model, self.adapter_name)
         self.gates = nn.ParameterDict(
-            {_key(n): _new_gate(mods[n], self.adapter_name, ranks[n]) for n in ranks}
+            {param_key(n): _new_gate(mods[n], self.adapter_name, ranks[n]) for n in ranks}
         )
         with torch.no_grad():
             for n, g in state["gates"].items():
-                self.gates[_key(n)].copy_(g)
+                self.gates[param_key(n)].copy_(g)
         b = state["budget"]
         self.budget = RankBudget(b["unit"], int(b["total"]), {k: int(v) for k, v in b["costs"].items()})
         self.r_max = {n: int(v) for n, v in state["r_max"].items()}
@@ -486,9 +384,11 @@ class L1raMethod:
                 "pass it to on_step_end"
             )
         mods = lora_modules(model, self.adapter_name)
-        old = {n: _lora_params(mods[n], self.adapter_name) + [self.gates[_key(n)]] for n in changed}
+        old = {
+            n: lora_factor_params(mods[n], self.adapter_name) + [self.gates[param_key(n)]] for n in changed
+        }
         old_ranks = {n: len(gates[n]) for n in changed}
-        _resize_keep_scale(
+        resize_keep_scale(
             model,
             {n: plan.ranks[n] for n in changed},
             self.adapter_name,
@@ -503,8 +403,8 @@ class L1raMethod:
             new_gate = _new_gate(mods[n], self.adapter_name, plan.ranks[n])
             with torch.no_grad():
                 new_gate[: len(kept)].copy_(old_gate.detach()[kept])
-            self.gates[_key(n)] = new_gate
-            remaps += _remaps(old[n], _lora_params(mods[n], self.adapter_name) + [new_gate], kept)
+            self.gates[param_key(n)] = new_gate
+            remaps += _remaps(old[n], lora_factor_params(mods[n], self.adapter_name) + [new_gate], kept)
         carry_optimizer_state(optimizer, remaps)
         self._hooks.install({n: mods[n] for n in changed})
         self.history.log(
@@ -524,21 +424,22 @@ class L1raMethod:
 
     # -- internals --------------------------------------------------------------------------------------
     def _gate(self, name: str) -> torch.Tensor:
-        return self.gates[_key(name)]
+        return self.gates[param_key(name)]
 
     def _move_gates_to(self, model: nn.Module) -> None:
         """Put each gate on its layer's device (the model may have moved after prepare()), in place."""
         for name, module in lora_modules(model, self.adapter_name).items():
-            gate, device = self.gates[_key(name)], module.lora_B[self.adapter_name].weight.device
+            gate = self.gates[param_key(name)]
+            device = lora_factors(module, self.adapter_name)[1].weight.device
             if gate.device != device:
                 gate.data = gate.data.to(device)  # same Parameter object: optimizer references stay valid
 
     def _gates_by_name(self) -> dict[str, nn.Parameter]:
-        return {_unkey(k): v for k, v in self.gates.items()}
+        return {module_of_key(k): v for k, v in self.gates.items()}
 
     def _metadata(self, model: nn.Module, ranks: Mapping[str, int]) -> dict[str, Any]:
         shapes = module_shapes(lora_modules(model, self.adapter_name), self.adapter_name)
-        cfg = lora_config_of(model, self.adapter_name)
+        cfg = peft_glue.lora_config(model, self.adapter_name)
         assert self.budget is not None
         return {
             "method": self.name,
@@ -552,35 +453,13 @@ class L1raMethod:
         }
 
 
-# ---- helpers shared with LR-LoRA --------------------------------------------------------------------------
-
-
-def lora_config_of(model: nn.Module, adapter_name: str) -> Any:
-    """The adapter's ``LoraConfig`` (re-exported so methods import PEFT glue from one place)."""
-    return lora_config(model, adapter_name)
-
-
-def _key(name: str) -> str:
-    # ParameterDict keys can't contain "."; ":" never occurs in torch module names.
-    return name.replace(".", ":")
-
-
-def _unkey(key: str) -> str:
-    return key.replace(":", ".")
+# ---- L1RA's helpers ---------------------------------------------------------------------------------------
 
 
 def _new_gate(module: Any, adapter: str, r: int) -> nn.Parameter:
-    weight = module.lora_B[adapter].weight
+    weight = lora_factors(module, adapter)[1].weight
     dtype = weight.dtype if weight.dtype == torch.float64 else torch.float32  # gates train in fp32 at least
     return nn.Parameter(torch.ones(r, dtype=dtype, device=weight.device))
-
-
-def _lora_params(module: Any, adapter: str) -> list[nn.Parameter]:
-    """[A weight (r x in), B weight (out x r)] and, with ``lora_bias``, B's bias (out,)."""
-    params = [module.lora_A[adapter].weight, module.lora_B[adapter].weight]
-    if module.lora_B[adapter].bias is not None:
-        params.append(module.lora_B[adapter].bias)
-    return params
 
 
 def _remaps(
@@ -597,36 +476,6 @@ def _remaps(
     return out
 
 
-def _resize_keep_scale(
-    model: nn.Module,
-    ranks: Mapping[str, int],
-    adapter: str,
-    *,
-    keep: Mapping[str, Sequence[int]] | None,
-    seed: int,
-) -> None:
-    """Resize with ``resize_lora_modules`` keeping every module's scale, and record the patterns."""
-    cfg = lora_config(model, adapter)
-    now = current_ranks(model, adapter)
-    todo = {n: int(r) for n, r in ranks.items() if int(r) != now[n] or (keep is not None and n in keep)}
-    if todo:
-        alphas = {
-            n: scaled_alpha(cfg.lora_alpha, cfg.r, r, use_rslora=cfg.use_rslora) for n, r in todo.items()
-        }
-        resize_lora_modules(model, todo, adapter_name=adapter, alphas=alphas, keep=keep, seed=seed)
-    _write_patterns(model, current_ranks(model, adapter), adapter)
-
-
-def _write_patterns(model: nn.Module, ranks: Mapping[str, int], adapter: str) -> None:
-    """rank_pattern/alpha_pattern with one exact key per module, so save_pretrained is standard LoRA."""
-    cfg = lora_config(model, adapter)
-    cfg.rank_pattern = {pattern_key(n): int(r) for n, r in ranks.items()}
-    cfg.alpha_pattern = {
-        pattern_key(n): scaled_alpha(cfg.lora_alpha, cfg.r, int(r), use_rslora=cfg.use_rslora)
-        for n, r in ranks.items()
-    }
-
-
 def _resolve_r_max(
     shapes: Mapping[str, tuple[int, int]], r: int, r_min: int, r_max: int | None
 ) -> dict[str, int]:
@@ -639,23 +488,10 @@ def _resolve_r_max(
     return out
 
 
-def _initial_ranks(
-    budget: RankBudget, r_min: int, r_max: Mapping[str, int], r: int, method: str
-) -> dict[str, int]:
-    """Uniform rank ``r`` when it meets the budget exactly, else the budget split evenly (exact)."""
-    uniform = dict.fromkeys(budget.costs, r)
-    if budget.used(uniform) == budget.total and all(r_max[n] >= r >= r_min for n in uniform):
-        return uniform
-    try:
-        return budget.allocate(dict.fromkeys(budget.costs, 1.0), dict.fromkeys(budget.costs, r_min), r_max)
-    except ValueError as err:
-        raise ValueError(f"{method}: the {budget.unit} budget {budget.total} is infeasible: {err}") from err
-
-
 def _schedule_interval(every: float | int, total_steps: int | None, method: str) -> int:
     """Steps between reallocations; fails before training when the schedule can't fit in it."""
     if total_steps is not None:
-        _check_int("total_steps", total_steps, minimum=1)
+        check_int("total_steps", total_steps, minimum=1)
     if isinstance(every, float):
         if total_steps is None:
             raise ValueError(
@@ -685,27 +521,3 @@ def _check_schedule(every: object) -> None:
         )
     if isinstance(every, int) and every < 1:
         raise ValueError(f"`reallocate_every` as a number of steps must be >= 1, got {every}")
-
-
-def _check_budget(unit: str, budget_ranks: int | None, budget_params: int | None) -> None:
-    if unit not in ("ranks", "params"):
-        raise ValueError(f"`budget_unit` must be 'ranks' or 'params', got {unit!r}")
-    if unit == "ranks" and budget_params is not None:
-        raise ValueError("`budget_params` needs budget_unit='params'")
-    if unit == "params" and budget_ranks is not None:
-        raise ValueError("`budget_ranks` needs budget_unit='ranks'")
-    for field_name, value in (("budget_ranks", budget_ranks), ("budget_params", budget_params)):
-        if value is not None:
-            _check_int(field_name, value, minimum=1)
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_float(name: str, value: object, *, low: float, strict: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"`{name}` must be a finite number, got {value!r}")
-    if value < low or (strict and value == low):
-        raise ValueError(f"`{name}` must be {'>' if strict else '>='} {low}, got {value}")

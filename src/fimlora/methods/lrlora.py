@@ -38,23 +38,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from fimlora import peft_glue  # peft_glue.lora_config: in prepare(), `lora_config` is the argument
+from fimlora.config import BudgetUnit
 from fimlora.methods.base import register_method, trainable_param_groups
+from fimlora.methods.budget import RankBudget, check_budget, check_float, check_int, initial_ranks
+from fimlora.methods.gates import RankScaleHooks, module_of_key, param_key, resize_keep_scale
 from fimlora.methods.history import RankEvent, RankHistory
-from fimlora.methods.l1ra import (
-    BudgetUnit,
-    RankBudget,
-    RankScaleHooks,
-    _check_budget,
-    _check_float,
-    _check_int,
-    _initial_ranks,
-    _key,
-    _lora_params,
-    _resize_keep_scale,
-    _unkey,
-)
 from fimlora.methods.optim_state import ParamRemap, carry_optimizer_state
-from fimlora.peft_glue import current_ranks, lora_config, lora_modules, module_shapes
+from fimlora.peft_glue import (
+    current_ranks,
+    lora_factor_params,
+    lora_factors,
+    lora_modules,
+    module_shapes,
+)
 from fimlora.rankmap import RankMap
 
 __all__ = ["LrLoraConfig", "LrLoraMethod", "soft_rank_mask"]
@@ -105,16 +102,16 @@ class LrLoraConfig:
     """JSONL file for rank changes (the rounded soft rank of a module, and the final truncation)."""
 
     def __post_init__(self) -> None:
-        _check_int("r_min", self.r_min, minimum=1)
+        check_int("r_min", self.r_min, minimum=1)
         if self.r_max is not None:
-            _check_int("r_max", self.r_max, minimum=self.r_min)
-        _check_budget(self.budget_unit, self.budget_ranks, self.budget_params)
-        _check_float("cutoff_lr", self.cutoff_lr, low=0.0, strict=True)
-        _check_float("dual_lr", self.dual_lr, low=0.0)
-        _check_float("penalty_weight", self.penalty_weight, low=0.0)
-        _check_float("temperature_start", self.temperature_start, low=0.0, strict=True)
-        _check_float("temperature_end", self.temperature_end, low=0.0, strict=True)
-        _check_float("truncate_at", self.truncate_at, low=0.0, strict=True)
+            check_int("r_max", self.r_max, minimum=self.r_min)
+        check_budget(self.budget_unit, self.budget_ranks, self.budget_params)
+        check_float("cutoff_lr", self.cutoff_lr, low=0.0, strict=True)
+        check_float("dual_lr", self.dual_lr, low=0.0)
+        check_float("penalty_weight", self.penalty_weight, low=0.0)
+        check_float("temperature_start", self.temperature_start, low=0.0, strict=True)
+        check_float("temperature_end", self.temperature_end, low=0.0, strict=True)
+        check_float("truncate_at", self.truncate_at, low=0.0, strict=True)
         if self.truncate_at > 1.0:
             raise ValueError(f"`truncate_at` is a fraction of training in (0, 1], got {self.truncate_at}")
         if self.temperature_end > self.temperature_start:
@@ -177,23 +174,23 @@ class LrLoraMethod:
 
         if total_steps is None:
             raise ValueError("LR-LoRA anneals its mask over training: prepare() needs `total_steps`")
-        _check_int("total_steps", total_steps, minimum=1)
+        check_int("total_steps", total_steps, minimum=1)
         if getattr(lora_config, "use_dora", False):
             raise ValueError("LR-LoRA's mask sits between A and B; DoRA adapters are not supported")
         self.total_steps = total_steps
         self.truncate_step = max(1, round(self.config.truncate_at * total_steps))
         model = get_peft_model(base_model, copy.deepcopy(lora_config))
-        cfg = lora_config_of(model)
+        cfg = peft_glue.lora_config(model)
         shapes = module_shapes(lora_modules(model, self.adapter_name), self.adapter_name)
         c = self.config
         self.budget = RankBudget.resolve(shapes, cfg.r, c.budget_unit, c.budget_ranks, c.budget_params)
         cap = c.r_max if c.r_max is not None else 2 * cfg.r
         self.capacity = {n: min(cap, min(s)) for n, s in shapes.items()}
-        initial = _initial_ranks(self.budget, c.r_min, self.capacity, cfg.r, "LR-LoRA")
-        _resize_keep_scale(model, self.capacity, self.adapter_name, keep=None, seed=c.seed)
+        initial = initial_ranks(self.budget, c.r_min, self.capacity, cfg.r, "LR-LoRA")
+        resize_keep_scale(model, self.capacity, self.adapter_name, keep=None, seed=c.seed)
         self.cutoffs = nn.ParameterDict(
             {
-                _key(n): nn.Parameter(torch.tensor(float(initial[n]), device=_device(model, n)))
+                param_key(n): nn.Parameter(torch.tensor(float(initial[n]), device=_device(model, n)))
                 for n in initial
             }
         )
@@ -206,8 +203,8 @@ class LrLoraMethod:
     def param_groups(self, model: nn.Module, *, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
         """LoRA factors at ``lr``; cutoffs at ``cutoff_lr``, without weight decay."""
         for name, module in lora_modules(model, self.adapter_name).items():
-            tau = self.cutoffs[_key(name)]
-            tau.data = tau.data.to(module.lora_B[self.adapter_name].weight.device)
+            tau = self.cutoffs[param_key(name)]
+            tau.data = tau.data.to(lora_factors(module, self.adapter_name)[1].weight.device)
         groups = trainable_param_groups(model, lr=lr, weight_decay=weight_decay)
         groups.append(
             {"params": list(self.cutoffs.values()), "lr": self.config.cutoff_lr, "weight_decay": 0.0}
@@ -237,7 +234,7 @@ class LrLoraMethod:
             g = float(self._violation())
             self.multiplier += self.config.dual_lr * g
             for name, tau in self.cutoffs.items():  # a cutoff outside [r_min, R] has no gradient left
-                tau.clamp_(float(self.config.r_min), float(self.capacity[_unkey(name)]))
+                tau.clamp_(float(self.config.r_min), float(self.capacity[module_of_key(name)]))
         self.temperature = self._temperature_at(step + 1)
         rounded = self.soft_ranks_rounded()
         events = self.history.log_changes(step, self._rounded, rounded, "lrlora-soft-rank")
@@ -251,7 +248,7 @@ class LrLoraMethod:
         assert self.budget is not None and self.truncated is not None
         final = current_ranks(model, self.adapter_name)
         shapes = module_shapes(lora_modules(model, self.adapter_name), self.adapter_name)
-        cfg = lora_config_of(model)
+        cfg = peft_glue.lora_config(model)
         meta = {
             "method": self.name,
             "lora_r": cfg.r,
@@ -285,7 +282,7 @@ class LrLoraMethod:
             raise ValueError(f"this state is for method {state.get('method')!r}, not {self.name!r}")
         with torch.no_grad():
             for n, t in state["cutoffs"].items():
-                self.cutoffs[_key(n)].copy_(t)
+                self.cutoffs[param_key(n)].copy_(t)
         self.multiplier = float(state["multiplier"])
         self.temperature = float(state["temperature"])
         self.total_steps = int(state["total_steps"])
@@ -299,7 +296,7 @@ class LrLoraMethod:
                 )
             self.truncated = {n: int(r) for n, r in state["truncated"].items()}
             self._hooks.remove()
-            _resize_keep_scale(
+            resize_keep_scale(
                 self._model, self.truncated, self.adapter_name, keep=None, seed=self.config.seed
             )
 
@@ -320,17 +317,17 @@ class LrLoraMethod:
         mods = lora_modules(model, self.adapter_name)
         with torch.no_grad():
             for name, module in mods.items():
-                weight = module.lora_B[self.adapter_name].weight  # (out, R)
+                weight = lora_factors(module, self.adapter_name)[1].weight  # (out, R)
                 weight.mul_(self._mask(name).to(weight.dtype).unsqueeze(0))
         self._hooks.remove()
-        old = {n: _lora_params(mods[n], self.adapter_name) for n in mods}
+        old = {n: lora_factor_params(mods[n], self.adapter_name) for n in mods}
         keep = {n: list(range(r)) for n, r in ranks.items()}  # the mask is decreasing: first columns win
-        _resize_keep_scale(model, ranks, self.adapter_name, keep=keep, seed=self.config.seed)
+        resize_keep_scale(model, ranks, self.adapter_name, keep=keep, seed=self.config.seed)
         if optimizer is not None:
             mods = lora_modules(model, self.adapter_name)
             remaps: list[ParamRemap] = []
             for n, old_params in old.items():
-                new_params = _lora_params(mods[n], self.adapter_name)
+                new_params = lora_factor_params(mods[n], self.adapter_name)
                 remaps += [
                     ParamRemap(old_params[0], new_params[0], 0, keep[n]),  # A: (r, in)
                     ParamRemap(old_params[1], new_params[1], 1, keep[n]),  # B: (out, r)
@@ -352,10 +349,10 @@ class LrLoraMethod:
 
     # -- internals --------------------------------------------------------------------------------------
     def _mask(self, name: str) -> torch.Tensor:
-        return soft_rank_mask(self.cutoffs[_key(name)], self.capacity[name], self.temperature)
+        return soft_rank_mask(self.cutoffs[param_key(name)], self.capacity[name], self.temperature)
 
     def _cutoffs_by_name(self) -> dict[str, nn.Parameter]:
-        return {_unkey(k): v for k, v in self.cutoffs.items()}
+        return {module_of_key(k): v for k, v in self.cutoffs.items()}
 
     def _violation(self) -> torch.Tensor:
         """g = sum_m c_m rho_m / Budget - 1 (differentiable in the cutoffs)."""
@@ -369,9 +366,5 @@ class LrLoraMethod:
         return c.temperature_start * math.exp(frac * math.log(c.temperature_end / c.temperature_start))
 
 
-def lora_config_of(model: nn.Module, adapter_name: str = "default") -> Any:
-    return lora_config(model, adapter_name)
-
-
 def _device(model: nn.Module, name: str) -> torch.device:
-    return lora_modules(model)[name].lora_B["default"].weight.device
+    return lora_factors(lora_modules(model)[name])[1].weight.device

@@ -1,4 +1,8 @@
-"""Methods that fix the ranks before training: uniform LoRA (the baseline) and FIM-LoRA."""
+"""FIM-LoRA as a method: calibrate on the first training batches, allocate the budget, train as plain LoRA.
+
+The ranks come from the empirical Fisher (or variance) of each module's LoRA-B gradient at init (see
+:mod:`fimlora.initialize` and :mod:`fimlora.allocate`); they are fixed before training.
+"""
 
 from __future__ import annotations
 
@@ -12,36 +16,8 @@ from torch import nn
 from fimlora.config import FimConfig
 from fimlora.initialize import initialize_lora_fim_ranks
 from fimlora.methods.base import StaticRanksMethod, register_method
-from fimlora.peft_glue import current_ranks
-from fimlora.rankmap import RankMap
 
-__all__ = ["FimMethod", "UniformMethod"]
-
-
-def _wrap(base_model: nn.Module, lora_config: Any) -> nn.Module:
-    from peft import get_peft_model
-
-    return get_peft_model(base_model, copy.deepcopy(lora_config))
-
-
-@register_method("uniform")
-class UniformMethod(StaticRanksMethod):
-    """Plain LoRA: every adapted module at the config's rank."""
-
-    name = "uniform"
-
-    def prepare(
-        self,
-        base_model: nn.Module,
-        lora_config: Any,
-        *,
-        calibration_batches: Iterable[Any] | None = None,
-        total_steps: int | None = None,
-        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
-    ) -> nn.Module:
-        model = _wrap(base_model, lora_config)
-        self.rank_map = RankMap(current_ranks(model), metadata={"method": "uniform"})
-        return model
+__all__ = ["FimMethod"]
 
 
 @register_method("fim")
@@ -62,9 +38,11 @@ class FimMethod(StaticRanksMethod):
         total_steps: int | None = None,
         loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     ) -> nn.Module:
+        from peft import get_peft_model
+
         if calibration_batches is None:
             raise ValueError("the 'fim' method needs calibration batches (the first T training batches)")
-        model = _wrap(base_model, lora_config)
+        model = get_peft_model(base_model, copy.deepcopy(lora_config))
         self.rank_map = initialize_lora_fim_ranks(
             model, calibration_batches, self.fim_config, loss_fn=loss_fn
         )

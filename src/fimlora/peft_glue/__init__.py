@@ -1,0 +1,56 @@
+"""Everything that touches PEFT internals lives here, so a PEFT change touches this package only.
+
+* :mod:`.layers`: find a model's LoRA layers for an adapter (clear errors for non-PEFT models and
+  data-parallel wrappers), their config, shapes, ranks and factors;
+* :mod:`.resize`: rebuild LoRA layers at new ranks (re-initialised, or keeping chosen rank columns for
+  training-time reallocation) and write ``rank_pattern``/``alpha_pattern`` with keys that match exactly
+  one module; save and restore an adapter's layout;
+* :mod:`.export`: export an adapter in the single-rank form that serving engines load correctly (scales
+  folded into B, every module zero-padded to the largest rank);
+* :mod:`.adalora`: AdaLoRA's SVD-form layers and rank allocator, and its conversion to plain LoRA;
+* :mod:`.eva`: EVA with a parameter budget (a version-checked replacement inside PEFT's EVA).
+
+Other fimlora modules may use PEFT's top-level API (``from peft import LoraConfig, get_peft_model``) but
+never ``peft.tuners``/``peft.utils`` or a LoRA layer's attributes: they use the functions here.
+PEFT is imported lazily, so importing this package does not import PEFT.
+"""
+
+from fimlora.peft_glue.export import export_uniform
+from fimlora.peft_glue.layers import (
+    current_ranks,
+    data_parallel_inner,
+    lora_config,
+    lora_factor_params,
+    lora_factors,
+    lora_modules,
+    module_shapes,
+)
+from fimlora.peft_glue.resize import (
+    apply_rank_map,
+    lora_layout,
+    pattern_key,
+    rank_patterns,
+    resize_lora_modules,
+    restore_lora_layout,
+    scaled_alpha,
+    set_rank_patterns,
+)
+
+__all__ = [
+    "apply_rank_map",
+    "current_ranks",
+    "data_parallel_inner",
+    "export_uniform",
+    "lora_config",
+    "lora_factor_params",
+    "lora_factors",
+    "lora_layout",
+    "lora_modules",
+    "module_shapes",
+    "pattern_key",
+    "rank_patterns",
+    "resize_lora_modules",
+    "restore_lora_layout",
+    "scaled_alpha",
+    "set_rank_patterns",
+]
