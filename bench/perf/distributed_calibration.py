@@ -1,7 +1,7 @@
 """Multi-process calibration under ``torchrun`` / ``accelerate launch`` (issue 6, "Scale").
 
 Every process builds the same model (same seed), takes its own shard of the T batches (batch ``i`` goes to
-rank ``i % world``) and calibrates; ``fimlora.scores`` all-reduces the raw sums, so every rank ends with the
+rank ``i % world``) and calibrates; ``fimlora.calibration`` all-reduces the raw sums, so every rank ends with the
 statistics of all T batches. Rank 0 prints the record; with ``--check`` it also calibrates alone on all T
 batches and reports the largest relative difference and whether the rank maps are identical.
 

@@ -3,7 +3,7 @@
 Counted from shapes, no weights allocated: the LLaMA is built on ``torch.device("meta")`` and wrapped in
 PEFT LoRA there, then parameters are counted. A full-model diagonal Fisher keeps one fp32 number per model
 parameter; FIM-LoRA's Fisher keeps one per element of every LoRA-B (``sum numel(B_m) = r * sum out_m``).
-The implementation (``fimlora.scores._BGradAccumulator``) actually holds two fp32 tensors per B (sum g and
+The implementation (``fimlora.calibration.BatchAccumulator``) actually holds two fp32 tensors per B (sum g and
 sum g^2, so that the variance is available too); both ratios are reported. The issue's reference: 497x at
 the 1.5B shape, 729x at the 8B shape, r = 8 on all seven projections.
 
@@ -26,8 +26,8 @@ if __package__ in (None, ""):  # run as a file: make `bench` importable from the
 import torch  # noqa: E402
 
 from bench.perf import common  # noqa: E402
-from fimlora.peft_glue import lora_modules  # noqa: E402
-from fimlora.scores import _BGradAccumulator  # noqa: E402
+from fimlora.calibration import BatchAccumulator  # noqa: E402
+from fimlora.peft_glue import lora_factors, lora_modules  # noqa: E402
 
 REFERENCE_RATIO = {"1.5b": 497, "8b": 729}
 
@@ -42,10 +42,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base_params = common.count_params(base)
     model = common.lora_model(base, args.lora_r, args.seed)
     mods = lora_modules(model)
-    b_numel = sum(m.lora_B["default"].weight.numel() for m in mods.values())
-    a_numel = sum(m.lora_A["default"].weight.numel() for m in mods.values())
+    factors = {n: lora_factors(m) for n, m in mods.items()}
+    b_numel = sum(b.weight.numel() for _, b in factors.values())
+    a_numel = sum(a.weight.numel() for a, _ in factors.values())
     # The very accumulator calibration uses, on meta tensors: counts its state without allocating it.
-    acc = _BGradAccumulator({n: m.lora_B["default"].weight for n, m in mods.items()})
+    acc = BatchAccumulator({n: b.weight for n, (_, b) in factors.items()})
     acc_numel = sum(t.numel() for store in (acc.sum_g, acc.sum_g2) for t in store.values())
     fp32 = 4
     results = {

@@ -1,6 +1,6 @@
 """FIM-LoRA end to end: calibrate (or take precomputed statistics), allocate, rebuild the LoRA layers.
 
-This is the glue between :mod:`fimlora.scores` (torch), :mod:`fimlora.allocate` (pure math) and
+This is the glue between :mod:`fimlora.calibration` (torch), :mod:`fimlora.allocate` (pure math) and
 :mod:`fimlora.peft_glue` (PEFT internals). It mirrors PEFT's EVA API: ``initialize_lora_fim_ranks`` does
 both steps, or takes ``scores=`` computed earlier (e.g. under DDP) and only applies them.
 """
@@ -13,10 +13,10 @@ from typing import Any
 from torch import nn
 
 from fimlora.allocate import allocate_ranks
+from fimlora.calibration import LossFn, ModuleStats, estimate_module_scores
 from fimlora.config import FimConfig
 from fimlora.peft_glue import apply_rank_map, lora_config, lora_modules, module_shapes
 from fimlora.rankmap import RankMap
-from fimlora.scores import LossFn, ModuleStats, estimate_module_scores
 
 __all__ = ["initialize_lora_fim_ranks", "plan_rank_map"]
 

@@ -1,7 +1,7 @@
 """Multi-process calibration: all-reduced statistics equal a single process's on the union of the shards.
 
 Two CPU processes (gloo) each calibrate on their own half of 8 fixed batches (T = 4 each). Because
-``fimlora.scores`` all-reduces the raw sums (sum g, sum g^2, batch counts) before dividing, the result must
+``fimlora.calibration`` all-reduces the raw sums (sum g, sum g^2, batch counts) before dividing, the result must
 equal one process calibrating on all 8 batches (T = 8), including the variance E[g^2] - E[g]^2 of the
 union, and must give the same rank map. ``torch.multiprocessing.spawn`` is used rather than ``torchrun``:
 it needs no console script and starts in a few seconds on two cores.

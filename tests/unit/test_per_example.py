@@ -1,6 +1,6 @@
 """The per-example estimator: exact per-example squared gradient norms, checked against explicit gradients.
 
-The math (``fimlora.per_example``) is compared with per-example gradients formed explicitly and with
+The math (``fimlora.calibration.per_example``) is compared with per-example gradients formed explicitly and with
 ``torch.func.vmap(grad(...))`` in fp64. The glue (``FimConfig(estimator="per_example")``) is compared, on
 tiny BERT, GPT-2 and LLaMA, with each example's gradient computed by running that example alone (a batch
 of one): that is what the estimator claims to compute from a single pass over the whole batch.
@@ -23,8 +23,8 @@ from helpers.tiny_models import VOCAB, batches, peft_model, tiny_llama
 from peft import LoraConfig, get_peft_model
 
 from fimlora import CalibrationError, FimConfig, ModuleStats, estimate_module_scores, fim_calibration
+from fimlora.calibration import per_example_sq_norms
 from fimlora.peft_glue import lora_modules
-from fimlora.per_example import per_example_sq_norms
 
 # --- the math ------------------------------------------------------------------------------------------
 

@@ -24,20 +24,20 @@ included).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from fimlora.calibration import LossFn
 from fimlora.config import FimConfig
 from fimlora.initialize import initialize_lora_fim_ranks
 from fimlora.rankmap import RankMap
 
 __all__ = ["FimCalibrationCallback", "fim_initialize_for_trainer"]
 
-LossFn = Callable[[nn.Module, Any], torch.Tensor]
 _COLLATOR_ONLY_KEYS = ("completion_mask", "assistant_masks", "num_items_in_batch")
 
 
