@@ -6,12 +6,46 @@ rank or parameter budget in proportion to the scores. The result is a plain PEFT
 ``rank_pattern``/``alpha_pattern``.
 """
 
-from fimlora.allocate import allocate_ranks
-from fimlora.config import FimConfig
-from fimlora.initialize import initialize_lora_fim_ranks
-from fimlora.peft_glue import apply_rank_map, export_uniform
-from fimlora.rankmap import RankMap
-from fimlora.scores import CalibrationError, ModuleStats, estimate_module_scores, fim_calibration
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fimlora.allocate import allocate_ranks
+    from fimlora.calibration import ModuleStats, estimate_module_scores, fim_calibration
+    from fimlora.config import FimConfig
+    from fimlora.errors import CalibrationError
+    from fimlora.initialize import initialize_lora_fim_ranks
+    from fimlora.peft_glue import apply_rank_map, export_uniform
+    from fimlora.rankmap import RankMap
+
+# Public name -> the module that defines it. Loaded on first use (PEP 562), so that importing a torch-free
+# part of the package (fimlora.rankmap, fimlora.allocate, fimlora.io) does not import torch and PEFT.
+_HOMES = {
+    "CalibrationError": "fimlora.errors",
+    "FimConfig": "fimlora.config",
+    "ModuleStats": "fimlora.calibration",
+    "RankMap": "fimlora.rankmap",
+    "allocate_ranks": "fimlora.allocate",
+    "apply_rank_map": "fimlora.peft_glue",
+    "estimate_module_scores": "fimlora.calibration",
+    "export_uniform": "fimlora.peft_glue",
+    "fim_calibration": "fimlora.calibration",
+    "initialize_lora_fim_ranks": "fimlora.initialize",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        value = getattr(importlib.import_module(_HOMES[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'fimlora' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])
 
 __all__ = [
     "CalibrationError",

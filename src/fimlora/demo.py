@@ -23,9 +23,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fimlora.config import FimConfig
 from fimlora.io import OutputDir, write_provenance
 from fimlora.report import Report, format_mean_std, markdown_table
 from fimlora.run_config import DataSpec, LoraSpec, RunConfig
+from fimlora.training import TrainConfig
 
 __all__ = ["DEMO_TARGET_MODULES", "DemoConfig", "run_demo"]
 
@@ -90,19 +92,17 @@ def _run_config(cfg: DemoConfig, method: str, seed: int) -> RunConfig:
         device=cfg.device,
         data=DataSpec(train=f"builtin:{cfg.dataset}", max_train=cfg.max_train, max_length=cfg.max_length),
         lora=LoraSpec(r=cfg.r, alpha=2.0 * cfg.r, dropout=0.05, target_modules=list(DEMO_TARGET_MODULES)),
-        fim={
-            "calibration_batches": cfg.calibration_batches,
-            "budget_unit": "params",
-            "show_progress": cfg.progress,
-        },
-        train={
-            "epochs": cfg.epochs,
-            "batch_size": cfg.batch_size,
-            "lr": cfg.lr,
-            "eval_batch_size": 64,
-            "checkpoint_every": None,
-            "progress": cfg.progress,
-        },
+        fim=FimConfig(
+            calibration_batches=cfg.calibration_batches, budget_unit="params", show_progress=cfg.progress
+        ),
+        train=TrainConfig(
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            eval_batch_size=64,
+            checkpoint_every=None,
+            progress=cfg.progress,
+        ),
     )
 
 
@@ -114,8 +114,7 @@ def run_demo(
     Raises:
         UsageError: ``out_dir`` exists (without ``overwrite``) or a demo package is missing.
     """
-    from fimlora.tasks import collator_for
-    from fimlora.training import prepare_run, save_training_outputs, train_adapter
+    from fimlora.recipes import prepare_run, save_training_outputs, train_prepared
 
     cfg = config or DemoConfig()
     output = OutputDir(out_dir, overwrite=overwrite)
@@ -126,18 +125,7 @@ def run_demo(
             for method in cfg.methods:
                 run = _run_config(cfg, method, seed)
                 prepared = prepare_run(run)
-                result = train_adapter(
-                    prepared.model,
-                    prepared.lora_config,
-                    prepared.make_method(),
-                    prepared.train_rows,
-                    collator_for(run.task, prepared.tokenizer),
-                    prepared.train_config,
-                    seed=seed,
-                    device=prepared.device,
-                    eval_fn=prepared.eval_fn(),
-                    desc=f"seed {seed} {method}",
-                )
+                result = train_prepared(prepared, desc=f"seed {seed} {method}")
                 run_dir = staging / f"seed-{seed}" / method
                 metrics = save_training_outputs(run_dir, prepared, result)
                 write_provenance(run_dir, run.to_dict(), seed=seed, extra={"kind": "demo"})
@@ -211,9 +199,8 @@ def _summarise(
 def _write_figures_and_report(
     out: Path, cfg: DemoConfig, runs: list[dict[str, Any]], summary: dict[str, Any]
 ) -> None:
-    from fimlora.plot import plot_rank_bars, plot_training_curves
+    from fimlora.plot import plot_rank_bars, plot_training_curves, smooth
     from fimlora.rankmap import RankMap
-    from fimlora.training import smooth
 
     first = cfg.seeds[0]
     report = Report("fimlora demo: uniform LoRA vs FIM-LoRA on MiniLM-L6, movie-review sentiment")

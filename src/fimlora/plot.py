@@ -12,20 +12,41 @@ import math
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
-from fimlora.rankmap import RankMap, split_module_name
+from fimlora.module_names import split_module_name
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["plot_rank_bars", "plot_rank_heatmap", "plot_training_curves"]
+__all__ = [
+    "TabularRanks",
+    "new_figure",
+    "plot_rank_bars",
+    "plot_rank_heatmap",
+    "plot_training_curves",
+    "save_figure",
+    "smooth",
+]
+
+
+class TabularRanks(Protocol):
+    """What the heatmap needs of a rank map (:class:`fimlora.RankMap` is one): its size, its rank sum and its
+    layer x kind table (``.layers``, ``.kinds``, ``.cells``)."""
+
+    def __len__(self) -> int: ...
+
+    @property
+    def total_rank(self) -> int: ...
+
+    def table(self) -> Any: ...
+
 
 _DPI = 120
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     """Create a standalone matplotlib Figure, or explain how to install matplotlib."""
     try:
         from matplotlib.figure import Figure
@@ -36,7 +57,7 @@ def _new_figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def _save(fig: Figure, path: str | os.PathLike[str]) -> pathlib.Path:
+def save_figure(fig: Figure, path: str | os.PathLike[str]) -> pathlib.Path:
     """Write ``fig`` as PNG to ``path`` (creating the parent directory) and return the path."""
     out = pathlib.Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +114,7 @@ def _grid_heatmap(
 
 
 def plot_rank_heatmap(
-    rank_map: RankMap,
+    rank_map: TabularRanks,
     path: str | os.PathLike[str],
     *,
     title: str | None = None,
@@ -126,7 +147,7 @@ def plot_rank_heatmap(
     panel_width = 1.6 + 0.75 * n_cols
     height = 1.8 + 0.24 * n_rows
     n_panels = 1 if scores is None else 2
-    fig = _new_figure(panel_width * n_panels + 0.6, height)
+    fig = new_figure(panel_width * n_panels + 0.6, height)
     axes = fig.subplots(1, n_panels, squeeze=False)[0]
     nan = float("nan")
     ranks = [[nan if v is None else float(v) for v in row] for row in table.values]
@@ -161,7 +182,7 @@ def plot_rank_heatmap(
         axes[1].set_title("score", fontsize=10)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _short_label(name: str) -> str:
@@ -171,7 +192,7 @@ def _short_label(name: str) -> str:
 
 
 def plot_rank_bars(
-    rank_map: RankMap,
+    rank_map: Mapping[str, int],
     path: str | os.PathLike[str],
     *,
     reference: Mapping[str, int] | None = None,
@@ -202,7 +223,7 @@ def plot_rank_bars(
     names = list(rank_map)
     n = len(names)
     # ~0.18 inch per module keeps labels from overlapping; cap the width for very large models.
-    fig = _new_figure(min(4.0 + 0.18 * n * (2 if reference else 1), 60.0), 4.5)
+    fig = new_figure(min(4.0 + 0.18 * n * (2 if reference else 1), 60.0), 4.5)
     ax = fig.subplots()
     x = list(range(n))
     width = 0.8 if reference is None else 0.4
@@ -220,7 +241,7 @@ def plot_rank_bars(
     ax.set_axisbelow(True)
     if title:
         ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_training_curves(
@@ -247,7 +268,7 @@ def plot_training_curves(
     """
     if not curves:
         raise ValueError("no curves to plot")
-    fig = _new_figure(7.0, 4.2)
+    fig = new_figure(7.0, 4.2)
     ax = fig.subplots()
     for name, points in curves.items():
         ordered = sorted(points, key=lambda p: p[0])
@@ -258,4 +279,15 @@ def plot_training_curves(
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
+
+
+def smooth(points: Sequence[tuple[int, float]], window: int = 10) -> list[tuple[int, float]]:
+    """Trailing moving average of a loss curve (for plots; the raw curve stays in history.json)."""
+    out, acc = [], 0.0
+    for i, (step, value) in enumerate(points):
+        acc += value
+        if i >= window:
+            acc -= points[i - window][1]
+        out.append((step, acc / min(i + 1, window)))
+    return out

@@ -137,7 +137,7 @@ def _relative(path: Path, base: Path) -> str:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    from fimlora.run_config import UsageError
+    from fimlora.errors import UsageError
 
     try:
         data: dict[str, Any] = json.loads(path.read_text())
@@ -209,8 +209,7 @@ def compare_runs(
             curves = {r["name"]: [tuple(p) for p in r["history"].get("losses", [])] for r in runs}
             curves = {k: v for k, v in curves.items() if v}
             if curves:
-                from fimlora.plot import plot_training_curves
-                from fimlora.training import smooth
+                from fimlora.plot import plot_training_curves, smooth
 
                 plot_training_curves(
                     {k: smooth(v) for k, v in curves.items()},
@@ -269,9 +268,8 @@ def plot_outputs(
     """
     from fimlora.errors import UsageError
     from fimlora.io import OutputDir
-    from fimlora.plot import plot_training_curves
+    from fimlora.plot import plot_training_curves, smooth
     from fimlora.rankmap import RankMap
-    from fimlora.training import smooth
 
     src = Path(source)
     map_path = src / "rank_map.json" if src.is_dir() else src

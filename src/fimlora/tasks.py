@@ -33,15 +33,15 @@ from fimlora.data import (
     read_records,
 )
 from fimlora.data.multiple_choice import read_bigbench_multiple_choice
-from fimlora.run_config import DataSpec, UsageError
+from fimlora.errors import UsageError
 
 __all__ = [
     "TASKS",
     "Collator",
+    "DataSpec",
     "TaskData",
     "classification_collator",
     "encode_examples",
-    "evaluate_adapter",
     "evaluate_classification",
     "evaluate_lm_loss",
     "load_multiple_choice",
@@ -58,6 +58,44 @@ IGNORE_INDEX = -100
 
 Batch = dict[str, torch.Tensor]
 Collator = Callable[[Sequence[dict[str, Any]]], Batch]
+
+
+@dataclass
+class DataSpec:
+    """Where the examples come from and how to read them."""
+
+    train: str | None = None
+    """Training data: a .csv/.tsv/.jsonl/.json file, a datasets.save_to_disk folder, or builtin:NAME."""
+
+    eval: str | None = None
+    """Evaluation data (same formats). Default for builtin:NAME: its test split; otherwise none."""
+
+    text_column: str = "text"
+    """Column with the text (classification)."""
+
+    text_pair_column: str | None = None
+    """Column with the second text of pair tasks (classification), if any."""
+
+    label_column: str = "label"
+    """Column with the label (classification): a name or an integer id."""
+
+    label_names: list[str] | None = None
+    """Label names in id order (classification). Default: inferred from the training labels."""
+
+    prompt_column: str = "prompt"
+    """Column with the prompt (sft)."""
+
+    completion_column: str = "completion"
+    """Column with the completion (sft); the loss is computed on these tokens only."""
+
+    max_train: int | None = None
+    """Keep at most this many training examples (a deterministic, label-stratified subsample for builtins)."""
+
+    max_eval: int | None = None
+    """Evaluate on at most this many examples (the first ones, in file order)."""
+
+    max_length: int = 128
+    """Truncate each tokenised example to this many tokens."""
 
 
 @dataclass
@@ -466,119 +504,3 @@ def _maybe_tqdm(it: Iterable[Any], enabled: bool, total: int, desc: str) -> Iter
     from tqdm.auto import tqdm
 
     return tqdm(it, total=total, desc=desc, leave=False)
-
-
-# ---- recipe: what `fimlora eval` runs ----------------------------------------------------------------
-
-
-def _adapter_dir(path: Path) -> tuple[Path, dict[str, Any]]:
-    """The adapter directory under ``path`` and the ``task.json`` written next to it by ``fimlora train``."""
-    adapter = path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
-    if not (adapter / "adapter_config.json").is_file():
-        raise UsageError(
-            f"{path} is not an adapter directory (no adapter_config.json); pass a `fimlora train` output or a "
-            "directory written by save_pretrained"
-        )
-    info: dict[str, Any] = {}
-    for candidate in (adapter / "task.json", adapter.parent / "task.json"):
-        if candidate.is_file():
-            info = json.loads(candidate.read_text())
-            break
-    return adapter, info
-
-
-def evaluate_adapter(
-    adapter: str | Path,
-    data: str,
-    *,
-    task: str | None = None,
-    model: str | None = None,
-    gguf_file: str | None = None,
-    batch_size: int = 32,
-    max_length: int | None = None,
-    max_eval: int | None = None,
-    device: str = "auto",
-    text_column: str = "text",
-    text_pair_column: str | None = None,
-    label_column: str = "label",
-    prompt_column: str = "prompt",
-    completion_column: str = "completion",
-) -> dict[str, Any]:
-    """``fimlora eval``: load base model + adapter and evaluate it on a data file.
-
-    Args:
-        adapter: a ``fimlora train`` output directory or an adapter directory.
-        data: evaluation file (or ``builtin:NAME[:dev]`` for classification).
-        task: ``classification``, ``sft`` (completion loss) or ``multiple_choice``; default: as trained.
-        model: base model; default: the one in the run's ``task.json`` or the adapter config.
-        gguf_file: GGUF file name inside ``model``.
-        batch_size: examples per forward pass.
-        max_length: tokens per example (default: as trained, else 512).
-        max_eval: evaluate only the first N examples.
-        device: ``auto``, ``cpu``, ``cuda``...
-        text_column, text_pair_column, label_column, prompt_column, completion_column: data columns.
-
-    Returns:
-        The metrics (see :func:`evaluate_classification`, :func:`evaluate_lm_loss`,
-        :func:`score_multiple_choice`) plus ``task``, ``adapter`` and ``data``.
-    """
-    from peft import PeftModel
-
-    from fimlora.models import load_model_and_tokenizer, resolve_device
-
-    adapter_path, info = _adapter_dir(Path(adapter))
-    task = task or info.get("task") or "classification"
-    if task not in (*TASKS, "multiple_choice"):
-        raise UsageError(f"unknown task {task!r}; choose classification, sft or multiple_choice")
-    base = (
-        model
-        or info.get("model")
-        or json.loads((adapter_path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    )
-    gguf_file = gguf_file if gguf_file is not None else (info.get("gguf_file") if model is None else None)
-    length = max_length or info.get("max_length") or 512
-    label_names = info.get("label_names")
-    dev = resolve_device(device)
-    if task == "multiple_choice":
-        examples = load_multiple_choice(data)[:max_eval]
-    else:
-        spec = DataSpec(
-            eval=data,
-            text_column=text_column,
-            text_pair_column=text_pair_column,
-            label_column=label_column,
-            label_names=list(label_names) if label_names else None,
-            prompt_column=prompt_column,
-            completion_column=completion_column,
-            max_eval=max_eval,
-            max_length=length,
-        )
-        if data.startswith("builtin:"):
-            spec.train, spec.eval = ":".join(data.split(":")[:2]), data
-        task_data = load_task_data(task, spec, need_train=False)
-        examples, label_names = task_data.eval, task_data.label_names
-        if not examples:
-            raise UsageError(f"{data}: no evaluation examples")
-    num_labels = len(label_names) if label_names else None
-    net, tokenizer = load_model_and_tokenizer(
-        base, task=task, num_labels=num_labels, label_names=label_names, gguf_file=gguf_file
-    )
-    try:
-        peft_model = PeftModel.from_pretrained(net, str(adapter_path))
-    except (ValueError, RuntimeError, OSError) as e:
-        raise UsageError(
-            f"cannot load adapter {adapter_path} onto {base}: {str(e).splitlines()[0]}"
-        ) from None
-    peft_model.to(dev)
-    if task == "multiple_choice":
-        metrics = score_multiple_choice(
-            peft_model, tokenizer, examples, max_length=length, batch_size=batch_size
-        )
-    else:
-        rows = encode_examples(task, examples, tokenizer, length)
-        collate = collator_for(task, tokenizer)
-        if task == "classification":
-            metrics = evaluate_classification(peft_model, rows, collate, batch_size=batch_size)
-        else:
-            metrics = evaluate_lm_loss(peft_model, rows, collate, batch_size=batch_size)
-    return {"task": task, "adapter": str(adapter_path), "data": data, **metrics}

@@ -61,8 +61,8 @@ def test_encoder_spec_maps_to_run_config() -> None:
     assert run.model == "minilm" and run.method == "fim" and run.seed == 3
     assert run.data.train == "builtin:trec6" and run.data.max_train == 100
     assert run.lora.r == 2 and run.lora.alpha == 4.0
-    assert run.fim["score"] == "variance" and run.fim["budget_unit"] == "params"
-    assert run.train["lr"] == 0.01 and run.train["checkpoint_every"] is None
+    assert run.fim.score == "variance" and run.fim.budget_unit == "params"
+    assert run.train.lr == 0.01 and run.train.checkpoint_every is None
     with pytest.raises(ValueError, match="unknown override"):
         run_config_for("encoder", "trec6", "minilm", "fim", "r8", 0, {"learning_rate": 1})
     with pytest.raises(ValueError, match="unknown encoder task"):

@@ -12,9 +12,10 @@ from helpers.tiny_models import make_tiny_bert, make_tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fimlora.data import DataError
-from fimlora.run_config import DataSpec, UsageError
+from fimlora.errors import UsageError
 from fimlora.tasks import (
     IGNORE_INDEX,
+    DataSpec,
     classification_collator,
     encode_examples,
     load_multiple_choice,

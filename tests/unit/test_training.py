@@ -15,15 +15,15 @@ from peft import LoraConfig
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from fimlora import FimConfig
+from fimlora.checkpoints import latest_checkpoint
+from fimlora.errors import UsageError
 from fimlora.methods import get_method
-from fimlora.run_config import UsageError
 from fimlora.tasks import classification_collator, encode_examples
 from fimlora.training import (
+    BatchPlan,
     TrainConfig,
     TrainingInterrupted,
-    _BatchPlan,
-    _linear_schedule,
-    latest_checkpoint,
+    linear_schedule,
     train_adapter,
 )
 
@@ -41,18 +41,18 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def test_batch_plan_visits_every_example_once_per_epoch_in_a_seeded_order() -> None:
-    plan = _BatchPlan(10, 4, seed=3)
+    plan = BatchPlan(10, 4, seed=3)
     assert plan.steps_per_epoch == 3
     epoch0 = [i for s in range(3) for i in plan.indices(s)]
     epoch1 = [i for s in range(3, 6) for i in plan.indices(s)]
     assert sorted(epoch0) == sorted(epoch1) == list(range(10))
     assert epoch0 != epoch1
-    assert [_BatchPlan(10, 4, seed=3).indices(s) for s in range(6)] == [plan.indices(s) for s in range(6)]
-    assert _BatchPlan(10, 4, seed=4).indices(0) != plan.indices(0)
+    assert [BatchPlan(10, 4, seed=3).indices(s) for s in range(6)] == [plan.indices(s) for s in range(6)]
+    assert BatchPlan(10, 4, seed=4).indices(0) != plan.indices(0)
 
 
 def test_linear_schedule_warms_up_then_decays_to_zero() -> None:
-    f = _linear_schedule(warmup=2, total=10)
+    f = linear_schedule(warmup=2, total=10)
     values = [f(s) for s in range(11)]
     assert values[0] < values[1] < values[2] == 1.0
     assert values[-1] == 0.0 and all(a >= b for a, b in zip(values[2:], values[3:], strict=False))
