@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fimlora.io import staged_directory
 from fimlora.peft_glue.layers import PEFT_MODEL_PREFIX
 
 __all__ = ["export_uniform"]
@@ -100,16 +100,8 @@ def _export_dir(src: Path, out: Path) -> Path:
         if bias_key in tensors:
             out_tensors[bias_key] = (tensors[bias_key].float() * scale).to(tensors[bias_key].dtype)
     new_config = dict(config, r=r_max, lora_alpha=r_max, use_rslora=False, rank_pattern={}, alpha_pattern={})
-    # Write next to the destination and rename, so a crash never leaves a half-written adapter.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    # Written next to the destination and renamed, so a crash never leaves a half-written adapter.
+    with staged_directory(out) as staging:
         save_file(out_tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
         (staging / "adapter_config.json").write_text(json.dumps(new_config, indent=2, sort_keys=True))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
