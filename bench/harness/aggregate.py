@@ -28,15 +28,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fimlora.io import atomic_write_text
+
+from .record import commit_label
 from .stats import classify_paired, mean_std, paired_bootstrap_ci, sign_flip_permutation_pvalue
 
 __all__ = [
+    "METHOD_ORDER",
     "MIN_PAIRS_FOR_VERDICT",
     "NO_VERDICT",
     "Comparison",
-    "PooledComparison",
     "GroupRow",
     "MethodSummary",
+    "PooledComparison",
     "ResultTable",
     "TableProvenance",
     "aggregate",
@@ -44,8 +48,10 @@ __all__ = [
     "write_report",
 ]
 
-# Display order of methods: the baseline first, then the allocation methods by family.
-_METHOD_ORDER = ("uniform", "fim", "fim-variance", "eva", "adalora", "l1ra", "lrlora")
+METHOD_ORDER: tuple[str, ...] = ("uniform", "fim", "fim-variance", "eva", "adalora", "l1ra", "lrlora")
+"""Display order of methods in reports: the baseline first, then the allocation methods by family; a
+method not listed comes last. A deliberate order, not the list of all methods: each name must be a
+:func:`~bench.harness.experiment.known_methods` name (tests/bench checks it; this module stays torch-free)."""
 
 CellKey = tuple[str, str, str, str]  # (suite, model, task, budget)
 
@@ -322,9 +328,8 @@ def _common_overrides(records: list[Mapping[str, Any]]) -> set[tuple[str, str]]:
 
 
 def _commit_label(record: Mapping[str, Any]) -> str:
-    git = (record.get("provenance") or {}).get("git") or {}
-    commit = str(git.get("commit") or "unknown")
-    return f"{commit}+dirty" if git.get("dirty") else commit
+    # Old records say "unknown" for a commit that could not be read, new ones None: both read "unknown".
+    return commit_label((record.get("provenance") or {}).get("git"))
 
 
 def _group_runs(runs: list[_Run]) -> dict[tuple[CellKey, str], dict[int, _Run]]:
@@ -344,7 +349,7 @@ def _group_runs(runs: list[_Run]) -> dict[tuple[CellKey, str], dict[int, _Run]]:
 def _sort_key(cell: CellKey, method: str) -> tuple[Any, ...]:
     suite, model, task, budget = cell
     base = method.split("[", 1)[0]
-    order = _METHOD_ORDER.index(base) if base in _METHOD_ORDER else len(_METHOD_ORDER)
+    order = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
     return (suite, model, _natural_key(budget), task, order, _natural_key(method))
 
 
@@ -710,7 +715,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     table = aggregate(records, metric=metric, **aggregate_kwargs)
     md_path = out / "results.md"
-    md_path.write_text(to_markdown(table, digits=digits, scale=scale), encoding="utf-8")
+    atomic_write_text(md_path, to_markdown(table, digits=digits, scale=scale))
     written = [md_path]
     try:
         written += _write_charts(table, out, scale)

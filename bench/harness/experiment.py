@@ -3,6 +3,9 @@
 A grid is the cartesian product of its axes (models x tasks x budgets x seeds x methods). Every run gets a
 stable ``run_id`` derived from the sha1 of its canonical JSON, so the same spec always maps to the same
 result file and a sweep can be resumed after a crash (see ``store.py`` and ``runner.py``).
+
+Method names are checked against fimlora's method registry (:func:`known_methods`); that check is the one
+place the harness loads fimlora's methods (and so torch), when a spec or grid is built, never on import.
 """
 
 from __future__ import annotations
@@ -11,18 +14,51 @@ import hashlib
 import itertools
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
-__all__ = ["KNOWN_METHODS", "ExperimentGrid", "FrozenMapping", "RunSpec"]
+__all__ = [
+    "METHOD_VARIANTS",
+    "ExperimentGrid",
+    "FrozenMapping",
+    "RunSpec",
+    "check_methods",
+    "known_methods",
+]
 
-# Methods the benchmark knows how to run. A grid naming anything else is almost always a typo
-# ("fim_variance"), and catching it before hours of training is the point of validating.
-KNOWN_METHODS: frozenset[str] = frozenset(
-    {"uniform", "fim", "fim-variance", "l1ra", "lrlora", "adalora", "eva"}
-)
+METHOD_VARIANTS: Mapping[str, str] = MappingProxyType({"fim-variance": "fim"})
+"""Bench methods that are a registered fimlora method with fixed options -> that method
+(``fim-variance`` is ``fim`` with ``score="variance"``; see ``bench.suites.budget.method_settings``)."""
+
+
+def known_methods() -> frozenset[str]:
+    """Every method a spec may name: fimlora's registry (:func:`fimlora.methods.available_methods`) plus
+    :data:`METHOD_VARIANTS`.
+
+    Read on each call, so a method registered later counts. Imports ``fimlora.methods`` (torch, PEFT).
+    """
+    from fimlora.methods import available_methods
+
+    return frozenset(available_methods()) | frozenset(METHOD_VARIANTS)
+
+
+def check_methods(names: Iterable[str], field_name: str) -> None:
+    """Raise ``ValueError`` naming ``field_name`` if any of ``names`` is not in :func:`known_methods`.
+
+    A grid naming an unknown method is almost always a typo ("fim_variance"), and catching it before
+    hours of training is the point of validating.
+    """
+    known = known_methods()
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise ValueError(
+            f"`{field_name}` has unknown method(s) {unknown}; known (fimlora's method registry and bench's "
+            f"variants {sorted(METHOD_VARIANTS)}): {sorted(known)}"
+        )
+
 
 # Characters allowed in the readable run-id prefix; anything else (e.g. "/" in "glue/sst2") would make
 # the id unusable as a file name.
@@ -113,7 +149,7 @@ class RunSpec:
         suite: Benchmark suite name, e.g. ``"glue-small"``.
         task: Task within the suite, e.g. ``"sst2"``.
         model: Model identifier or path.
-        method: Rank-allocation method, one of :data:`KNOWN_METHODS`.
+        method: Rank-allocation method, one of :func:`known_methods`.
         budget: Budget label, e.g. ``"r2"``/``"r8"`` (average rank) or ``"p1.3M"`` (parameters).
         seed: Random seed; paired comparisons pair runs by this value.
         overrides: Extra settings (learning rate, ``r_min``...). Accepts any mapping; stored frozen so the
@@ -133,8 +169,7 @@ class RunSpec:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ValueError(f"`{name}` must be a non-empty string, got {value!r}")
-        if self.method not in KNOWN_METHODS:
-            raise ValueError(f"`method` must be one of {sorted(KNOWN_METHODS)}, got {self.method!r}")
+        check_methods([self.method], "method")
         # bool is an int subclass; seed=True is a bug, not seed 1.
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"`seed` must be an int, got {self.seed!r}")
@@ -214,9 +249,7 @@ class ExperimentGrid:
         for name in ("models", "tasks", "methods", "budgets"):
             _check_axis(name, getattr(self, name), str)
         _check_axis("seeds", self.seeds, int)
-        unknown = sorted(set(self.methods) - KNOWN_METHODS)
-        if unknown:
-            raise ValueError(f"`methods` has unknown entries {unknown}; known: {sorted(KNOWN_METHODS)}")
+        check_methods(self.methods, "methods")
         if not isinstance(self.overrides, dict):
             raise ValueError(f"`overrides` must be a mapping, got {type(self.overrides).__name__}")
         if not isinstance(self.method_overrides, dict):

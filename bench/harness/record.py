@@ -2,74 +2,73 @@
 
 A record is a plain JSON-serialisable dict: the spec, the metrics, cost figures (trainable parameters,
 calibration/training seconds, peak memory) and provenance (UTC time, Python, platform, package versions,
-git commit and whether the tree was dirty). Versions are read from package metadata; torch is never
-imported, so records can be made and read on machines without it.
+git commit and whether the tree was dirty). Versions and the commit come from :mod:`fimlora.io`
+(``package_versions``, ``git_state``): read from package metadata and git, torch is never imported, so
+records can be made and read on machines without it.
+
+A commit that could not be read is ``None`` in records written since fimlora.io; older records say
+``"unknown"``. :func:`commit_label` reads both alike.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import math
-import os
 import platform
-import subprocess
 import sys
 from collections.abc import Mapping
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from fimlora.io import git_state, package_versions
+
 from .experiment import RunSpec
 
-__all__ = ["RECORD_SCHEMA_VERSION", "git_info", "make_record", "package_versions"]
+__all__ = [
+    "RECORD_SCHEMA_VERSION",
+    "REPO_ROOT",
+    "UNKNOWN_COMMIT",
+    "commit_label",
+    "make_record",
+    "record_provenance",
+]
 
 # Bump when a field changes meaning; aggregation can then refuse or convert old records.
 RECORD_SCHEMA_VERSION = 1
 
-_TRACKED_PACKAGES = ("fimlora", "torch", "transformers", "peft", "accelerate", "numpy")
-_REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+"""The checkout ``bench`` runs from; records name its commit (``$FIMLORA_GIT_COMMIT`` wins, see
+:func:`fimlora.io.git_state`)."""
+
+UNKNOWN_COMMIT = "unknown"
+"""How reports print a commit that could not be read (``None``, or ``"unknown"`` in older records)."""
+
 _STATUSES = ("ok", "failed")
 
 
-def package_versions(names: tuple[str, ...] = _TRACKED_PACKAGES) -> dict[str, str | None]:
-    """Return installed versions from package metadata (``None`` when not installed); imports nothing."""
-    versions: dict[str, str | None] = {}
-    for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+def commit_label(git: Mapping[str, Any] | None, *, short: bool = False) -> str:
+    """``sha`` or ``sha+dirty`` of a provenance ``git`` block; :data:`UNKNOWN_COMMIT` when there is none.
 
-
-def git_info(repo: str | Path = _REPO_ROOT) -> dict[str, Any]:
-    """Return ``{"commit": sha | "unknown", "dirty": bool | None}`` for the repository at ``repo``.
-
-    Tolerates a missing git binary, a directory that is not a repository and a hung git (timeout): all
-    give ``"unknown"``/``None`` rather than an exception, since provenance must never abort a run. A copy
-    of the tree sent to another machine says where it came from with ``$FIMLORA_GIT_COMMIT`` and
-    ``$FIMLORA_GIT_DIRTY`` ("1"/"0"), which ``scripts/remote_prepare.sh`` records; when set, they win over
-    git (such a machine may hold a stale ``.git`` of its own: seen on a lent GPU machine).
+    Args:
+        git: ``{"commit": sha | None | "unknown", "dirty": bool | None}`` (a record's ``provenance.git``).
+        short: Keep the first 12 characters of the sha.
     """
-    env_commit = os.environ.get("FIMLORA_GIT_COMMIT")
-    if env_commit:
-        env_dirty = os.environ.get("FIMLORA_GIT_DIRTY")
-        return {"commit": env_commit, "dirty": None if env_dirty not in ("0", "1") else env_dirty == "1"}
-    commit = _git(repo, "rev-parse", "HEAD")
-    if commit is None:
-        return {"commit": "unknown", "dirty": None}
-    status = _git(repo, "status", "--porcelain")
-    return {"commit": commit, "dirty": None if status is None else bool(status)}
+    git = git or {}
+    commit = str(git.get("commit") or UNKNOWN_COMMIT)
+    if short:
+        commit = commit[:12]
+    return f"{commit}+dirty" if git.get("dirty") else commit
 
 
-def _git(repo: str | Path, *args: str) -> str | None:
-    try:
-        done = subprocess.run(
-            ["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip()
+def record_provenance() -> dict[str, Any]:
+    """The ``provenance`` of a record: ``timestamp`` (UTC), ``python``, ``platform``, ``versions``, ``git``."""
+    return {
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "versions": package_versions(),
+        "git": git_state(REPO_ROOT),
+    }
 
 
 def make_record(
@@ -129,7 +128,7 @@ def make_record(
         "device": device,
         "extra": dict(extra or {}),
         "error": error,
-        "provenance": _provenance(),
+        "provenance": record_provenance(),
     }
 
 
@@ -142,13 +141,3 @@ def _check_metrics(metrics: Mapping[str, float]) -> None:
         # A NaN mean would silently poison every aggregate it enters; fail at the source instead.
         if not math.isfinite(value):
             raise ValueError(f"`metrics.{key}` must be finite, got {value!r}")
-
-
-def _provenance() -> dict[str, Any]:
-    return {
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "versions": package_versions(),
-        "git": git_info(),
-    }

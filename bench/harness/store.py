@@ -1,20 +1,19 @@
 """A crash-safe result store: one JSON file per run under ``root/runs/<run_id>.json``.
 
-Each record is written to a temporary file in the same directory, flushed and fsynced, then moved into
-place with ``os.replace`` (atomic on POSIX and Windows). A crash at any point leaves either the old record
-or the new one, never half a file; stray temporary files end in ``.tmp`` and are ignored by readers.
+Each record is written with :func:`fimlora.io.atomic_write_text` (a temporary file in the same directory,
+fsynced, then moved into place with ``os.replace``). A crash at any point leaves either the old record or
+the new one, never half a file; stray temporary files end in ``.tmp`` and are ignored by readers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from fimlora.io import atomic_write_text
 
 from .experiment import RunSpec
 
@@ -72,9 +71,7 @@ class ResultStore:
         path = self.path_for(run_id)
         # Serialise before touching the disk: an unserialisable record must not leave a temp file behind.
         payload = json.dumps(record, indent=2, sort_keys=True, allow_nan=True) + "\n"
-        self.runs_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(path, payload)
-        return path
+        return atomic_write_text(path, payload)
 
     def records(self) -> list[dict[str, Any]]:
         """Return every readable record, sorted by file name.
@@ -126,36 +123,3 @@ def _read_record(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"expected a JSON object, got {type(data).__name__}")
     return data
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see either the old file or the complete new one."""
-    # Same directory as the target: os.replace is only atomic within one file system.
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            # fsync before rename, otherwise a power loss can leave the new name pointing at empty data.
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        # Also on KeyboardInterrupt: never leave a temp file behind.
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist the rename itself (POSIX); a no-op where directories cannot be opened (Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

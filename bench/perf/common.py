@@ -19,12 +19,9 @@ memory is measured in separate runs from timing.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
-import os
 import platform
 import statistics
-import sys
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -271,24 +268,12 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 def provenance(device: torch.device) -> dict[str, Any]:
-    """Versions, git commit, machine: enough to trace every number to how it was made."""
-    from bench.harness.record import git_info, package_versions
+    """:func:`fimlora.io.provenance` (versions, git commit, command line, machine, time) plus the CPU or
+    GPU model the numbers were measured on."""
+    from fimlora.io import provenance as run_provenance
 
-    info: dict[str, Any] = {
-        "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "versions": package_versions(),
-        "git": git_info(),
-        "argv": sys.argv,
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    else:
-        info["cpu"] = _cpu_model()
-    return info
+    machine = {"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {"cpu": _cpu_model()}
+    return run_provenance(extra=machine)
 
 
 def _cpu_model() -> str:

@@ -8,12 +8,13 @@
   reads (spec ``task``: a name; ``overrides.train`` / ``overrides.eval``: file, ``save_to_disk`` folder or
   ``builtin:NAME``), e.g. DeBERTa-v3-base on GLUE saved to disk.
 
-:func:`run_spec` is the ``run_fn`` of ``bench.harness.run_grid``.
+:func:`run_spec` is the ``run_fn`` of ``bench.harness.run_grid``; it dispatches on the suite. Every suite
+reports through ``outcome.py`` (shared, imports no suite), so no suite imports another's runner.
 """
 
 from __future__ import annotations
 
-from .budget import budget_rank, method_settings
+from .budget import PARAM_BUDGET_OPTION_METHODS, budget_rank, method_settings
 from .data import BENCH_DATASETS, materialise_bench_dataset
 from .decoder import DECODER_TASKS
 from .encoder import ENCODER_TARGET_MODULES, ENCODER_TASKS, run_config_for
@@ -24,6 +25,7 @@ __all__ = [
     "DECODER_TASKS",
     "ENCODER_TARGET_MODULES",
     "ENCODER_TASKS",
+    "PARAM_BUDGET_OPTION_METHODS",
     "SUITES",
     "budget_rank",
     "materialise_bench_dataset",

@@ -18,6 +18,7 @@ the folder the decoder suite reads. Rerunning is cheap: tasks already there are 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import re
@@ -29,6 +30,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from fimlora.io import staged_directory
 
 __all__ = [
     "BIGBENCH_SDIST_SHA256",
@@ -110,41 +113,37 @@ def _verify(path: Path, sha256: str) -> None:
 def _extract_tasks(sdist: Path, tasks: Iterable[str], dest: Path) -> dict[str, list[Path]]:
     """Stream through the archive once and install each wanted task folder under ``dest``.
 
-    A task's files are written to a staging folder first and the whole ``<task>`` folder is moved into
-    place at the end, so ``dest/<task>/task.json`` existing means that task is complete.
+    Each task's files go into its own :func:`fimlora.io.staged_directory` next to ``dest/<task>``, moved
+    into place only when every requested task was found, so ``dest/<task>/task.json`` existing means
+    that task is complete (and a failure leaves nothing behind).
     """
-    wanted = set(tasks)
-    staged: dict[str, list[Path]] = {task: [] for task in wanted}
-    staging = Path(tempfile.mkdtemp(prefix=".bigbench-staging-", dir=dest))
-    try:
+    wanted = list(dict.fromkeys(tasks))
+    written: dict[str, list[Path]] = {task: [] for task in wanted}
+    with contextlib.ExitStack() as stack:
+        staging = {task: stack.enter_context(staged_directory(dest / task)) for task in wanted}
         # "r|gz" reads the archive as a stream: no seeking, no index of all members, no full extraction.
         with tarfile.open(sdist, mode="r|gz") as archive:
             for member in archive:
                 match = _MEMBER.search(member.name)
-                if not member.isfile() or match is None or match.group(1) not in wanted:
+                if not member.isfile() or match is None or match.group(1) not in staging:
                     continue
                 task, subtask = match.groups()
                 # The path is built from the regex groups ([A-Za-z0-9_]+), never from the member name.
-                relative = Path(task, subtask, "task.json") if subtask else Path(task, "task.json")
+                relative = Path(subtask, "task.json") if subtask else Path("task.json")
                 source = archive.extractfile(member)
                 if source is None:
                     continue
-                (staging / relative).parent.mkdir(parents=True, exist_ok=True)
-                with source, (staging / relative).open("wb") as out:
+                (staging[task] / relative).parent.mkdir(parents=True, exist_ok=True)
+                with source, (staging[task] / relative).open("wb") as out:
                     shutil.copyfileobj(source, out, _CHUNK)
-                staged[task].append(relative)
-        missing = sorted(task for task, paths in staged.items() if not paths)
-        if missing:
+                written[task].append(dest / task / relative)
+        missing = sorted(task for task, paths in written.items() if not paths)
+        if missing:  # raised inside the stack: every staged task folder is removed, none moved
             raise BigbenchFetchError(
                 f"{sdist}: no bigbench/benchmark_tasks/<task>/task.json for {missing}; check the task names "
                 "(they are the folder names of BIG-bench's benchmark_tasks)"
             )
-        for task in staged:
-            shutil.rmtree(dest / task, ignore_errors=True)
-            os.replace(staging / task, dest / task)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return {task: [dest / relative for relative in paths] for task, paths in staged.items()}
+    return written
 
 
 def fetch_bigbench_tasks(

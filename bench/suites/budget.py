@@ -20,7 +20,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["FIM_KEYS", "budget_rank", "method_settings"]
+from bench.harness import check_methods
+
+__all__ = ["FIM_KEYS", "PARAM_BUDGET_OPTION_METHODS", "budget_rank", "method_settings"]
 
 _BUDGET = re.compile(r"r(\d+)")
 
@@ -34,6 +36,10 @@ FIM_KEYS = (
     "score_power",
 )
 """Spec overrides that are passed to :class:`fimlora.FimConfig` (fim / fim-variance only)."""
+
+PARAM_BUDGET_OPTION_METHODS: tuple[str, ...] = ("l1ra", "lrlora", "adalora", "eva")
+"""Training-time methods whose options take ``budget_unit``; the bench sets it to ``"params"``. A
+deliberate selection (the methods with that option), each checked against fimlora's registry."""
 
 
 def budget_rank(budget: str) -> int:
@@ -58,7 +64,13 @@ def method_settings(
         overrides: Spec overrides; :data:`FIM_KEYS` go to the FIM config, ``method_options`` (a mapping) to
             the method's constructor.
         show_progress: Calibration progress bar.
+
+    Raises:
+        ValueError: a method that is neither in fimlora's method registry nor a bench variant, or
+            ``fim-variance`` with another score.
     """
+    check_methods([method], "method")
+    check_methods(PARAM_BUDGET_OPTION_METHODS, "PARAM_BUDGET_OPTION_METHODS")
     fim: dict[str, Any] = {}
     options: dict[str, Any] = dict(overrides.get("method_options") or {})
     name = method
@@ -71,8 +83,12 @@ def method_settings(
                 fim[key] = overrides[key]
         if method == "fim-variance" and overrides.get("score", "variance") != "variance":
             raise ValueError("fim-variance fixes score='variance'; use method 'fim' for other scores")
-    elif method in ("l1ra", "lrlora", "adalora", "eva"):
+    elif method in PARAM_BUDGET_OPTION_METHODS:
         options.setdefault("budget_unit", "params")
     elif method != "uniform":
-        raise ValueError(f"unknown bench method {method!r}")
+        # Registered in fimlora, but the bench does not know how to hold its parameter budget.
+        raise ValueError(
+            f"unknown bench method {method!r}: fimlora has it, but bench.suites.budget does not know how "
+            "to give it the budget (add it to PARAM_BUDGET_OPTION_METHODS if it takes budget_unit)"
+        )
     return name, fim, options

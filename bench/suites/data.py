@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from fimlora.data.splits import deduplicate_examples, split_examples, stratified_subsample
+from fimlora.io import atomic_write_text
 from fimlora.packaged import installed_package_dir
 
 __all__ = ["BENCH_DATASETS", "TWEET_LABELS", "bench_cache_dir", "materialise_bench_dataset"]
@@ -56,12 +57,8 @@ def _tweet_rows() -> list[dict]:
 
 
 def _write_jsonl(path: Path, examples: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        for ex in examples:
-            handle.write(json.dumps({"text": ex["text"], "label": TWEET_LABELS[ex["label"]]}) + "\n")
-    os.replace(tmp, path)  # atomic: concurrent runs never read half a file
+    lines = [json.dumps({"text": ex["text"], "label": TWEET_LABELS[ex["label"]]}) + "\n" for ex in examples]
+    atomic_write_text(path, "".join(lines))  # atomic: concurrent runs never read half a file
 
 
 def materialise_bench_dataset(

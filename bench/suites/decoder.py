@@ -1,7 +1,7 @@
 """Decoder suite: a causal LM fine-tuned on BIG-bench multiple-choice tasks, scored by choice likelihood.
 
 For each task, the examples of BIG-bench's ``task.json`` with ``target_scores`` are read by
-:func:`fimlora.data.read_bigbench_multiple_choice`, split 80/20 by the sha1 of the input (fixed,
+:func:`fimlora.tasks.load_multiple_choice`, split 80/20 by the sha1 of the input (fixed,
 row-order independent), and the training part becomes prompt -> correct-choice SFT data (the loss is on
 the completion only). After training, every test example's choices are scored by their log-likelihood
 (:func:`fimlora.tasks.score_multiple_choice`): ``accuracy`` and the length-normalised ``accuracy_norm``.
@@ -95,10 +95,10 @@ def bigbench_prompt(task: dict[str, Any], text: str) -> str:
 
 
 def _read_bigbench_task(task_json: Path) -> list[dict[str, Any]]:
-    from fimlora.data.multiple_choice import read_bigbench_multiple_choice
+    from fimlora.tasks import load_multiple_choice
 
     task = json.loads(task_json.read_text(encoding="utf-8"))
-    examples = read_bigbench_multiple_choice(task_json)
+    examples = load_multiple_choice(task_json)  # a file named task.json is read as BIG-bench's format
     return [{**ex, "input": bigbench_prompt(task, ex["input"])} for ex in examples]
 
 
@@ -155,12 +155,14 @@ def run_decoder_spec(spec: RunSpec) -> dict[str, Any]:
     """Fine-tune a causal LM on one decoder task with the spec's method and budget; score choices."""
     import random
 
+    from fimlora import FimConfig
+    from fimlora.recipes import prepare_run
     from fimlora.run_config import DataSpec, LoraSpec, RunConfig
-    from fimlora.tasks import collator_for, score_multiple_choice
-    from fimlora.training import prepare_run, train_adapter
+    from fimlora.tasks import score_multiple_choice
+    from fimlora.training import TrainConfig, train_adapter
 
     from .budget import budget_rank, method_settings
-    from .run import outcome_of, uniform_lora_params
+    from .outcome import outcome_of, uniform_lora_params
 
     o = {**DECODER_DEFAULTS, **spec.overrides}
     r = budget_rank(spec.budget)
@@ -179,15 +181,15 @@ def run_decoder_spec(spec: RunSpec) -> dict[str, Any]:
         device=o["device"],
         data=DataSpec(train=str(sft_path), max_length=o["max_length"]),
         lora=LoraSpec(r=r, alpha=o["alpha_ratio"] * r, dropout=o["dropout"], target_modules="all-linear"),
-        fim=fim,
-        train={
-            "epochs": o["epochs"],
-            "max_steps": o["max_steps"],
-            "batch_size": o["batch_size"],
-            "lr": o["lr"],
-            "checkpoint_every": None,
-            "progress": False,
-        },
+        fim=FimConfig(**fim),
+        train=TrainConfig(
+            epochs=o["epochs"],
+            max_steps=o["max_steps"],
+            batch_size=o["batch_size"],
+            lr=o["lr"],
+            checkpoint_every=None,
+            progress=False,
+        ),
         method_options=options,
     )
     try:
@@ -197,12 +199,14 @@ def run_decoder_spec(spec: RunSpec) -> dict[str, Any]:
 
             torch.cuda.reset_peak_memory_stats(prepared.device)
         prepared.extra["uniform_lora_params"] = uniform_lora_params(prepared.model, prepared.lora_config)
+        # train_adapter, not recipes.train_prepared: no evaluation during training (the choices are
+        # scored once, below).
         result = train_adapter(
             prepared.model,
             prepared.lora_config,
             prepared.make_method(),
             prepared.train_rows,
-            collator_for("sft", prepared.tokenizer),
+            prepared.collate(),  # the sft collator
             prepared.train_config,
             seed=spec.seed,
             device=prepared.device,

@@ -13,7 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from fimlora import FimConfig
 from fimlora.run_config import DataSpec, LoraSpec, RunConfig
+from fimlora.training import TrainConfig
 
 from .budget import budget_rank, method_settings
 from .data import BENCH_DATASETS, materialise_bench_dataset
@@ -112,6 +114,8 @@ def run_config_for(
     else:
         raise ValueError(f"run_config_for handles suites 'encoder' and 'hf', not {suite!r}")
     targets = o.get("target_modules", ENCODER_TARGET_MODULES if suite == "encoder" else "all-linear")
+    if not isinstance(targets, str):  # spec overrides are frozen (lists become tuples); LoraSpec takes a list
+        targets = list(targets)
     return RunConfig(
         model=model,
         task="classification",
@@ -120,15 +124,15 @@ def run_config_for(
         device=o["device"],
         data=data,
         lora=LoraSpec(r=r, alpha=o["alpha_ratio"] * r, dropout=o["dropout"], target_modules=targets),
-        fim=fim,
-        train={
-            "epochs": o["epochs"],
-            "max_steps": o["max_steps"],
-            "batch_size": o["batch_size"],
-            "lr": o["lr"],
-            "eval_batch_size": 64,
-            "checkpoint_every": None,
-            "progress": bool(o.get("progress", False)),
-        },
+        fim=FimConfig(**fim),
+        train=TrainConfig(
+            epochs=o["epochs"],
+            max_steps=o["max_steps"],
+            batch_size=o["batch_size"],
+            lr=o["lr"],
+            eval_batch_size=64,
+            checkpoint_every=None,
+            progress=bool(o.get("progress", False)),
+        ),
         method_options=options,
     )

@@ -13,6 +13,8 @@ What lives here:
   markdown tables and heatmaps.
 * :class:`RankMapComparison` -- how two allocations differ: Spearman's rho, Kendall's tau-b
   (Kendall, 1945, "The treatment of ties in ranking problems"), and the L1 distance of the ranks.
+* :func:`spearman` and :func:`kendall_tau_b` -- those two rank correlations on any paired samples
+  (ties get average ranks), e.g. two score vectors.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import json
 import math
 import os
 import pathlib
-import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -32,19 +33,20 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from fimlora.module_names import split_module_name, split_with_prefix, strip_common
+
 __all__ = [
     "FORMAT",
     "RankMap",
     "RankMapComparison",
     "RankTable",
+    "kendall_tau_b",
+    "spearman",
     "split_module_name",
 ]
 
 FORMAT = "fimlora.rankmap/1"
 """Value of the ``"format"`` field in a saved RankMap; bump the suffix on incompatible changes."""
-
-# ASCII digits only: str.isdigit() also accepts characters such as "²", which int() rejects.
-_LAYER_INDEX = re.compile(r"[0-9]+")
 
 # Rows of the pairwise-sign matrix processed at once in Kendall's tau: bounds the temporaries to
 # about _KENDALL_BLOCK * n * 8 bytes instead of n**2 * 8 (200 MB at n = 5000).
@@ -72,59 +74,6 @@ def _json_default(obj: object) -> Any:
     if isinstance(obj, (np.generic, np.ndarray)):
         return obj.tolist()
     raise TypeError(f"metadata value of type {type(obj).__name__} is not JSON serialisable: {obj!r}")
-
-
-def split_module_name(name: str) -> tuple[int | None, str]:
-    """Split a module name into its layer index and its kind.
-
-    The layer index is the *last* purely numeric dotted component that is followed by further
-    components; the kind is everything after it. PEFT prefixes (``base_model.model.``) are
-    therefore irrelevant. Nested lists (e.g. ``layers.3.experts.7.w1``) give the innermost index.
-
-    Examples:
-        >>> split_module_name("bert.encoder.layer.3.attention.self.query")
-        (3, 'attention.self.query')
-        >>> split_module_name("model.layers.11.mlp.down_proj")
-        (11, 'mlp.down_proj')
-        >>> split_module_name("lm_head")
-        (None, 'lm_head')
-
-    Args:
-        name: Dotted module name, as in ``model.named_modules()``.
-
-    Returns:
-        ``(layer, kind)``; ``(None, name)`` when no numeric component is followed by another.
-    """
-    layer, _, kind = _split_with_prefix(name)
-    return layer, kind
-
-
-def _split_with_prefix(name: str) -> tuple[int | None, str, str]:
-    """Like :func:`split_module_name`, also returning the part before the layer index."""
-    parts = name.split(".")
-    # The final component is never a layer index: "layers.3" with nothing after it is a block,
-    # not a module inside layer 3.
-    for i in range(len(parts) - 2, -1, -1):
-        if _LAYER_INDEX.fullmatch(parts[i]):
-            return int(parts[i]), ".".join(parts[:i]), ".".join(parts[i + 1 :])
-    return None, "", name
-
-
-def _strip_common(prefixes: list[str]) -> dict[str, str]:
-    """Map each dotted prefix to what distinguishes it: common leading and trailing parts removed.
-
-    ``["model.encoder.layers", "model.decoder.layers"]`` -> ``{..: "encoder", ..: "decoder"}``.
-    Removing a component sequence shared by all keeps distinct prefixes distinct.
-    """
-    split = [p.split(".") if p else [] for p in prefixes]
-    lead = 0
-    while all(len(s) > lead for s in split) and len({s[lead] for s in split}) == 1:
-        lead += 1
-    rest = [s[lead:] for s in split]
-    trail = 0
-    while all(len(s) > trail for s in rest) and len({s[len(s) - 1 - trail] for s in rest}) == 1:
-        trail += 1
-    return {p: ".".join(s[: len(s) - trail]) for p, s in zip(prefixes, rest, strict=True)}
 
 
 @dataclass(frozen=True)
@@ -300,7 +249,7 @@ class RankMap(Mapping[str, int]):
             ValueError: Two modules land in the same cell even after qualifying kinds by their
                 stack (not expected for Hugging Face models).
         """
-        split = {name: _split_with_prefix(name) for name in self._ranks}
+        split = {name: split_with_prefix(name) for name in self._ranks}
         prefixes_of_kind: dict[str, list[str]] = {}
         for _, prefix, kind in split.values():
             seen = prefixes_of_kind.setdefault(kind, [])
@@ -309,7 +258,7 @@ class RankMap(Mapping[str, int]):
         # A kind under several stacks (encoder/decoder) gets one column per stack, labelled by the
         # part of the stack name that differs, rather than colliding in one cell.
         qualify = {
-            kind: _strip_common(prefixes) for kind, prefixes in prefixes_of_kind.items() if len(prefixes) > 1
+            kind: strip_common(prefixes) for kind, prefixes in prefixes_of_kind.items() if len(prefixes) > 1
         }
         cell_of: dict[str, tuple[int | None, str]] = {}
         for name, (layer, prefix, kind) in split.items():
@@ -357,8 +306,8 @@ class RankMap(Mapping[str, int]):
         l1 = int(np.abs(a - b).sum())
         total = self.total_rank
         return RankMapComparison(
-            spearman=_spearman(a, b),
-            kendall=_kendall_tau_b(a, b),
+            spearman=spearman(a, b),
+            kendall=kendall_tau_b(a, b),
             l1=l1,
             l1_normalised=l1 / total if total else math.nan,
             n_common=len(common),
@@ -457,7 +406,7 @@ class RankMap(Mapping[str, int]):
         return plot_rank_heatmap(self, path, title=title, scores=scores)
 
 
-def _average_ranks(x: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+def _average_ranks(x: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
     """1-based ranks of ``x``; tied values share the mean of the ranks they span."""
     order = np.argsort(x, kind="stable")
     sorted_x = x[order]
@@ -472,12 +421,28 @@ def _average_ranks(x: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
     return ranks
 
 
-def _spearman(a: npt.NDArray[np.int64], b: npt.NDArray[np.int64]) -> float:
-    """Spearman's rho with average ranks for ties; nan if n < 2 or either side is constant."""
-    if len(a) < 2:
+def _paired_arrays(a: npt.ArrayLike, b: npt.ArrayLike) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+    """``a`` and ``b`` as 1-D arrays of one length (ValueError otherwise)."""
+    x, y = np.asarray(a), np.asarray(b)
+    if x.ndim != 1 or x.shape != y.shape:
+        raise ValueError(f"expected two 1-D sequences of one length, got shapes {x.shape} and {y.shape}")
+    return x, y
+
+
+def spearman(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
+    """Spearman's rho of two paired samples: Pearson's r of their average ranks (ties share the mean rank).
+
+    Args:
+        a, b: paired values, shape ``(n,)`` each (ints or floats; the ranks of a map, or any scores).
+
+    Returns:
+        rho in [-1, 1]; ``nan`` if n < 2 or either side is constant (no ranking to correlate).
+    """
+    x, y = _paired_arrays(a, b)
+    if len(x) < 2:
         return math.nan
-    ra = _average_ranks(a) - (len(a) + 1) / 2.0  # the mean of average ranks is always (n+1)/2
-    rb = _average_ranks(b) - (len(b) + 1) / 2.0
+    ra = _average_ranks(x) - (len(x) + 1) / 2.0  # the mean of average ranks is always (n+1)/2
+    rb = _average_ranks(y) - (len(y) + 1) / 2.0
     denom = math.sqrt(float(ra @ ra) * float(rb @ rb))
     if denom == 0.0:
         return math.nan
@@ -485,19 +450,26 @@ def _spearman(a: npt.NDArray[np.int64], b: npt.NDArray[np.int64]) -> float:
     return float(np.clip(float(ra @ rb) / denom, -1.0, 1.0))
 
 
-def _kendall_tau_b(a: npt.NDArray[np.int64], b: npt.NDArray[np.int64]) -> float:
-    """Kendall's tau-b: (concordant - discordant) / sqrt((n0 - ties_a) * (n0 - ties_b)).
+def kendall_tau_b(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
+    """Kendall's tau-b of two paired samples: (concordant - discordant) / sqrt((n0 - ties_a) * (n0 - ties_b)).
 
     O(n^2) time over all pairs, in row blocks so memory stays O(n * block). Pairs tied on both
-    sides count in both tie totals, as tau-b prescribes. nan if either side has no untied pair.
+    sides count in both tie totals, as tau-b prescribes.
+
+    Args:
+        a, b: paired values, shape ``(n,)`` each (ints or floats).
+
+    Returns:
+        tau-b in [-1, 1]; ``nan`` if either side has no untied pair.
     """
-    n = len(a)
+    x, y = _paired_arrays(a, b)
+    n = len(x)
     n0 = n * (n - 1) // 2
     s = ties_a = ties_b = 0
     for lo in range(0, n, _KENDALL_BLOCK):
         hi = min(lo + _KENDALL_BLOCK, n)
-        sa = np.sign(a[lo:hi, None] - a[None, :])
-        sb = np.sign(b[lo:hi, None] - b[None, :])
+        sa = np.sign(x[lo:hi, None] - x[None, :])
+        sb = np.sign(y[lo:hi, None] - y[None, :])
         # Summing over all ordered pairs counts each unordered pair twice; the diagonal
         # (i == j) contributes 0 to s but n "ties", removed below.
         s += int((sa * sb).sum())

@@ -14,15 +14,21 @@ import numpy as np
 import pytest
 
 from bench.harness import (
+    METHOD_ORDER,
+    METHOD_VARIANTS,
+    UNKNOWN_COMMIT,
     ExperimentGrid,
     ResultStore,
     RunSpec,
     WinTieLoss,
     aggregate,
-    git_info,
+    check_methods,
+    commit_label,
+    known_methods,
     make_record,
     mean_std,
     paired_bootstrap_ci,
+    record_provenance,
     run_grid,
     sign_flip_permutation_pvalue,
     to_markdown,
@@ -30,6 +36,7 @@ from bench.harness import (
     write_report,
 )
 from bench.harness import record as record_module  # noqa: E402
+from fimlora.io import git_state
 
 FAKE_GIT = {"commit": "a" * 40, "dirty": False}
 
@@ -37,7 +44,7 @@ FAKE_GIT = {"commit": "a" * 40, "dirty": False}
 @pytest.fixture(autouse=True)
 def _fake_git(monkeypatch: pytest.MonkeyPatch) -> None:
     """Records get a fixed commit: deterministic, and no git subprocess per synthetic record."""
-    monkeypatch.setattr(record_module, "git_info", lambda: dict(FAKE_GIT))
+    monkeypatch.setattr(record_module, "git_state", lambda repo=None: dict(FAKE_GIT))
 
 
 def _spec(
@@ -105,6 +112,25 @@ def test_run_spec_overrides_are_frozen_and_round_trip() -> None:
         spec.overrides["lr"] = 1.0  # type: ignore[index]
     assert RunSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     assert spec.to_dict()["overrides"] == {"sched": {"warmup": 10}, "targets": ["q", "v"]}
+
+
+def test_known_methods_are_fimlora_registry_plus_bench_variants() -> None:
+    from fimlora.methods import available_methods
+
+    assert known_methods() == set(available_methods()) | set(METHOD_VARIANTS)
+    assert set(METHOD_VARIANTS.values()) <= set(available_methods())
+    # The report's display order is a deliberate selection: every name in it must be a real method.
+    assert set(METHOD_ORDER) <= known_methods()
+    check_methods(["uniform", "fim-variance"], "methods")
+    with pytest.raises(ValueError, match=r"`methods` has unknown method\(s\) \['fim_variance'\]"):
+        check_methods(["uniform", "fim_variance"], "methods")
+
+
+def test_record_provenance_keys_are_stable() -> None:
+    # Old and new records must aggregate alike: the provenance block keeps its keys.
+    prov = record_provenance()
+    assert set(prov) == {"timestamp", "python", "platform", "versions", "git"}
+    assert prov["git"] == FAKE_GIT  # the autouse fixture's commit, read through fimlora.io.git_state
 
 
 def test_run_id_is_file_name_safe() -> None:
@@ -319,21 +345,22 @@ def test_make_record_validation_names_the_argument(kwargs: dict[str, Any], field
         make_record(_spec(), metrics, **args)
 
 
-def test_git_info_outside_a_repository_is_unknown(tmp_path: Path) -> None:
+def test_git_state_outside_a_repository_is_unknown(tmp_path: Path) -> None:
     # The autouse fixture patched the module attribute; the real function is still what we imported.
-    assert git_info(tmp_path) == {"commit": "unknown", "dirty": None}
+    # fimlora.io writes an unreadable commit as None (bench's own copy wrote "unknown").
+    assert git_state(tmp_path) == {"commit": None, "dirty": None}
 
 
-def test_git_info_prefers_the_recorded_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_git_state_prefers_the_recorded_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A copy of the tree sent to another machine may have no .git, or a stale one; remote_prepare.sh
     # records the commit, and it wins over whatever git says there.
     monkeypatch.setenv("FIMLORA_GIT_COMMIT", "abc123")
     monkeypatch.setenv("FIMLORA_GIT_DIRTY", "0")
-    assert git_info() == {"commit": "abc123", "dirty": False}
+    assert git_state() == {"commit": "abc123", "dirty": False}
     monkeypatch.setenv("FIMLORA_GIT_DIRTY", "1")
-    assert git_info(tmp_path) == {"commit": "abc123", "dirty": True}
+    assert git_state(tmp_path) == {"commit": "abc123", "dirty": True}
     monkeypatch.setenv("FIMLORA_GIT_DIRTY", "maybe")
-    assert git_info(tmp_path) == {"commit": "abc123", "dirty": None}
+    assert git_state(tmp_path) == {"commit": "abc123", "dirty": None}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -672,6 +699,28 @@ def test_aggregate_provenance_counts_records_and_commits() -> None:
     assert table.provenance.n_records == 10
     assert table.provenance.n_skipped == 1  # the failed run
     assert table.provenance.git_commits == ("a" * 40, "b" * 40 + "+dirty")
+
+
+def test_commit_label_reads_old_and_new_missing_commits_alike() -> None:
+    # Records written by bench's own git helper said "unknown"; fimlora.io.git_state says None.
+    assert commit_label({"commit": None, "dirty": None}) == UNKNOWN_COMMIT == "unknown"
+    assert commit_label({"commit": "unknown", "dirty": None}) == UNKNOWN_COMMIT
+    assert commit_label(None) == commit_label({}) == UNKNOWN_COMMIT
+    assert commit_label({"commit": None, "dirty": True}) == "unknown+dirty"
+    assert commit_label({"commit": "c" * 40, "dirty": True}, short=True) == "c" * 12 + "+dirty"
+    assert commit_label({"commit": "c" * 40, "dirty": False}) == "c" * 40
+
+
+def test_old_and_new_records_without_a_commit_aggregate_to_the_same_report() -> None:
+    def with_commit(commit: str | None) -> list[dict[str, Any]]:
+        records = _synthetic_records()
+        for record in records:
+            record["provenance"]["git"] = {"commit": commit, "dirty": False}
+        return records
+
+    old, new = aggregate(with_commit("unknown")), aggregate(with_commit(None))
+    assert old.provenance.git_commits == new.provenance.git_commits == ("unknown",)
+    assert to_markdown(old) == to_markdown(new)
 
 
 def test_aggregate_lower_is_better_flips_verdicts() -> None:

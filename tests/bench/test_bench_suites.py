@@ -222,3 +222,65 @@ def test_only_filters_by_field_and_accepts_several_values() -> None:
     assert [(s.task, s.method) for s in kept] == [("trec6", "uniform"), ("trec6", "eva")]
     with pytest.raises(SystemExit, match="FIELD=VALUE"):
         select(specs, ["lr=1"])
+
+
+def test_every_registered_method_has_bench_budget_settings() -> None:
+    """A method added to fimlora's registry must get a deliberate budget setting here, not a silent default."""
+    from bench.harness import known_methods
+    from bench.suites import PARAM_BUDGET_OPTION_METHODS
+    from fimlora.methods import available_methods
+
+    assert set(PARAM_BUDGET_OPTION_METHODS) <= set(available_methods())
+    for method in sorted(known_methods()):
+        method_settings(method, {})  # raises for a method the bench does not know how to budget
+
+
+def _bench_imports() -> dict[str, list[tuple[str, list[str]]]]:
+    """bench module name -> [(imported module, imported names)], relative imports resolved."""
+    import ast
+
+    graph: dict[str, list[tuple[str, list[str]]]] = {}
+    for path in sorted((REPO / "bench").rglob("*.py")):
+        parts = list(path.relative_to(REPO).with_suffix("").parts)
+        is_package = parts[-1] == "__init__"
+        module = ".".join(parts[:-1] if is_package else parts)
+        package = module if is_package else module.rpartition(".")[0]
+        edges = []
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)] if node.level else []
+                target = ".".join([*base, *([node.module] if node.module else [])])
+                edges.append((target, [alias.name for alias in node.names]))
+            elif isinstance(node, ast.Import):
+                edges += [(alias.name, []) for alias in node.names]
+        graph[module] = edges
+    return graph
+
+
+def test_bench_imports_no_private_names_from_fimlora_or_other_bench_modules() -> None:
+    private = [
+        f"{module}: from {target} import {name}"
+        for module, edges in _bench_imports().items()
+        for target, names in edges
+        if target.split(".")[0] in ("fimlora", "bench")
+        for name in [*names, *target.split(".")]
+        if name.startswith("_") and name != "__future__"
+    ]
+    assert private == []
+
+
+def test_bench_suite_modules_import_each_other_without_a_cycle() -> None:
+    graph = _bench_imports()
+    suites = {m for m in graph if m.startswith("bench.suites.")}
+    deps = {
+        m: {t if t in suites else t.rpartition(".")[0] for t, names in graph[m]}
+        | {f"{t}.{n}" for t, names in graph[m] for n in names if f"{t}.{n}" in suites}
+        for m in suites
+    }
+    deps = {m: {d for d in ds if d in suites and d != m} for m, ds in deps.items()}
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(d == goal or (d not in seen and reaches(d, goal, seen | {d})) for d in deps[start])
+
+    assert [m for m in sorted(suites) if reaches(m, m, set())] == []
+    assert "bench.suites.run" not in deps["bench.suites.decoder"]
