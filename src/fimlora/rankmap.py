@@ -19,12 +19,10 @@ What lives here:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import pathlib
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from numbers import Integral
@@ -33,6 +31,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from fimlora.io import atomic_write_text
 from fimlora.module_names import split_module_name, split_with_prefix, strip_common
 
 __all__ = [
@@ -345,29 +344,13 @@ class RankMap(Mapping[str, int]):
     def save_json(self, path: str | os.PathLike[str]) -> pathlib.Path:
         """Write the map as JSON, atomically; creates the parent directory.
 
-        The file is written to a temporary file in the same directory and moved into place with
-        :func:`os.replace`, so a reader (or a crash) never sees a half-written file.
+        Written with :func:`fimlora.io.atomic_write_text`, so a reader (or a crash) never sees a
+        half-written file.
 
         Returns:
             The path written.
         """
-        path = pathlib.Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            # mkstemp creates the file 0o600; give the result ordinary permissions.
-            os.chmod(tmp_name, 0o644)
-            os.replace(tmp_name, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_name)
-            raise
-        return path
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load_json(cls, path: str | os.PathLike[str]) -> RankMap:
