@@ -14,18 +14,7 @@ fimlora's methods. File writes and provenance come from :mod:`fimlora.io`.
 
 from __future__ import annotations
 
-from .aggregate import (
-    METHOD_ORDER,
-    Comparison,
-    CostSummary,
-    GroupRow,
-    MethodSummary,
-    ResultTable,
-    TableProvenance,
-    aggregate,
-    to_markdown,
-    write_report,
-)
+from .aggregate import aggregate
 from .experiment import METHOD_VARIANTS, ExperimentGrid, FrozenMapping, RunSpec, check_methods, known_methods
 from .record import (
     RECORD_SCHEMA_VERSION,
@@ -35,6 +24,7 @@ from .record import (
     make_record,
     record_provenance,
 )
+from .report import to_markdown, write_report
 from .runner import GridSummary, RunOutcome, run_grid
 from .stats import (
     WinTieLoss,
@@ -45,6 +35,15 @@ from .stats import (
     win_tie_loss,
 )
 from .store import ResultStore
+from .tables import (
+    METHOD_ORDER,
+    Comparison,
+    CostSummary,
+    GroupRow,
+    MethodSummary,
+    ResultTable,
+    TableProvenance,
+)
 
 __all__ = [
     "METHOD_ORDER",
