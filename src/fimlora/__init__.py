@@ -47,6 +47,7 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted([*globals(), *_HOMES])
 
+
 __all__ = [
     "CalibrationError",
     "FimConfig",

@@ -43,7 +43,16 @@ __all__ = [
     "write_provenance",
 ]
 
-TRACKED_PACKAGES = ("fimlora", "torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "numpy")
+TRACKED_PACKAGES = (
+    "fimlora",
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "tokenizers",
+    "safetensors",
+    "numpy",
+)
 _SOURCE_DIR = Path(__file__).resolve().parent
 
 

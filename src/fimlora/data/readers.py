@@ -1,14 +1,17 @@
 """Read user data files into plain records, then into classification or SFT examples.
 
-Supported inputs: ``.csv``, ``.tsv``, ``.jsonl`` / ``.json`` (JSON lines, or one JSON list of objects)
-and a directory written by ``datasets.Dataset.save_to_disk`` (needs the optional ``datasets`` package,
-imported only then). Every problem raises :class:`~fimlora.errors.DataError` with a one-line message
-naming the problem and its fix; row numbers count data rows from 1 (the CSV header is not a row).
+Supported inputs: ``.csv``, ``.tsv``, ``.jsonl`` / ``.json`` (JSON lines, or one JSON list of objects),
+all UTF-8 text, and a directory written by ``datasets.Dataset.save_to_disk`` (needs the optional
+``datasets`` package, imported only then). Every problem raises :class:`~fimlora.errors.DataError` with a
+one-line message naming the problem and its fix (a binary, UTF-16 or otherwise non-UTF-8 file included);
+row numbers count data rows from 1 (the CSV header is not a row).
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +19,7 @@ from typing import Any
 
 from fimlora.errors import DataError
 
-__all__ = ["load_classification_file", "load_sft_file", "read_records"]
+__all__ = ["load_classification_file", "load_sft_file", "read_records", "read_text_file"]
 
 _SUPPORTED = ".csv, .tsv, .jsonl, .json, or a datasets.save_to_disk folder"
 # Markers that `datasets.save_to_disk` writes (a Dataset, or a DatasetDict of them).
@@ -34,7 +37,7 @@ def read_records(path: str | Path) -> list[dict]:
         The rows, in file order. CSV/TSV values are strings.
 
     Raises:
-        DataError: Missing path, unsupported extension, malformed or empty file.
+        DataError: Missing path, unsupported extension, malformed, empty, binary or non-UTF-8 file.
         ModuleNotFoundError: A ``save_to_disk`` folder was given but ``datasets`` is not installed.
     """
     path = Path(path)
@@ -55,11 +58,45 @@ def read_records(path: str | Path) -> list[dict]:
     return records
 
 
+def read_text_file(path: str | Path, *, expected: str = "UTF-8 text data file") -> str:
+    """The text of a UTF-8 file (a leading byte-order mark, common in spreadsheet exports, is dropped).
+
+    Args:
+        path: the file.
+        expected: what the file should be, for the fix in the message (e.g. ``"BIG-bench task.json"``).
+
+    Raises:
+        DataError: the file cannot be read, is binary (holds NUL bytes), is UTF-16, or is not valid UTF-8
+            (the message names the line and the offending byte).
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise DataError(
+            f"{path}: cannot read it ({error.strerror}); check the path and its permissions"
+        ) from None
+    # Before the NUL check: UTF-16 (Excel's "Unicode text") is text, but every other byte of it is NUL.
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise DataError(f"{path}: the file is UTF-16 text; save it as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
+    if b"\x00" in raw:
+        raise DataError(f"{path}: this is a binary file, not text (it contains NUL bytes); pass a {expected}")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise DataError(
+            f"{path}: not UTF-8 text (line {line} has the byte 0x{raw[error.start]:02x}); re-save it as UTF-8, "
+            "e.g. iconv -f cp1252 -t UTF-8"
+        ) from None
+
+
 def _read_delimited(path: Path, delimiter: str) -> list[dict]:
     """CSV/TSV with a header row; rows whose field count differs from the header are errors."""
-    # utf-8-sig: spreadsheet exports often start with a byte-order mark that would corrupt the first name.
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
+    kind = "CSV" if delimiter == "," else "TSV"
+    text = read_text_file(path, expected=f"UTF-8 {kind} file with a header row")
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
         if not reader.fieldnames:
             raise DataError(f"{path}: the file is empty; it needs a header row and at least one data row")
         records = []
@@ -71,12 +108,16 @@ def _read_delimited(path: Path, delimiter: str) -> list[dict]:
                     f"fields; quote values that contain {delimiter!r} or fix the row"
                 )
             records.append(dict(row))
+    except csv.Error as error:  # e.g. a field over the csv module's size limit: not a real CSV file
+        raise DataError(
+            f"{path}: not a valid {kind} file (line {reader.line_num}: {error}); fix the file"
+        ) from None
     return records
 
 
 def _read_json(path: Path) -> list[dict]:
     """A JSON list of objects, or JSON lines (blank lines ignored)."""
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text_file(path, expected="UTF-8 .jsonl or .json file of objects")
     if not text.strip():
         raise DataError(f"{path}: the file is empty; add examples or pick another file")
     if text.lstrip().startswith("["):

@@ -1,0 +1,169 @@
+"""A run's options validated, its data, model and tokenizer loaded and its examples encoded: nothing
+written. :func:`prepare_run` is the first step of every recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fimlora.config import FimConfig
+from fimlora.errors import UsageError
+from fimlora.methods.base import RankMethod, available_methods, get_method
+from fimlora.models import load_model_and_tokenizer, resolve_device
+from fimlora.recipes.checks import (
+    allocation_error,
+    check_adapter_plan,
+    check_data_options,
+    check_lora_spec,
+)
+from fimlora.run_config import RunConfig
+from fimlora.tasks import (
+    TaskData,
+    collator_for,
+    encode_examples,
+    evaluate_classification,
+    evaluate_lm_loss,
+    load_task_data,
+)
+from fimlora.training import TrainConfig
+
+
+def build_lora_config(run: RunConfig) -> Any:
+    """The ``peft.LoraConfig`` of a run (task type SEQ_CLS/CAUSAL_LM, so PEFT handles the head).
+
+    Raises:
+        UsageError: a LoRA option PEFT would reject only when it wraps the model (the message names the flag).
+    """
+    from peft import LoraConfig
+
+    check_lora_spec(run)
+    task_type = "SEQ_CLS" if run.task == "classification" else "CAUSAL_LM"
+    targets = run.lora.target_modules
+    if isinstance(targets, str) and targets != "all-linear":
+        targets = [t for t in targets.replace(",", " ").split() if t]
+    return LoraConfig(
+        r=run.lora.r,
+        lora_alpha=run.lora.alpha,  # type: ignore[arg-type]  # PEFT annotates int, accepts float
+        lora_dropout=run.lora.dropout,
+        target_modules=targets,
+        use_rslora=run.lora.use_rslora,
+        task_type=task_type,
+    )
+
+
+def fim_config_of(run: RunConfig) -> FimConfig:
+    """The run's :class:`fimlora.FimConfig`; its progress bar is shown only when the run's is."""
+    return dataclasses.replace(run.fim, show_progress=run.fim.show_progress and run.train.progress)
+
+
+def make_method(run: RunConfig) -> RankMethod:
+    """Instantiate the run's method by name from the registry (``fim`` gets the run's FimConfig).
+
+    Raises:
+        UsageError: unknown method, or options its constructor does not take.
+    """
+    names = available_methods()
+    if run.method not in names:
+        raise UsageError(f"unknown method {run.method!r}; choose one of {', '.join(names)}")
+    options = dict(run.method_options)
+    if run.method == "fim":
+        options.setdefault("fim_config", fim_config_of(run))
+    try:
+        return get_method(run.method, **options)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"invalid options for method {run.method!r}: {' '.join(str(e).split())}") from None
+
+
+@dataclass
+class PreparedRun:
+    """Everything a run needs, validated and loaded; nothing written yet."""
+
+    run: RunConfig
+    model: nn.Module
+    tokenizer: Any
+    data: TaskData
+    train_rows: list[dict[str, Any]]
+    eval_rows: list[dict[str, Any]]
+    lora_config: Any
+    train_config: TrainConfig
+    device: torch.device
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def make_method(self) -> RankMethod:
+        """A fresh instance of the run's method (``fim`` gets the run's FimConfig)."""
+        return make_method(self.run)
+
+    def collate(self) -> Callable[[Sequence[dict[str, Any]]], dict[str, torch.Tensor]]:
+        """The run's collator (rows -> a padded batch with labels)."""
+        return collator_for(self.run.task, self.tokenizer)
+
+    def eval_fn(self) -> Callable[[nn.Module], dict[str, float]] | None:
+        """Evaluation on the run's eval split: accuracy (classification) or completion loss (sft)."""
+        if not self.eval_rows:
+            return None
+        collate = self.collate()
+        rows, bs, progress = self.eval_rows, self.train_config.eval_batch_size, self.train_config.progress
+        if self.run.task == "classification":
+            return lambda model: evaluate_classification(
+                model, rows, collate, batch_size=bs, progress=progress
+            )
+        return lambda model: evaluate_lm_loss(model, rows, collate, batch_size=bs, progress=progress)
+
+
+def prepare_run(
+    run: RunConfig, *, need_train: bool = True, fim_allocation: bool | None = None
+) -> PreparedRun:
+    """Validate and load a run's data, model and tokenizer; encode the examples. Writes nothing.
+
+    Option checks come first: pure ones before anything is read, the ones that need module names and
+    shapes on a weightless copy of the model, before its weights load.
+
+    Args:
+        run: the run.
+        need_train: the run needs training data (False for evaluation only).
+        fim_allocation: also check ``run.fim``'s rank bounds and budget against the model (default: when
+            the run's method is ``fim``; :func:`allocate_run` always does).
+
+    Raises:
+        UsageError / DataError: anything the user must fix, before any output is written.
+    """
+    make_method(run)  # an unknown method or bad options fail here, before anything is loaded
+    lora_config = build_lora_config(run)
+    fim_allocation = run.method == "fim" if fim_allocation is None else fim_allocation
+    if fim_allocation:
+        try:
+            run.fim.resolved_bounds(run.lora.r)
+        except ValueError as e:
+            raise UsageError(allocation_error(e)) from None
+    check_data_options(run)
+    device = resolve_device(run.device)
+    data = load_task_data(run.task, run.data, seed=run.seed, need_train=need_train)
+    num_labels = len(data.label_names) if data.label_names else None
+    check_adapter_plan(run, lora_config, num_labels, fim_allocation=fim_allocation)
+    model, tokenizer = load_model_and_tokenizer(
+        run.model,
+        task=run.task,
+        num_labels=num_labels,
+        label_names=data.label_names,
+        gguf_file=run.gguf_file,
+        seed=run.seed,
+    )
+    train_rows = encode_examples(run.task, data.train, tokenizer, run.data.max_length)
+    eval_rows = encode_examples(run.task, data.eval, tokenizer, run.data.max_length)
+    return PreparedRun(
+        run=run,
+        model=model,
+        tokenizer=tokenizer,
+        data=data,
+        train_rows=train_rows,
+        eval_rows=eval_rows,
+        lora_config=lora_config,
+        train_config=run.train,
+        device=device,
+    )
