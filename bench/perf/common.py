@@ -273,7 +273,9 @@ def provenance(device: torch.device) -> dict[str, Any]:
     from fimlora.io import provenance as run_provenance
 
     machine = {"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {"cpu": _cpu_model()}
-    return run_provenance(extra=machine)
+    # Top-level python and torch_threads as in the perf records written before fimlora.io existed.
+    extra = {"python": platform.python_version(), "torch_threads": torch.get_num_threads(), **machine}
+    return run_provenance(extra=extra)
 
 
 def _cpu_model() -> str:
