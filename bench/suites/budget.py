@@ -5,12 +5,14 @@ linear layer*, ``P = N * sum_m (in_m + out_m)``. Each method is configured to sp
 
 ==================  =======================================================================
 uniform             r = N everywhere (defines P)
-fim, fim-variance   ``FimConfig(budget_unit="params")``: sum r_m (in_m + out_m) <= P, least slack
+fim and controls    ``FimConfig(budget_unit="params")``: sum r_m (in_m + out_m) <= P, least slack
+                    (fim, fim-variance, and the controls random and fim-shuffled)
 l1ra, lrlora        ``budget_unit="params"`` (their reallocation holds P exactly)
 adalora, eva        ``budget_unit="params"``: PEFT's choice made cost-weighted, sum r_m
                     (in_m + out_m) <= P, slack below one rank of any module left out;
                     the record stores their actual LoRA parameters, and the report
                     flags a deviation from P above 2 %.
+gora                ``budget_unit="params"``: fimlora's exact allocator, as fim
 ==================  =======================================================================
 """
 
@@ -37,7 +39,7 @@ FIM_KEYS = (
 )
 """Spec overrides that are passed to :class:`fimlora.FimConfig` (fim / fim-variance only)."""
 
-PARAM_BUDGET_OPTION_METHODS: tuple[str, ...] = ("l1ra", "lrlora", "adalora", "eva")
+PARAM_BUDGET_OPTION_METHODS: tuple[str, ...] = ("l1ra", "lrlora", "adalora", "eva", "gora")
 """Training-time methods whose options take ``budget_unit``; the bench sets it to ``"params"``. A
 deliberate selection (the methods with that option), each checked against fimlora's registry."""
 
@@ -74,8 +76,9 @@ def method_settings(
     fim: dict[str, Any] = {}
     options: dict[str, Any] = dict(overrides.get("method_options") or {})
     name = method
-    if method in ("fim", "fim-variance"):
-        name = "fim"
+    if method in ("fim", "fim-variance", "random", "fim-shuffled"):
+        # The controls take fim's FimConfig (same bounds and budget); only fim-variance is renamed.
+        name = "fim" if method == "fim-variance" else method
         fim = {"budget_unit": "params", "show_progress": show_progress}
         fim["score"] = "variance" if method == "fim-variance" else "fisher"
         for key in FIM_KEYS:

@@ -339,9 +339,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_methods(args: argparse.Namespace) -> int:
     from fimlora.methods.base import METHODS
 
-    for name in _method_choices():
+    names = _method_choices()
+    width = max(map(len, names), default=0)
+    for name in names:
         doc = (METHODS[name].__doc__ or "").strip().splitlines()
-        print(f"{name:10s} {doc[0] if doc else ''}")
+        print(f"{name:{width}s}  {doc[0] if doc else ''}")
     return 0
 
 

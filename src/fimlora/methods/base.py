@@ -35,6 +35,7 @@ __all__ = [
     "StaticRanksMethod",
     "available_methods",
     "get_method",
+    "method_parameters",
     "register_method",
     "trainable_param_groups",
 ]
@@ -114,6 +115,27 @@ def available_methods() -> list[str]:
     return sorted(METHODS)
 
 
+def method_parameters(name: str) -> frozenset[str]:
+    """The keyword parameters of a registered method's constructor (e.g. ``fim_config``, ``seed``).
+
+    Callers give a method the run-level values it names (the run's FimConfig, its seed) and check the
+    FIM bounds and budget up front for the methods that take a ``fim_config``.
+
+    Raises:
+        ValueError: unknown method.
+    """
+    import inspect
+
+    _load_builtin_methods()
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return frozenset(
+        p.name
+        for p in inspect.signature(METHODS[name]).parameters.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    )
+
+
 def trainable_param_groups(model: nn.Module, *, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
     """One group with every parameter that requires grad (the default for most methods)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -166,7 +188,17 @@ def _load_builtin_methods() -> None:
     # Imported lazily so that `fimlora.methods.base` stays import-light and free of cycles.
     import importlib
 
-    for module in ("uniform", "fim", "l1ra", "lrlora", "adalora", "eva"):
+    for module in (
+        "uniform",
+        "fim",
+        "l1ra",
+        "lrlora",
+        "adalora",
+        "eva",
+        "random_ranks",
+        "fim_shuffled",
+        "gora",
+    ):
         try:
             importlib.import_module(f"fimlora.methods.{module}")
         except ModuleNotFoundError as e:  # a method module not written yet must not break the others

@@ -14,7 +14,7 @@ from torch import nn
 
 from fimlora.errors import DataError, UsageError
 from fimlora.initialize import plan_rank_map
-from fimlora.methods.base import RankMethod
+from fimlora.methods.base import RankMethod, method_parameters
 from fimlora.models import model_skeleton
 from fimlora.peft_glue import lora_modules, module_shapes
 from fimlora.run_config import RunConfig
@@ -161,7 +161,9 @@ class UserOptionErrors:
             run, message = self._run, str(e)
             if "Target module" in message or "No modules were targeted" in message:
                 raise UsageError(target_modules_error(run, base_model, e)) from None
-            if run.method == "fim" and any(re.search(rf"\b{f}\b", message) for f in _FIM_BOUND_FIELDS):
+            if "fim_config" in method_parameters(run.method) and any(
+                re.search(rf"\b{f}\b", message) for f in _FIM_BOUND_FIELDS
+            ):
                 raise UsageError(allocation_error(e)) from None
             raise UsageError(
                 f"cannot prepare method {run.method!r} with these options: {' '.join(message.split())} "

@@ -14,7 +14,7 @@ from torch import nn
 
 from fimlora.config import FimConfig
 from fimlora.errors import UsageError
-from fimlora.methods.base import RankMethod, available_methods, get_method
+from fimlora.methods.base import RankMethod, available_methods, get_method, method_parameters
 from fimlora.models import load_model_and_tokenizer, resolve_device
 from fimlora.recipes.checks import (
     allocation_error,
@@ -63,7 +63,11 @@ def fim_config_of(run: RunConfig) -> FimConfig:
 
 
 def make_method(run: RunConfig) -> RankMethod:
-    """Instantiate the run's method by name from the registry (``fim`` gets the run's FimConfig).
+    """Instantiate the run's method by name from the registry.
+
+    A method gets a run-level value for each constructor parameter it names, unless ``method_options``
+    sets it: ``fim_config`` the run's FimConfig (``fim`` and its controls ``random``, ``fim-shuffled``),
+    ``seed`` the run's seed (the controls' random draw, so that every run seed draws another map).
 
     Raises:
         UsageError: unknown method, or options its constructor does not take.
@@ -72,8 +76,10 @@ def make_method(run: RunConfig) -> RankMethod:
     if run.method not in names:
         raise UsageError(f"unknown method {run.method!r}; choose one of {', '.join(names)}")
     options = dict(run.method_options)
-    if run.method == "fim":
-        options.setdefault("fim_config", fim_config_of(run))
+    named = method_parameters(run.method)
+    run_values = {"fim_config": fim_config_of(run), "seed": run.seed}
+    for key in named & run_values.keys():
+        options.setdefault(key, run_values[key])
     try:
         return get_method(run.method, **options)
     except (TypeError, ValueError) as e:
@@ -128,14 +134,15 @@ def prepare_run(
         run: the run.
         need_train: the run needs training data (False for evaluation only).
         fim_allocation: also check ``run.fim``'s rank bounds and budget against the model (default: when
-            the run's method is ``fim``; :func:`allocate_run` always does).
+            the run's method takes a ``fim_config``; :func:`allocate_run` always does).
 
     Raises:
         UsageError / DataError: anything the user must fix, before any output is written.
     """
     make_method(run)  # an unknown method or bad options fail here, before anything is loaded
     lora_config = build_lora_config(run)
-    fim_allocation = run.method == "fim" if fim_allocation is None else fim_allocation
+    if fim_allocation is None:
+        fim_allocation = "fim_config" in method_parameters(run.method)
     if fim_allocation:
         try:
             run.fim.resolved_bounds(run.lora.r)

@@ -1,0 +1,327 @@
+"""GoRA as a method: ranks and LoRA-B from the full weight gradients of a few batches, then plain LoRA.
+
+He et al., "GoRA: Gradient-driven Adaptive Low Rank Adaptation", NeurIPS 2025 (arXiv:2502.12171); official
+code ``hhnqqq/MyTransformers``, ``common/lora_modules/gora.py`` (the ``compress`` init, ``union_mean``
+importance and the options of its ``scripts/gora/*.sh``). Before training, over T calibration batches, with
+LoRA-B = 0 (the adapted model is the base model):
+
+    G_m = (1/T) sum_t dL_t/dW_m                     mean full weight gradient, (out_m, in_m), fp32
+    I_m = mean_ij |W_m * G_m|                       importance (the code's "union_mean", all its scripts)
+
+GoRA gives module m the share I_m / sum_k I_k of the parameter budget, so its rank is proportional to
+I_m / (in_m + out_m); here :func:`fimlora.initialize.plan_rank_map` hands it out exactly (budget in
+parameters, the paper's, or in ranks; default: uniform LoRA at the config's r) within ``[r_min, r_max]``
+(FimConfig's semantics). Then A is initialised as LoRA's (PEFT's init at the new rank) and
+
+    B_m = -(xi / s_m) * sqrt(in_m / r_m) * G_m A_m^T (A_m A_m^T)^-1          (out_m, r_m)
+
+so that the initial adapter ``s B A`` is one gradient-descent step of size ``xi`` on W_m, compressed into A's
+row space: ``s B A = -xi sqrt(in/r) G P_A`` with ``P_A = A^T (A A^T)^-1 A`` (``sqrt(in/r)`` restores the
+norm a random r-dimensional projection removes on average). W is *not* changed (GoRA's init does not
+rewrite the pretrained weights), so at step 0 the adapted model already differs from the base model by that
+step. The saved adapter is plain LoRA: the trained A and B (which started from A_0 and B_0 above) with
+``rank_pattern``/``alpha_pattern``; over the unchanged base weights vanilla PEFT reloads it exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fimlora.calibration import calibration_mode
+from fimlora.config import BudgetUnit, FimConfig
+from fimlora.errors import CalibrationError
+from fimlora.initialize import plan_rank_map
+from fimlora.methods.base import StaticRanksMethod, register_method
+from fimlora.methods.budget import budget_metadata, check_float
+from fimlora.peft_glue import apply_rank_map, lora_factors, lora_modules, module_shapes
+from fimlora.peft_glue.weights import base_weight, lora_scale, set_lora_factors, weight_out_in
+from fimlora.rankmap import RankMap
+
+__all__ = [
+    "GoraMethod",
+    "GoraOptions",
+    "gora_allocation_scores",
+    "gora_importance",
+    "gora_lora_b",
+    "mean_weight_gradients",
+    "plan_gora_ranks",
+]
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+@dataclass
+class GoraOptions:
+    """GoRA's calibration, budget and initialisation. Each field's docstring is its help text."""
+
+    calibration_batches: int = 8
+    """Batches whose full weight gradients are averaged (T; GoRA's scripts use 32; fimlora's methods 8)."""
+
+    init_step_size: float = 0.05
+    """xi: the initial adapter is one gradient-descent step of this size on W, compressed into A (GoRA: 5e-2)."""
+
+    gradient_init: bool = True
+    """Initialise B from the gradient (GoRA); False keeps LoRA's B = 0 and uses GoRA's ranks only."""
+
+    budget_unit: BudgetUnit = "params"
+    """When no budget is given, match uniform LoRA at the config's r in this unit ("params", GoRA's, or "ranks")."""
+
+    budget_ranks: int | None = None
+    """Total rank over all adapted modules. Mutually exclusive with budget_params."""
+
+    budget_params: int | None = None
+    """Total LoRA parameters, sum of r_i * (in_i + out_i). Mutually exclusive with budget_ranks."""
+
+    r_min: int | None = None
+    """Smallest rank of a module. Default: half the LoRA config's r (at least 1); GoRA's scripts: 4 at r = 8."""
+
+    r_max: int | None = None
+    """Largest rank of a module. Default: 4 r, capped at min(in, out); GoRA's scripts: 32 at r = 8."""
+
+    adjust_scaling_factors: bool = True
+    """Keep every module's scale at the config's alpha/r (alpha/sqrt(r) with rsLoRA); False: alpha/r_i (GoRA's
+    scripts use alpha/sqrt(r_i): use_rslora with this False)."""
+
+    seed: int = 0
+    """Seed for LoRA-A at the new ranks (the caller's global RNG state is left untouched)."""
+
+    def __post_init__(self) -> None:
+        check_float("init_step_size", self.init_step_size, low=0.0)
+        self.allocation_config()  # validates the budget and bounds fields, naming the field
+
+    def allocation_config(self) -> FimConfig:
+        """Budget and bounds as a :class:`FimConfig`, the form :func:`plan_rank_map` reads."""
+        return FimConfig(
+            calibration_batches=self.calibration_batches,
+            budget_unit=self.budget_unit,
+            budget_ranks=self.budget_ranks,
+            budget_params=self.budget_params,
+            r_min=self.r_min,
+            r_max=self.r_max,
+            adjust_scaling_factors=self.adjust_scaling_factors,
+            seed=self.seed,
+            show_progress=False,
+        )
+
+
+# ---- the math ----------------------------------------------------------------------------------------
+
+
+def gora_importance(weight: torch.Tensor, grad: torch.Tensor) -> float:
+    """GoRA's importance of one weight: the mean over elements of ``|W * G|`` (in fp32).
+
+    Args:
+        weight: the base weight, any shape.
+        grad: its mean gradient over the calibration batches, same shape.
+    """
+    return float((weight.detach().float() * grad.float().to(weight.device)).abs().mean())
+
+
+def gora_allocation_scores(
+    importance: Mapping[str, float], shapes: Mapping[str, tuple[int, int]]
+) -> dict[str, float]:
+    """Scores for the allocator, ``I_m / (in_m + out_m)``: ranks proportional to them give every module a
+    parameter count proportional to its importance (GoRA's rule). Pure: no torch."""
+    return {n: float(v) / (shapes[n][0] + shapes[n][1]) for n, v in importance.items()}
+
+
+def plan_gora_ranks(
+    importance: Mapping[str, float],
+    shapes: Mapping[str, tuple[int, int]],
+    options: GoraOptions,
+    *,
+    r: int,
+    metadata: Mapping[str, Any] | None = None,
+) -> RankMap:
+    """GoRA's ranks under the options' budget and bounds (exact; see :func:`fimlora.allocate.allocate_ranks`).
+
+    Args:
+        importance: module -> importance ``I_m`` (>= 0).
+        shapes: module -> (in_features, out_features).
+        options: budget and bounds.
+        r: the LoRA config's rank (the default budget is uniform LoRA at ``r``).
+        metadata: extra data for the map.
+
+    Raises:
+        ValueError: bounds or budget infeasible for these modules (the message says which).
+    """
+    meta: dict[str, Any] = {
+        "method": "gora",
+        "config": asdict(options),
+        "importance": {n: float(v) for n, v in importance.items()},
+    }
+    meta.update(metadata or {})
+    scores = gora_allocation_scores(importance, shapes)
+    return plan_rank_map(scores, shapes, options.allocation_config(), r=r, metadata=meta)
+
+
+def gora_lora_b(grad: torch.Tensor, a: torch.Tensor, scale: float, step_size: float) -> torch.Tensor:
+    """GoRA's B: ``-(xi / s) sqrt(in / r) G A^T (A A^T)^-1``, so that ``s B A = -xi sqrt(in/r) G P_A``.
+
+    Args:
+        grad: G, the mean weight gradient, ``(out, in)``.
+        a: LoRA-A, ``(r, in)``, full row rank.
+        scale: the module's LoRA scale s.
+        step_size: xi.
+
+    Returns:
+        B, ``(out, r)``, fp32, on ``a``'s device.
+    """
+    a32 = a.detach().float()
+    g = grad.float().to(a32.device)
+    rank, fan_in = a32.shape
+    # B^T = (A A^T)^-1 A G^T: a solve with the r x r Gram matrix, not an explicit inverse.
+    bt = torch.linalg.solve(a32 @ a32.T, a32 @ g.T)
+    factor = -(step_size / scale) * math.sqrt(fan_in / rank)
+    return factor * bt.T
+
+
+def mean_weight_gradients(
+    model: nn.Module,
+    batches: Iterable[Any],
+    num_batches: int,
+    *,
+    loss_fn: LossFn | None = None,
+    adapter_name: str = "default",
+) -> tuple[dict[str, torch.Tensor], int]:
+    """The mean gradient of every LoRA module's base weight over the first ``num_batches`` batches.
+
+    Inside :func:`fimlora.calibration.calibration_mode` (eval mode, only these weights need grad, restored
+    on exit with their flags and ``.grad``); a hook moves each weight's gradient into an fp32 sum as soon as
+    it is accumulated, so at most one module's ``.grad`` exists at a time. Memory: one fp32 tensor per
+    adapted weight, on the weight's device.
+
+    Returns:
+        ``({module: G (out, in) fp32}, batches seen)``.
+
+    Raises:
+        CalibrationError: no batches, a batch without a loss, or a non-finite gradient.
+    """
+    mods = lora_modules(model, adapter_name)
+    weights = {n: base_weight(m) for n, m in mods.items()}
+    sums = {n: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for n, w in weights.items()}
+
+    def collect(name: str) -> Callable[[torch.Tensor], None]:
+        def hook(param: torch.Tensor) -> None:
+            assert param.grad is not None
+            sums[name].add_(param.grad)
+            param.grad = None
+
+        return hook
+
+    device = next(model.parameters()).device  # where the inputs go (the embeddings' device, as a rule)
+    seen = 0
+    with calibration_mode(model, weights.values()):
+        handles = [w.register_post_accumulate_grad_hook(collect(n)) for n, w in weights.items()]
+        try:
+            for i, batch in enumerate(itertools.islice(iter(batches), num_batches)):
+                _loss(model, _to_device(batch, device), loss_fn, i).backward()
+                seen += 1
+        finally:
+            for h in handles:
+                h.remove()
+    if seen == 0:
+        raise CalibrationError("the calibration batches are empty: GoRA needs at least one batch")
+    bad = [n for n, s in sums.items() if not bool(torch.isfinite(s).all())]
+    if bad:
+        raise CalibrationError(f"non-finite weight gradient in module {bad[0]!r}; check the batches' inputs")
+    return {n: weight_out_in(mods[n], s.div_(seen)) for n, s in sums.items()}, seen
+
+
+# ---- the method --------------------------------------------------------------------------------------
+
+
+@register_method("gora")
+class GoraMethod(StaticRanksMethod):
+    """GoRA: ranks and LoRA-B from full weight gradients before training, then plain LoRA (ranks fixed)."""
+
+    name = "gora"
+
+    def __init__(self, options: GoraOptions | None = None, **overrides: Any) -> None:
+        self.options = options or GoraOptions(**overrides)
+        self.rank_map: RankMap | None = None
+
+    def prepare(
+        self,
+        base_model: nn.Module,
+        lora_config: Any,
+        *,
+        calibration_batches: Iterable[Any] | None = None,
+        total_steps: int | None = None,
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    ) -> nn.Module:
+        """Wrap with LoRA, average the weight gradients of the first batches, set ranks, A and B.
+
+        Raises:
+            ValueError: no calibration batches, DoRA, a quantized base layer, infeasible bounds or budget.
+            CalibrationError: the batches give no loss or a non-finite gradient.
+        """
+        from peft import get_peft_model
+
+        if calibration_batches is None:
+            raise ValueError("the 'gora' method needs calibration batches (the first T training batches)")
+        o = self.options
+        cfg = copy.deepcopy(lora_config)
+        if getattr(cfg, "use_dora", False):
+            raise ValueError(
+                "gora initialises B from the gradient, which DoRA's magnitude does not account for"
+            )
+        model = get_peft_model(base_model, cfg)
+        r = int(cfg.r)
+        mods = lora_modules(model)
+        shapes = module_shapes(mods)
+        t0 = time.perf_counter()
+        grads, seen = mean_weight_gradients(
+            model, calibration_batches, o.calibration_batches, loss_fn=loss_fn
+        )
+        importance = {n: gora_importance(weight_out_in(m, base_weight(m)), grads[n]) for n, m in mods.items()}
+        planned = plan_gora_ranks(
+            importance,
+            shapes,
+            o,
+            r=r,
+            metadata={"calibration_batches": seen, "calibration_seconds": time.perf_counter() - t0},
+        )
+        apply_rank_map(model, planned, adjust_scaling_factors=o.adjust_scaling_factors, seed=o.seed)
+        if o.gradient_init:
+            for n, m in lora_modules(model).items():
+                a, _ = lora_factors(m)
+                set_lora_factors(m, b=gora_lora_b(grads.pop(n), a.weight, lora_scale(m), o.init_step_size))
+        del grads
+        meta = planned.metadata
+        meta.update(budget_metadata("gora", dict(planned), shapes, r))
+        self.rank_map = RankMap(dict(planned), metadata=meta)
+        return model
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Mapping):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch
+
+
+def _loss(model: nn.Module, batch: Any, loss_fn: LossFn | None, index: int) -> torch.Tensor:
+    loss: Any
+    if loss_fn is not None:
+        loss = loss_fn(model, batch)
+    elif isinstance(batch, Mapping):
+        loss = getattr(model(**batch), "loss", None)
+    else:
+        raise CalibrationError(
+            f"calibration batch {index} is a {type(batch).__name__}, not a dict: pass `loss_fn`"
+        )
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.requires_grad:
+        raise CalibrationError(
+            f"calibration batch {index} gave no scalar loss that depends on the adapted weights: include "
+            "`labels` in the batches or pass `loss_fn`"
+        )
+    return loss
