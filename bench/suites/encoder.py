@@ -53,8 +53,13 @@ DEFAULTS: dict[str, Any] = {
     "dropout": 0.05,
     "calibration_batches": 8,
     "device": "auto",
+    "eval_split": "test",
+    "eval_every": None,
 }
-"""Settings a spec may override (``overrides`` keys); ``alpha = alpha_ratio * r``."""
+"""Settings a spec may override (``overrides`` keys); ``alpha = alpha_ratio * r``. ``eval_split``: the split
+a run is evaluated on, ``"test"`` or ``"dev"`` (selection grids: learning rates, lengths and method knobs
+are chosen on ``dev``, never on ``test``); ``eval_every``: also evaluate every N steps (a validation
+curve, recorded in ``extra.evals``)."""
 
 _KNOWN_KEYS = set(DEFAULTS) | {
     "score",
@@ -87,6 +92,8 @@ def run_config_for(
     if unknown:
         raise ValueError(f"unknown override(s) {unknown}; allowed: {sorted(_KNOWN_KEYS)}")
     o = {**DEFAULTS, **overrides}
+    if o["eval_split"] not in ("test", "dev"):
+        raise ValueError(f"`eval_split` must be 'test' or 'dev', got {o['eval_split']!r}")
     r = budget_rank(budget)
     name, fim, options = method_settings(method, o, show_progress=bool(o.get("progress", False)))
     data = DataSpec(max_train=o["max_train"], max_eval=o["max_eval"], max_length=o["max_length"])
@@ -97,11 +104,15 @@ def run_config_for(
         if source.startswith("bench:"):
             bench_name = source.split(":", 1)[1]
             assert bench_name in BENCH_DATASETS
-            train, evals, labels = materialise_bench_dataset(bench_name, max_train=o["max_train"], seed=seed)
+            train, evals, labels = materialise_bench_dataset(
+                bench_name, max_train=o["max_train"], seed=seed, eval_split=o["eval_split"]
+            )
             data.train, data.eval, data.label_names = str(train), str(evals), list(labels)
             data.max_train = None  # already subsampled (stratified) in the file
         else:
             data.train = source
+            if o["eval_split"] == "dev":
+                data.eval = f"{source}:dev"
     elif suite == "hf":
         if "train" not in o:
             raise ValueError(
@@ -131,6 +142,7 @@ def run_config_for(
             batch_size=o["batch_size"],
             lr=o["lr"],
             eval_batch_size=64,
+            eval_every=o["eval_every"],
             checkpoint_every=None,
             progress=bool(o.get("progress", False)),
         ),

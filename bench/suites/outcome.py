@@ -92,6 +92,8 @@ def outcome_of(spec: RunSpec, prepared: Any, result: Any, metrics: dict[str, flo
             "train_examples": len(prepared.train_rows),
             "eval_examples": len(prepared.eval_rows),
             "final_train_loss": sum(tail) / len(tail) if tail else None,
+            # (step, metrics) of every evaluation: the periodic ones (eval_every) and the final one.
+            "evals": [[int(step), dict(m)] for step, m in result.evals],
             "run_config": prepared.run.to_dict(),
         },
     }

