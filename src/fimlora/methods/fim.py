@@ -7,6 +7,7 @@ The ranks come from the empirical Fisher (or variance) of each module's LoRA-B g
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -17,7 +18,15 @@ from fimlora.config import FimConfig
 from fimlora.initialize import initialize_lora_fim_ranks
 from fimlora.methods.base import StaticRanksMethod, register_method
 
-__all__ = ["FimMethod"]
+__all__ = ["FimMethod", "fim_config_with"]
+
+
+def fim_config_with(fim_config: FimConfig | None, overrides: dict[str, Any]) -> FimConfig:
+    """``fim_config`` with ``overrides`` (FimConfig fields) applied on top; a default config without one.
+
+    The controls (``random``, ``fim-shuffled``) take fim's config plus field overrides through this.
+    """
+    return dataclasses.replace(fim_config, **overrides) if fim_config is not None else FimConfig(**overrides)
 
 
 @register_method("fim")

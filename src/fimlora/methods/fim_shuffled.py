@@ -15,7 +15,6 @@ first appearance in the model, so a seed gives the same map on every platform.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -26,7 +25,7 @@ from torch import nn
 from fimlora.config import FimConfig
 from fimlora.methods.base import StaticRanksMethod, register_method
 from fimlora.methods.budget import check_int
-from fimlora.methods.fim import FimMethod
+from fimlora.methods.fim import FimMethod, fim_config_with
 from fimlora.peft_glue import apply_rank_map, lora_modules, module_shapes
 from fimlora.rankmap import RankMap
 
@@ -74,9 +73,7 @@ class FimShuffledMethod(StaticRanksMethod):
             **overrides: :class:`FimConfig` fields, applied on top of ``fim_config``.
         """
         check_int("seed", seed, minimum=0)
-        self.fim_config = (
-            dataclasses.replace(fim_config, **overrides) if fim_config is not None else FimConfig(**overrides)
-        )
+        self.fim_config = fim_config_with(fim_config, overrides)
         self.seed = seed
 
     def prepare(

@@ -20,7 +20,6 @@ the same map on every platform and torch version.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import random
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -32,6 +31,7 @@ from fimlora.config import FimConfig
 from fimlora.initialize import plan_rank_map
 from fimlora.methods.base import StaticRanksMethod, register_method
 from fimlora.methods.budget import check_int
+from fimlora.methods.fim import fim_config_with
 from fimlora.peft_glue import apply_rank_map, lora_modules, module_shapes
 
 __all__ = ["RandomRanksMethod", "random_scores"]
@@ -66,9 +66,7 @@ class RandomRanksMethod(StaticRanksMethod):
             **overrides: :class:`FimConfig` fields, applied on top of ``fim_config``.
         """
         check_int("seed", seed, minimum=0)
-        self.fim_config = (
-            dataclasses.replace(fim_config, **overrides) if fim_config is not None else FimConfig(**overrides)
-        )
+        self.fim_config = fim_config_with(fim_config, overrides)
         self.seed = seed
 
     def prepare(
