@@ -11,6 +11,11 @@ Examples::
 
 ``--only KEY=VALUE`` (repeatable) restricts the grid, e.g. ``--only task=trec6 --only method=fim,uniform``.
 ``--threads N`` sets torch's CPU threads.
+
+Several workers on one store (e.g. two single-thread processes on a 2-core machine): start the same command
+twice with ``--shared``; each claims a run before starting it, so they share one queue without splitting
+the grid by hand. ``--seed-major`` runs the grids' specs together, seed by seed (all runs of seed 0 on
+every grid first), so an interrupted sweep leaves whole seeds, which pair.
 """
 
 from __future__ import annotations
@@ -51,11 +56,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--stop-on-error", action="store_true", help="stop at the first failed run")
     parser.add_argument("--dry-run", action="store_true", help="list pending runs and exit")
+    parser.add_argument(
+        "--shared", action="store_true", help="other workers run the same grids on this store: claim each run"
+    )
+    parser.add_argument(
+        "--seed-major", action="store_true", help="run all grids together, seed by seed (whole seeds first)"
+    )
     args = parser.parse_args(argv)
     store = ResultStore(args.store)
     failed = 0
-    for grid_path in args.grid:
-        specs = select(ExperimentGrid.from_file(grid_path).expand(), args.only)
+    batches = [(path, select(ExperimentGrid.from_file(path).expand(), args.only)) for path in args.grid]
+    if args.seed_major and batches:
+        combined = [spec for _, specs in batches for spec in specs]
+        batches = [(" + ".join(args.grid), sorted(combined, key=lambda s: s.seed))]  # stable: grid order kept
+    for grid_path, specs in batches:
         pending = store.pending(specs)
         print(f"{grid_path}: {len(specs)} runs, {len(pending)} pending", flush=True)
         if args.dry_run:
@@ -68,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         from bench.suites import run_spec
 
-        summary = run_grid(specs, run_spec, store, stop_on_error=args.stop_on_error)
+        summary = run_grid(specs, run_spec, store, stop_on_error=args.stop_on_error, shared=args.shared)
         failed += len(summary.failed)
         print(
             f"{grid_path}: {len(summary.completed)} completed, {len(summary.failed)} failed, "

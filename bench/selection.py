@@ -16,6 +16,11 @@ Usage::
 
     python -m bench.selection length --store bench/results/full/length --out docs/results/full
     python -m bench.selection lr --store bench/results/full/selection --out docs/results/full
+    python -m bench.selection test-grid --selection docs/results/full/lr_selection.json \
+        --from bench/grids/full/select_lr_0.001.yaml --out bench/grids/full
+
+The third step writes the test grids from the choices (never by hand): every selection grid's settings
+with ``eval_split: test``, five seeds, five tasks and each method's chosen rate.
 """
 
 from __future__ import annotations
@@ -35,9 +40,18 @@ __all__ = [
     "check_dev_only",
     "length_curve",
     "main",
+    "make_test_grids",
     "plateau_step",
     "select_learning_rates",
 ]
+
+TEST_TASKS: tuple[str, ...] = ("trec6", "sms_spam", "bbc_news", "movie_sentiment", "tweet_sentiment")
+"""The five encoder tasks of the test grid (the issue's protocol)."""
+
+TEST_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
+
+LOW_BUDGET_METHODS: tuple[str, ...] = ("uniform", "fim")
+"""Methods also run at the r2 and r4 parameter counts (the accuracy-vs-parameters front)."""
 
 
 class TestSplitInSelection(ValueError):
@@ -121,6 +135,64 @@ def select_learning_rates(records: Iterable[Mapping[str, Any]]) -> dict[str, dic
     return out
 
 
+def make_test_grids(
+    chosen: Mapping[str, Mapping[str, Any]], selection_grid: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """The test grids from the learning-rate choices and one selection grid's settings.
+
+    Returns ``{"test": grid at r8 for every selected method, "test_low": uniform and fim at r2 and r4}``;
+    both evaluate on the test split, with five seeds on the five tasks. Everything else (length, data sizes,
+    method options) is the selection grid's, so the test runs are the selected configurations.
+
+    Raises:
+        ValueError: a method of the selection grid has no choice, or a low-budget method is missing.
+    """
+    methods = list(selection_grid["methods"])
+    missing = [m for m in methods if m not in chosen]
+    if missing:
+        raise ValueError(f"no learning rate chosen for {missing}: finish the selection runs first")
+    overrides = {k: v for k, v in selection_grid["overrides"].items() if k not in ("lr", "eval_split")}
+    overrides["eval_split"] = "test"
+    base_method_overrides = {m: dict(v) for m, v in selection_grid.get("method_overrides", {}).items()}
+
+    def grid(methods_: list[str], budgets: list[str]) -> dict[str, Any]:
+        method_overrides = {
+            m: {**base_method_overrides.get(m, {}), "lr": float(chosen[m]["lr"])} for m in methods_
+        }
+        return {
+            "suite": selection_grid["suite"],
+            "models": list(selection_grid["models"]),
+            "tasks": list(TEST_TASKS),
+            "methods": methods_,
+            "budgets": budgets,
+            "seeds": list(TEST_SEEDS),
+            "overrides": dict(overrides),
+            "method_overrides": method_overrides,
+        }
+
+    low = [m for m in LOW_BUDGET_METHODS if m in methods]
+    if low != list(LOW_BUDGET_METHODS):
+        raise ValueError(f"the selection grid must include {list(LOW_BUDGET_METHODS)} for the low budgets")
+    return {"test": grid(methods, ["r8"]), "test_low": grid(low, ["r2", "r4"])}
+
+
+def _write_test_grids(selection: Path, from_grid: Path, out: Path) -> None:
+    import json
+
+    import yaml
+
+    chosen = json.loads(selection.read_text())
+    grids = make_test_grids(chosen, yaml.safe_load(from_grid.read_text()))
+    for name, grid in grids.items():
+        header = (
+            f"# Full-length protocol, step 3: the TEST grid, written by\n"
+            f"#   python -m bench.selection test-grid --selection {selection} --from {from_grid} --out {out}\n"
+            f"# from the dev-split choices in {selection} (do not edit by hand: rerun the command).\n"
+            f"# Run: bench/grids/full/run_test.sh (two single-thread workers, seed by seed).\n"
+        )
+        atomic_write_text(out / f"{name}.yaml", header + yaml.safe_dump(grid, sort_keys=False))
+
+
 def _length_report(store: Path, out: Path, tolerance: float) -> None:
     curves = length_curve(ResultStore(store).records())
     step = plateau_step(curves, tolerance)
@@ -199,11 +271,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("lr", help="learning rate per method from the dev-split selection runs")
     p.add_argument("--store", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
+    p = sub.add_parser("test-grid", help="write the test grids from the learning-rate choices")
+    p.add_argument("--selection", required=True, type=Path, help="lr_selection.json from the `lr` step")
+    p.add_argument("--from", dest="from_grid", required=True, type=Path, help="a selection grid (settings)")
+    p.add_argument("--out", required=True, type=Path, help="folder for test.yaml and test_low.yaml")
     args = parser.parse_args(argv)
     if args.what == "length":
         _length_report(args.store, args.out, args.tolerance)
-    else:
+    elif args.what == "lr":
         _lr_report(args.store, args.out)
+    else:
+        _write_test_grids(args.selection, args.from_grid, args.out)
     return 0
 
 

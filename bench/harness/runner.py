@@ -57,6 +57,7 @@ def run_grid(
     *,
     stop_on_error: bool = False,
     progress: bool = True,
+    shared: bool = False,
 ) -> GridSummary:
     """Run every unfinished spec and store its record.
 
@@ -66,6 +67,8 @@ def run_grid(
         store: Where records go; finished (``"ok"``) runs in it are skipped.
         stop_on_error: Re-raise the first failure (after storing its failed record).
         progress: Show a tqdm bar if tqdm is installed, else one printed line per run.
+        shared: Other workers use the same store at the same time: claim each run before starting it
+            (:meth:`ResultStore.claim`) and skip runs another live worker holds or has finished meanwhile.
 
     Returns:
         A :class:`GridSummary` of completed, failed and skipped run ids.
@@ -75,20 +78,42 @@ def run_grid(
     todo_ids = {spec.run_id for spec in todo}
     summary = GridSummary(skipped=sorted({s.run_id for s in specs} - todo_ids))
     for spec in _progress(todo, enabled=progress):
-        started = time.perf_counter()
+        if shared:
+            if not store.claim(spec.run_id):
+                summary.skipped.append(spec.run_id)
+                continue
+            if store.is_finished(spec.run_id):  # another worker finished it after our pending() read
+                store.release(spec.run_id)
+                summary.skipped.append(spec.run_id)
+                continue
         try:
-            outcome = run_fn(spec)
-            # Inside the try: a malformed outcome is a bug in run_fn and is recorded like any failure.
-            record = _ok_record(spec, outcome, wall_seconds=time.perf_counter() - started)
-        except Exception as exc:  # KeyboardInterrupt/SystemExit are BaseException: they propagate.
-            store.put(_failed_record(spec, exc, wall_seconds=time.perf_counter() - started))
-            summary.failed.append(spec.run_id)
-            if stop_on_error:
-                raise
-            continue
-        store.put(record)
-        summary.completed.append(spec.run_id)
+            _run_one(spec, run_fn, store, summary, stop_on_error)
+        finally:
+            if shared:
+                store.release(spec.run_id)
     return summary
+
+
+def _run_one(
+    spec: RunSpec,
+    run_fn: Callable[[RunSpec], Mapping[str, Any]],
+    store: ResultStore,
+    summary: GridSummary,
+    stop_on_error: bool,
+) -> None:
+    started = time.perf_counter()
+    try:
+        outcome = run_fn(spec)
+        # Inside the try: a malformed outcome is a bug in run_fn and is recorded like any failure.
+        record = _ok_record(spec, outcome, wall_seconds=time.perf_counter() - started)
+    except Exception as exc:  # KeyboardInterrupt/SystemExit are BaseException: they propagate.
+        store.put(_failed_record(spec, exc, wall_seconds=time.perf_counter() - started))
+        summary.failed.append(spec.run_id)
+        if stop_on_error:
+            raise
+        return
+    store.put(record)
+    summary.completed.append(spec.run_id)
 
 
 def _ok_record(spec: RunSpec, outcome: Mapping[str, Any], *, wall_seconds: float) -> dict[str, Any]:

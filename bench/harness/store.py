@@ -3,11 +3,19 @@
 Each record is written with :func:`fimlora.io.atomic_write_text` (a temporary file in the same directory,
 fsynced, then moved into place with ``os.replace``). A crash at any point leaves either the old record or
 the new one, never half a file; stray temporary files end in ``.tmp`` and are ignored by readers.
+
+Several workers can share one store: a worker *claims* a run before starting it (``root/claims/<run_id>``,
+created exclusively, holding the host, pid and the process's start time) and releases it when its record is
+written. A claim whose process no longer exists (same host, pid gone or reused) or that was made on another
+host (sessions do not overlap; a new session's machine sees old claims) is stale and is taken over. Claims
+are never committed (``.gitignore``).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -73,6 +81,41 @@ class ResultStore:
         payload = json.dumps(record, indent=2, sort_keys=True, allow_nan=True) + "\n"
         return atomic_write_text(path, payload)
 
+    def claim(self, run_id: str) -> bool:
+        """Claim ``run_id`` for this process; False if a live process of this host holds it.
+
+        A stale claim (see the module docstring) is replaced. The caller must :meth:`release` the claim.
+        """
+        path = self.root / "claims" / self.path_for(run_id).name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mine = _process_identity(os.getpid())
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not _claim_is_stale(path):
+                    return False
+                path.unlink(missing_ok=True)  # stale: take it over (a second try, then give up)
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(mine, fh)
+            return True
+        return False
+
+    def release(self, run_id: str) -> None:
+        """Remove this process's claim on ``run_id`` (nothing if it holds none)."""
+        path = self.root / "claims" / self.path_for(run_id).name
+        try:
+            held = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        if held == _process_identity(os.getpid()):
+            path.unlink(missing_ok=True)
+
+    def is_finished(self, run_id: str) -> bool:
+        """Whether ``run_id`` has a readable record with ``"status": "ok"``."""
+        return self._is_finished(run_id)
+
     def records(self) -> list[dict[str, Any]]:
         """Return every readable record, sorted by file name.
 
@@ -115,6 +158,26 @@ class ResultStore:
                 yield _read_record(path)
             except (OSError, ValueError) as exc:
                 warnings.warn(f"skipping unreadable result record {path}: {exc}", UserWarning, stacklevel=3)
+
+
+def _process_identity(pid: int) -> dict[str, Any] | None:
+    """Host, pid and start time (clock ticks since boot, from /proc) of a live process; None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    start = int(stat.rsplit(")", 1)[1].split()[19])  # field 22 of stat; fields after the command name
+    return {"host": socket.gethostname(), "pid": pid, "start": start}
+
+
+def _claim_is_stale(path: Path) -> bool:
+    try:
+        held = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True  # unreadable (a crash while writing it): nobody can be holding it meaningfully
+    if not isinstance(held, dict) or held.get("host") != socket.gethostname():
+        return True
+    return _process_identity(int(held.get("pid", -1))) != held
 
 
 def _read_record(path: Path) -> dict[str, Any]:

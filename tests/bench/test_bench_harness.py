@@ -456,6 +456,66 @@ def test_keyboard_interrupt_propagates_without_record(tmp_path: Path) -> None:
     assert [p.name for p in store.runs_dir.iterdir()] == [f"{specs[0].run_id}.json"]
 
 
+def test_claims_exclude_a_live_holder_and_are_taken_over_when_stale(tmp_path: Path) -> None:
+    import subprocess
+
+    store = ResultStore(tmp_path)
+    assert store.claim("run-a") is True
+    assert store.claim("run-a") is False  # held by a live process (this one)
+    store.release("run-a")
+    assert store.claim("run-a") is True
+    store.release("run-a")
+    claims = tmp_path / "claims"
+    # a live process of this host holds it: not ours to take, and not ours to release
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        from bench.harness.store import _process_identity
+
+        (claims / "run-b.json").write_text(json.dumps(_process_identity(child.pid)))
+        assert store.claim("run-b") is False
+        store.release("run-b")
+        assert (claims / "run-b.json").exists()
+    finally:
+        child.kill()
+        child.wait()
+    assert store.claim("run-b") is True  # its holder is gone: stale, taken over
+    # made on another host (an earlier session's machine), or unreadable: stale
+    (claims / "run-c.json").write_text(json.dumps({"host": "elsewhere", "pid": os.getpid(), "start": 0}))
+    assert store.claim("run-c") is True
+    (claims / "run-d.json").write_text("{half")
+    assert store.claim("run-d") is True
+
+
+def test_shared_run_grid_skips_runs_claimed_or_finished_by_another_worker(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path)
+    specs = [_spec(seed=s) for s in range(4)]
+    calls: list[int] = []
+
+    def run(spec: RunSpec) -> dict[str, Any]:
+        calls.append(spec.seed)
+        if spec.seed == 1:  # meanwhile another worker finishes seed 2, after our pending() read
+            store.put(
+                make_record(
+                    specs[2],
+                    {"accuracy": 9.0},
+                    trainable_params=1,
+                    calibration_seconds=0,
+                    train_seconds=0,
+                    peak_memory_bytes=None,
+                    device="cpu",
+                )
+            )
+        return _outcome(80.0)
+
+    assert store.claim(specs[0].run_id)  # a live worker (here: this process) holds seed 0
+    summary = run_grid(specs, run, store, progress=False, shared=True)
+    assert calls == [1, 3]
+    assert sorted(summary.skipped) == sorted([specs[0].run_id, specs[2].run_id])
+    assert not store.has(specs[0].run_id) and store.get(specs[2].run_id)["metrics"] == {"accuracy": 9.0}
+    store.release(specs[0].run_id)
+    assert sorted(p.name for p in (tmp_path / "claims").iterdir()) == []  # every claim released
+
+
 # ----------------------------------------------------------------------------------------------------
 # stats.py
 

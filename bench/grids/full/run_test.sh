@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Full-length protocol, step 3: run the test grids (written by `python -m bench.selection test-grid`) with two
+# single-thread workers that share one queue (run claims) and go seed by seed, in the background.
+# Resumable: run it again after an interruption; finished runs are skipped, a killed worker's claim is stale.
+# Logs: out/workers/test_<n>.log. Report: python -m bench.full_report --store bench/results/full/test --out docs/results/full
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+mkdir -p out/workers
+for worker in 1 2; do
+  OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nohup .venv/bin/python -m bench.run \
+    --grid bench/grids/full/test.yaml --grid bench/grids/full/test_low.yaml \
+    --store bench/results/full/test --threads 1 --shared --seed-major >"out/workers/test_${worker}.log" 2>&1 &
+  sleep 10  # the second worker starts after the first has claimed its run
+done
+echo "two workers started; logs in out/workers/"
