@@ -25,8 +25,20 @@ __all__ = [
     "natural_key",
 ]
 
-METHOD_ORDER: tuple[str, ...] = ("uniform", "fim", "fim-variance", "eva", "adalora", "l1ra", "lrlora")
-"""Display order of methods in reports: the baseline first, then the allocation methods by family; a
+METHOD_ORDER: tuple[str, ...] = (
+    "uniform",
+    "fim",
+    "fim-variance",
+    "random",
+    "fim-shuffled",
+    "gora",
+    "eva",
+    "adalora",
+    "l1ra",
+    "lrlora",
+)
+"""Display order of methods in reports: the baseline first, FIM-LoRA and its controls, then the other
+allocation methods by family (calibration-time, then training-time); a
 method not listed comes last. A deliberate order, not the list of all methods: each name must be a
 :func:`~bench.harness.experiment.known_methods` name (tests/bench checks it; this module stays torch-free)."""
 

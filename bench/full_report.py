@@ -1,0 +1,366 @@
+"""The report of the full-length test grid: headline tables, the accuracy-vs-parameters front, the controls.
+
+Reads the test store (``bench/results/full/test``; every record evaluated once, at the end, on the test split)
+and writes into ``--out``:
+
+* ``test.md`` / ``test.json``: each method against uniform LoRA at r8's parameter count, pooled over the
+  tasks and per task (paired by seed: bootstrap CI, sign-flip p, win/tie/loss from the harness); whether
+  FIM-LoRA beats both random-allocation controls on each task (where it does not, its score carried no
+  information there); the smallest budget at which uniform and FIM-LoRA come within ``--margin`` points of
+  uniform r8 (per task and pooled);
+* ``front.png``: accuracy vs LoRA parameters per task and pooled (uniform and fim at r2/r4/r8, every
+  other method at r8);
+* ``test/results.md`` and its charts: the harness's full tables.
+
+Usage::
+
+    python -m bench.full_report --store bench/results/full/test --out docs/results/full
+
+Torch-free: records are plain JSON; matplotlib is imported for the figure only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.harness import METHOD_ORDER, ResultStore, aggregate, mean_std, write_report
+from bench.harness.tables import natural_key
+from fimlora.io import atomic_write_json, atomic_write_text
+
+__all__ = ["FrontPoint", "budget_to_match", "control_verdicts", "front_points", "main", "pooled_front"]
+
+CONTROLS: tuple[str, ...] = ("random", "fim-shuffled")
+"""Random-allocation controls at FIM-LoRA's budget (see the methods of the same names)."""
+
+FRONT_METHODS: tuple[str, ...] = ("uniform", "fim")
+"""Methods run at several budgets (r2, r4, r8 parameter counts): the lines of the front."""
+
+REFERENCE = ("uniform", "r8")
+
+
+@dataclass(frozen=True)
+class FrontPoint:
+    """Mean test accuracy (%) of one (task, method, budget) over its seeds, at its mean LoRA parameter count."""
+
+    task: str
+    method: str
+    budget: str
+    lora_params: float
+    mean: float
+    std: float
+    seeds: tuple[int, ...]
+
+
+def _ok_test_records(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    out = []
+    for record in records:
+        if record.get("status") != "ok":
+            continue
+        split = record["spec"].get("overrides", {}).get("eval_split", "test")
+        if split != "test":
+            raise ValueError(
+                f"record {record['run_id']} was evaluated on the {split!r} split; the test report reads "
+                "test-split records only (selection records belong in their own store)"
+            )
+        out.append(record)
+    return out
+
+
+def _lora_params(record: Mapping[str, Any]) -> int:
+    extra = record.get("extra") or {}
+    return int(extra.get("lora_params", record["trainable_params"]))
+
+
+def front_points(records: Iterable[Mapping[str, Any]]) -> list[FrontPoint]:
+    """One point per (task, method, budget) of the finished test-split records (accuracy in %)."""
+    groups: dict[tuple[str, str, str], list[Mapping[str, Any]]] = defaultdict(list)
+    for record in _ok_test_records(records):
+        spec = record["spec"]
+        groups[(spec["task"], spec["method"], spec["budget"])].append(record)
+    points = []
+    for (task, method, budget), group in groups.items():
+        accs = [100.0 * float(r["metrics"]["accuracy"]) for r in group]
+        mean, std = mean_std(accs)
+        points.append(
+            FrontPoint(
+                task,
+                method,
+                budget,
+                math.fsum(_lora_params(r) for r in group) / len(group),
+                mean,
+                std,
+                tuple(sorted(int(r["spec"]["seed"]) for r in group)),
+            )
+        )
+    return sorted(points, key=_point_key)
+
+
+def _point_key(p: FrontPoint) -> tuple[Any, ...]:
+    order = METHOD_ORDER.index(p.method) if p.method in METHOD_ORDER else len(METHOD_ORDER)
+    return (p.task, order, p.method, natural_key(p.budget))
+
+
+def pooled_front(points: Sequence[FrontPoint]) -> list[FrontPoint]:
+    """The mean over tasks of each (method, budget) that every task has, with the same seeds everywhere
+    (so pooled points compare like with like); task ``"pooled"``, std over the task means."""
+    tasks = sorted({p.task for p in points})
+    by_key: dict[tuple[str, str], dict[str, FrontPoint]] = defaultdict(dict)
+    for p in points:
+        by_key[(p.method, p.budget)][p.task] = p
+    out = []
+    for (method, budget), per_task in by_key.items():
+        if sorted(per_task) != tasks or len({p.seeds for p in per_task.values()}) != 1:
+            continue
+        means = [per_task[t].mean for t in tasks]
+        mean, std = mean_std(means)
+        params = math.fsum(per_task[t].lora_params for t in tasks) / len(tasks)
+        out.append(FrontPoint("pooled", method, budget, params, mean, std, per_task[tasks[0]].seeds))
+    return sorted(out, key=_point_key)
+
+
+def budget_to_match(
+    points: Sequence[FrontPoint], *, margin: float = 0.5, methods: Sequence[str] = FRONT_METHODS
+) -> dict[str, dict[str, str | None]]:
+    """Task -> method -> the smallest budget whose mean is within ``margin`` points of uniform r8's mean
+    (``None`` when no budget is). Tasks without a uniform r8 point are left out."""
+    by_task: dict[str, dict[tuple[str, str], FrontPoint]] = defaultdict(dict)
+    for p in points:
+        by_task[p.task][(p.method, p.budget)] = p
+    out: dict[str, dict[str, str | None]] = {}
+    for task, cell in sorted(by_task.items()):
+        if REFERENCE not in cell:
+            continue
+        target = cell[REFERENCE].mean - margin
+        out[task] = {}
+        for method in methods:
+            mine = sorted((p for (m, _), p in cell.items() if m == method), key=lambda p: p.lora_params)
+            hit = next((p.budget for p in mine if p.mean >= target), None)
+            out[task][method] = hit
+    return out
+
+
+def control_verdicts(
+    records: Iterable[Mapping[str, Any]], *, method: str = "fim", budget: str = "r8"
+) -> dict[str, Any]:
+    """``method`` against each control, per task and pooled, paired by seed (the harness's statistics).
+
+    Returns ``{"per_task": {task: {control: {diff, ci, p, verdict}}, ...}, "pooled": {control: {...}},
+    "informative": {task: bool}}``: informative where ``method`` wins against every control.
+    """
+    records = [r for r in _ok_test_records(records) if r["spec"]["budget"] == budget]
+    per_task: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    pooled: dict[str, dict[str, Any]] = {}
+    for control in CONTROLS:
+        subset = [r for r in records if r["spec"]["method"] in (method, control)]
+        if not any(r["spec"]["method"] == control for r in subset):
+            continue
+        table = aggregate(subset, baseline=control)
+        for c in table.comparisons:
+            if c.method == method:
+                per_task[c.task][control] = {
+                    "n_pairs": c.n_pairs,
+                    "diff": 100 * c.mean_diff,
+                    "ci": [100 * c.ci_low, 100 * c.ci_high],
+                    "p": c.p_value,
+                    "verdict": c.verdict,
+                }
+        for pc in table.pooled:
+            if pc.method == method:
+                pooled[control] = {
+                    "n_pairs": pc.n_pairs,
+                    "n_tasks": pc.n_tasks,
+                    "diff": 100 * pc.mean_diff,
+                    "ci": [100 * pc.ci_low, 100 * pc.ci_high],
+                    "p": pc.p_value,
+                }
+    informative = {
+        task: all(cmp.get(c, {}).get("verdict") == "win" for c in CONTROLS) for task, cmp in per_task.items()
+    }
+    return {"per_task": dict(per_task), "pooled": pooled, "informative": informative}
+
+
+def _fmt_ci(ci: Sequence[float]) -> str:
+    return f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
+
+
+def _markdown(
+    records: Sequence[Mapping[str, Any]], store: Path, out: Path, margin: float
+) -> tuple[str, dict[str, Any]]:
+    points = front_points(records)
+    pooled = pooled_front(points)
+    table = aggregate(records)
+    controls = control_verdicts(records)
+    match = budget_to_match([*points, *pooled], margin=margin)
+    lines = [
+        "# Full-length encoder grid: test results",
+        "",
+        "Test accuracy (%), each run evaluated once, at the end, on the task's full test split; learning rates",
+        "and every other choice were made on the dev split beforehand ([protocol](README.md)). Differences are",
+        "against uniform LoRA at the same LoRA parameter count, paired by seed (95% paired-bootstrap CI,",
+        "sign-flip p; a win or loss needs the whole CI on one side of 0 and at least 3 seed pairs).",
+        "",
+        "## Pooled over the tasks",
+        "",
+        "| budget | method | tasks | pairs | mean diff | 95% CI | p |",
+        "|---|---|---:|---:|---:|---|---:|",
+    ]
+    for pc in table.pooled:
+        ci = _fmt_ci([100 * pc.ci_low, 100 * pc.ci_high])
+        lines.append(
+            f"| {pc.budget} | {pc.method} | {pc.n_tasks} | {pc.n_pairs} | {100 * pc.mean_diff:+.2f} | {ci} | "
+            f"{pc.p_value:.3f} |"
+        )
+    tasks = sorted({p.task for p in points})
+    lines += [
+        "",
+        "## Per task: mean ± sample std over seeds (seeds)",
+        "",
+        "| method | budget | LoRA params | " + " | ".join(tasks) + " | mean of tasks |",
+        "|---|---|---:|" + "---:|" * (len(tasks) + 1),
+    ]
+    cells = {(p.task, p.method, p.budget): p for p in points}
+    pooled_cells = {(p.method, p.budget): p for p in pooled}
+    for method, budget in dict.fromkeys((p.method, p.budget) for p in points):
+        row = [cells.get((t, method, budget)) for t in tasks]
+        params = next(p.lora_params for p in row if p is not None)
+        text = [f"{p.mean:.2f} ± {p.std:.2f} ({len(p.seeds)})" if p else "–" for p in row]
+        pc = pooled_cells.get((method, budget))
+        lines.append(
+            f"| {method} | {budget} | {params:,.0f} | " + " | ".join(text) + f" | {pc.mean:.2f} |"
+            if pc
+            else f"| {method} | {budget} | {params:,.0f} | " + " | ".join(text) + " | – |"
+        )
+    lines += [
+        "",
+        "## Does FIM-LoRA's score carry information? FIM-LoRA vs the random-allocation controls (r8)",
+        "",
+        "`random`: ranks drawn at random within the same bounds and budget; `fim-shuffled`: FIM-LoRA's own ranks",
+        "permuted among modules of the same shape. Where FIM-LoRA does not beat both, its score carried no",
+        "information on that task.",
+        "",
+        "| task | vs random: diff [CI] verdict | vs fim-shuffled: diff [CI] verdict | informative |",
+        "|---|---|---|---|",
+    ]
+    for task, cmp in sorted(controls["per_task"].items()):
+        cols = []
+        for control in CONTROLS:
+            c = cmp.get(control)
+            cols.append(f"{c['diff']:+.2f} {_fmt_ci(c['ci'])} {c['verdict']}" if c else "–")
+        lines.append(
+            f"| {task} | " + " | ".join(cols) + f" | {'yes' if controls['informative'][task] else 'no'} |"
+        )
+    for control, c in controls["pooled"].items():
+        lines.append(
+            f"\nPooled vs {control}: {c['diff']:+.2f} {_fmt_ci(c['ci'])}, p = {c['p']:.3f} "
+            f"({c['n_pairs']} pairs, {c['n_tasks']} tasks)."
+        )
+    lines += [
+        "",
+        f"## Parameters needed to come within {margin} points of uniform r8",
+        "",
+        "The smallest budget (by LoRA parameters) whose mean reaches uniform r8's mean minus the margin.",
+        "",
+        "| task | " + " | ".join(FRONT_METHODS) + " |",
+        "|---|" + "---|" * len(FRONT_METHODS),
+    ]
+    for task, by_method in match.items():
+        lines.append(f"| {task} | " + " | ".join(by_method.get(m) or "none" for m in FRONT_METHODS) + " |")
+    commits = sorted({str((r.get("provenance") or {}).get("git", {}).get("commit")) for r in records})
+    lines += [
+        "",
+        "![accuracy vs LoRA parameters](front.png)",
+        "",
+        f"{len(records)} records from `{store}`; commits {', '.join(c[:10] for c in commits)}. Full tables: "
+        "[test/results.md](test/results.md).",
+        "",
+        f"Made with `python -m bench.full_report --store {store} --out {out}`.",
+        "",
+    ]
+    data = {
+        "points": [asdict(p) for p in [*points, *pooled]],
+        "controls": controls,
+        "budget_to_match": match,
+        "margin_points": margin,
+        "n_records": len(records),
+    }
+    return "\n".join(lines), data
+
+
+def _plot_front(points: Sequence[FrontPoint], path: Path) -> None:
+    from fimlora.plot import new_figure, save_figure
+
+    tasks = sorted({p.task for p in points if p.task != "pooled"}) + (
+        ["pooled"] if any(p.task == "pooled" for p in points) else []
+    )
+    cols = 3
+    rows = math.ceil(len(tasks) / cols)
+    fig = new_figure(4.2 * cols, 3.4 * rows)
+    markers = "os^vD<>Pp*hX"
+    methods = list(dict.fromkeys(p.method for p in sorted(points, key=_point_key)))
+    for i, task in enumerate(tasks):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for j, method in enumerate(methods):
+            mine = sorted(
+                (p for p in points if p.task == task and p.method == method), key=lambda p: p.lora_params
+            )
+            if not mine:
+                continue
+            style = "-" if method in FRONT_METHODS else "none"
+            # single-budget methods share one x: dodge them sideways (log axis: a factor) to keep them apart
+            dodge = 1.0 if method in FRONT_METHODS else 1.0 + 0.025 * (j - len(FRONT_METHODS) + 1)
+            ax.errorbar(
+                [p.lora_params * dodge for p in mine],
+                [p.mean for p in mine],
+                yerr=[0.0 if math.isnan(p.std) else p.std for p in mine],
+                marker=markers[j % len(markers)],
+                linestyle=style,
+                capsize=2,
+                label=method,
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_title(task if task != "pooled" else "pooled (mean of tasks)")
+        ax.set_xlabel("LoRA parameters")
+        ax.set_ylabel("test accuracy (%)")
+        if i == 0:
+            ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def write_full_report(store: Path, out: Path, *, margin: float = 0.5) -> list[Path]:
+    """Write ``test.md``, ``test.json``, ``front.png`` and ``test/`` (harness tables) into ``out``."""
+    records = _ok_test_records(ResultStore(store).records())
+    if not records:
+        raise SystemExit(f"{store} holds no finished test-split records yet")
+    out.mkdir(parents=True, exist_ok=True)
+    text, data = _markdown(records, store, out, margin)
+    written = [atomic_write_text(out / "test.md", text), atomic_write_json(out / "test.json", data)]
+    written += write_report(records, out / "test", scale=100.0, digits=2)
+    try:
+        _plot_front([FrontPoint(**p) for p in data["points"]], out / "front.png")
+        written.append(out / "front.png")
+    except ImportError:
+        pass
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.full_report", description=__doc__.splitlines()[0])
+    parser.add_argument("--store", required=True, type=Path, help="the test store (bench/results/full/test)")
+    parser.add_argument("--out", required=True, type=Path, help="report folder (docs/results/full)")
+    parser.add_argument(
+        "--margin", type=float, default=0.5, help="points below uniform r8 that count as matching"
+    )
+    args = parser.parse_args(argv)
+    for path in write_full_report(args.store, args.out, margin=args.margin):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""The full-length test report: front points, pooling, matching budgets, controls; test-split records only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.full_report import budget_to_match, control_verdicts, front_points, pooled_front, write_full_report
+from bench.harness import ResultStore, RunSpec, make_record
+from bench.harness import record as record_module
+
+PARAMS = {"r2": 1000, "r4": 2000, "r8": 4000}
+
+
+@pytest.fixture(autouse=True)
+def _fake_git(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(record_module, "git_state", lambda repo=None: {"commit": "b" * 40, "dirty": False})
+
+
+def _record(
+    task: str, method: str, budget: str, seed: int, acc: float, split: str = "test"
+) -> dict[str, Any]:
+    spec = RunSpec("encoder", task, "minilm", method, budget, seed, {"eval_split": split, "lr": 1e-3})
+    return make_record(
+        spec,
+        {"accuracy": acc / 100},
+        trainable_params=PARAMS[budget] + 50,  # + the classifier head: not LoRA
+        calibration_seconds=0.0,
+        train_seconds=1.0,
+        peak_memory_bytes=None,
+        device="cpu",
+        extra={"lora_params": PARAMS[budget]},
+    )
+
+
+def _grid() -> list[dict[str, Any]]:
+    # task a: fim beats both controls; task b: fim-shuffled equals fim (no information in the score).
+    # uniform: 80 / 85 / 90 at r2 / r4 / r8; fim reaches 89.6 at r4 on task a (within 0.5 of 90).
+    accs = {
+        ("uniform", "r2"): 80.0,
+        ("uniform", "r4"): 85.0,
+        ("uniform", "r8"): 90.0,
+        ("fim", "r2"): 84.0,
+        ("fim", "r4"): 89.6,
+        ("fim", "r8"): 91.0,
+        ("random", "r8"): 88.0,
+        ("fim-shuffled", "r8"): 88.5,
+    }
+    records = []
+    for task in ("a", "b"):
+        for (method, budget), acc in accs.items():
+            if task == "b" and method == "fim-shuffled":
+                acc = 91.0
+            for seed in range(5):
+                jitter = 0.1 * ((seed * 7 + len(method)) % 3 - 1)
+                records.append(_record(task, method, budget, seed, acc + jitter))
+    return records
+
+
+def test_front_points_use_lora_params_and_percent_and_pool_over_tasks() -> None:
+    points = front_points(_grid())
+    assert {p.lora_params for p in points} == {1000.0, 2000.0, 4000.0}  # the head is not counted
+    uni8 = next(p for p in points if (p.task, p.method, p.budget) == ("a", "uniform", "r8"))
+    assert uni8.mean == pytest.approx(90.0, abs=0.11) and uni8.seeds == (0, 1, 2, 3, 4)
+    pooled = {(p.method, p.budget): p for p in pooled_front(points)}
+    assert pooled[("fim-shuffled", "r8")].mean == pytest.approx((88.5 + 91.0) / 2, abs=0.11)
+    # a (method, budget) missing on one task is not pooled
+    partial = [p for p in points if not (p.task == "b" and p.method == "random")]
+    assert ("random", "r8") not in {(p.method, p.budget) for p in pooled_front(partial)}
+
+
+def test_budget_to_match_is_the_smallest_budget_within_the_margin() -> None:
+    points = front_points(_grid())
+    match = budget_to_match(points, margin=0.5)
+    assert match["a"] == {"uniform": "r8", "fim": "r4"}
+    assert budget_to_match(points, margin=0.3)["a"]["fim"] == "r8"  # 89.6 is 0.4 below
+
+
+def test_controls_say_where_fims_score_carried_information() -> None:
+    verdicts = control_verdicts(_grid())
+    assert verdicts["per_task"]["a"]["random"]["verdict"] == "win"
+    assert verdicts["per_task"]["a"]["fim-shuffled"]["verdict"] == "win"
+    assert verdicts["per_task"]["b"]["fim-shuffled"]["verdict"] != "win"
+    assert verdicts["informative"] == {"a": True, "b": False}
+    assert verdicts["pooled"]["random"]["diff"] == pytest.approx(3.0, abs=0.2)
+
+
+def test_report_refuses_dev_split_records(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="dev"):
+        front_points([*_grid(), _record("a", "uniform", "r8", 9, 50.0, split="dev")])
+
+
+def test_full_report_writes_tables_and_front(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path / "store")
+    for record in _grid():
+        store.put(record)
+    written = write_full_report(tmp_path / "store", tmp_path / "out")
+    text = (tmp_path / "out" / "test.md").read_text()
+    assert "| a | +" in text and "| b |" in text and "informative" in text
+    assert (tmp_path / "out" / "test" / "results.md").is_file()
+    assert (tmp_path / "out" / "test.json") in written
+    if (tmp_path / "out" / "front.png").exists():
+        assert (tmp_path / "out" / "front.png").stat().st_size > 10_000
