@@ -36,6 +36,8 @@ FIM_KEYS = (
     "r_max",
     "adjust_scaling_factors",
     "score_power",
+    "normalize",
+    "estimator",
 )
 """Spec overrides that are passed to :class:`fimlora.FimConfig` (fim / fim-variance only)."""
 

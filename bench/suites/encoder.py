@@ -10,6 +10,7 @@ EVA cannot initialise it (one row per sequence, fewer than rho * r components).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,7 +60,10 @@ DEFAULTS: dict[str, Any] = {
 """Settings a spec may override (``overrides`` keys); ``alpha = alpha_ratio * r``. ``eval_split``: the split
 a run is evaluated on, ``"test"`` or ``"dev"`` (selection grids: learning rates, lengths and method knobs
 are chosen on ``dev``, never on ``test``); ``eval_every``: also evaluate every N steps (a validation
-curve, recorded in ``extra.evals``)."""
+curve, recorded in ``extra.evals``). Also accepted: ``use_rslora`` (rsLoRA's scale alpha / sqrt(r); alpha is then
+``alpha_ratio * sqrt(r)``, so a module at the budget's rank r keeps the scale ``alpha_ratio`` and uniform LoRA
+is unchanged; with ``adjust_scaling_factors: false`` each FIM module's scale follows its own rank,
+``alpha_ratio * sqrt(r / r_m)``), ``normalize`` and ``estimator`` (FimConfig's)."""
 
 _KNOWN_KEYS = set(DEFAULTS) | {
     "score",
@@ -68,6 +72,9 @@ _KNOWN_KEYS = set(DEFAULTS) | {
     "r_max",
     "adjust_scaling_factors",
     "score_power",
+    "normalize",
+    "estimator",
+    "use_rslora",
     "method_options",
     "train",
     "eval",
@@ -134,7 +141,14 @@ def run_config_for(
         seed=seed,
         device=o["device"],
         data=data,
-        lora=LoraSpec(r=r, alpha=o["alpha_ratio"] * r, dropout=o["dropout"], target_modules=targets),
+        lora=LoraSpec(
+            r=r,
+            # rsLoRA scales by alpha / sqrt(r): alpha_ratio * sqrt(r) keeps a rank-r module's scale at alpha_ratio
+            alpha=o["alpha_ratio"] * (math.sqrt(r) if o.get("use_rslora") else r),
+            dropout=o["dropout"],
+            target_modules=targets,
+            use_rslora=bool(o.get("use_rslora", False)),
+        ),
         fim=FimConfig(**fim),
         train=TrainConfig(
             epochs=o["epochs"],

@@ -19,9 +19,10 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 
+from fimlora.module_names import split_module_name
 from fimlora.rankmap import RankMap
 
-__all__ = ["allocate_ranks", "select_within_budget", "uniform_ranks"]
+__all__ = ["allocate_ranks", "normalize_scores", "select_within_budget", "uniform_ranks"]
 
 _BISECTION_STEPS = 200
 # Remainders are compared to this many decimals, so that exact ties stay ties (see _remainder).
@@ -125,6 +126,33 @@ def allocate_ranks(
     if metadata:
         meta.update(dict(metadata))
     return RankMap(dict(zip(names, ranks, strict=True)), metadata=meta)
+
+
+def normalize_scores(scores: Mapping[str, float], by: str) -> dict[str, float]:
+    """Each score divided by the mean score of its group, so that every group has mean 1.
+
+    ``by="kind"`` groups modules of the same kind (``attention.self.query``, ``mlp.down_proj``...) over all
+    layers: the bias between kinds goes, the profile over depth within a kind stays. ``by="layer"`` groups
+    the modules of one layer: the depth profile goes, the kinds' profile within a layer stays. A group whose
+    scores are all 0 stays 0; ``by="none"`` returns the scores unchanged.
+
+    Raises:
+        ValueError: an unknown ``by``.
+    """
+    if by == "none":
+        return {n: float(v) for n, v in scores.items()}
+    if by not in ("kind", "layer"):
+        raise ValueError(f"`by` must be 'none', 'kind' or 'layer', got {by!r}")
+    index = 1 if by == "kind" else 0
+    groups: dict[object, list[float]] = {}
+    for name, value in scores.items():
+        groups.setdefault(split_module_name(name)[index], []).append(float(value))
+    means = {key: math.fsum(values) / len(values) for key, values in groups.items()}
+    out = {}
+    for name, value in scores.items():
+        mean = means[split_module_name(name)[index]]
+        out[name] = float(value) / mean if mean > 0 else 0.0
+    return out
 
 
 def uniform_ranks(names: list[str] | tuple[str, ...], r: int) -> RankMap:

@@ -14,11 +14,13 @@ ScoreKind = Literal["fisher", "variance"]
 Aggregation = Literal["mean", "sum"]
 BudgetUnit = Literal["ranks", "params"]
 Estimator = Literal["batch", "per_example"]
+Normalization = Literal["none", "kind", "layer"]
 
 SCORE_KINDS: tuple[str, ...] = ("fisher", "variance")
 AGGREGATIONS: tuple[str, ...] = ("mean", "sum")
 BUDGET_UNITS: tuple[str, ...] = ("ranks", "params")
 ESTIMATORS: tuple[str, ...] = ("batch", "per_example")
+NORMALIZATIONS: tuple[str, ...] = ("none", "kind", "layer")
 
 
 @dataclass
@@ -39,6 +41,9 @@ class FimConfig:
 
     score_power: float = 1.0
     """Ranks are proportional to score**score_power: 1 = proportional to the score (FIM-LoRA); between 0 and 1 flattens the map towards uniform (0 = uniform)."""
+
+    normalize: Normalization = "none"
+    """Divide each module's score by its group's mean before allocating: "kind" (query, key, ... over all layers: removes the bias between module kinds, keeps the depth profile), "layer" (removes the depth profile), "none"."""
 
     estimator: Estimator = "batch"
     """Which gradients are squared: "batch" = each calibration batch's gradient; "per_example" = each example's, exact, from one pass (mean over examples; see fimlora.calibration)."""
@@ -85,6 +90,8 @@ class FimConfig:
             or not 0.0 <= self.score_power <= 4.0
         ):
             raise ValueError(f"`score_power` must be a number in [0, 4], got {self.score_power!r}")
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"`normalize` must be one of {NORMALIZATIONS}, got {self.normalize!r}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"`estimator` must be one of {ESTIMATORS}, got {self.estimator!r}")
         if self.budget_unit not in BUDGET_UNITS:

@@ -12,10 +12,17 @@ from typing import Any
 
 from torch import nn
 
-from fimlora.allocate import allocate_ranks
+from fimlora.allocate import allocate_ranks, normalize_scores
 from fimlora.calibration import LossFn, ModuleStats, estimate_module_scores
 from fimlora.config import FimConfig
-from fimlora.peft_glue import apply_rank_map, lora_config, lora_modules, module_shapes
+from fimlora.peft_glue import (
+    apply_rank_map,
+    is_sharded,
+    lora_config,
+    lora_modules,
+    module_shapes,
+    sharded_resize_error,
+)
 from fimlora.rankmap import RankMap
 
 __all__ = ["initialize_lora_fim_ranks", "plan_rank_map"]
@@ -81,8 +88,10 @@ def plan_rank_map(
     }
     if metadata:
         meta.update(metadata)
-    if fim_config.score_power != 1.0:  # the map's "scores" are then the tempered ones; keep the raw ones too
+    if fim_config.score_power != 1.0 or fim_config.normalize != "none":
+        # the map's "scores" are then the normalised, tempered ones; keep the raw ones too
         meta["raw_scores"] = {n: float(v) for n, v in scores.items()}
+        scores = normalize_scores(scores, fim_config.normalize)
         scores = {n: float(v) ** fim_config.score_power if v > 0 else 0.0 for n, v in scores.items()}
     rank_map = allocate_ranks(
         scores,
@@ -122,6 +131,8 @@ def initialize_lora_fim_ranks(
         ``alpha_pattern``, so ``save_pretrained`` writes a standard adapter.
     """
     cfg = fim_config or FimConfig()
+    if is_sharded(model):  # before calibrating: the ranks could not be applied afterwards
+        raise sharded_resize_error(model, "initialize_lora_fim_ranks")
     mods = lora_modules(model, adapter_name)
     lcfg = lora_config(model, adapter_name)
     shapes = module_shapes(mods, adapter_name)

@@ -69,6 +69,32 @@ def test_encoder_spec_maps_to_run_config() -> None:
         run_config_for("encoder", "glue", "minilm", "fim", "r8", 0, {})
 
 
+def test_encoder_rslora_keeps_a_rank_r_modules_scale_and_fim_knobs_reach_the_config() -> None:
+    import math
+
+    plain = run_config_for("encoder", "trec6", "minilm", "fim", "r8", 0, {})
+    rs = run_config_for(
+        "encoder",
+        "trec6",
+        "minilm",
+        "fim",
+        "r8",
+        0,
+        {
+            "use_rslora": True,
+            "adjust_scaling_factors": False,
+            "normalize": "kind",
+            "estimator": "per_example",
+        },
+    )
+    assert not plain.lora.use_rslora and rs.lora.use_rslora
+    # scale at rank 8: alpha / r without rsLoRA, alpha / sqrt(r) with it: equal
+    assert plain.lora.alpha / 8 == pytest.approx(rs.lora.alpha / math.sqrt(8)) == pytest.approx(2.0)
+    assert (
+        rs.fim.normalize == "kind" and rs.fim.estimator == "per_example" and not rs.fim.adjust_scaling_factors
+    )
+
+
 def test_hf_suite_needs_train_data() -> None:
     with pytest.raises(ValueError, match=r"overrides\.train"):
         run_config_for("hf", "sst2", "some/model", "uniform", "r8", 0, {})

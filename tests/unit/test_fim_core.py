@@ -236,3 +236,35 @@ def test_score_power_flattens_the_map_towards_uniform() -> None:
     assert 0 < spread(0.5) < spread(1.0)
     with pytest.raises(ValueError, match="score_power"):
         FimConfig(score_power=-1.0)
+
+
+def test_normalize_by_kind_removes_the_bias_between_kinds_and_keeps_depth() -> None:
+    """Scores 10x larger on every query than on every value: "kind" hands both kinds the same ranks, keeping
+    each kind's rise over depth; "layer" removes the depth profile and keeps the kinds' ratio."""
+    from fimlora.allocate import normalize_scores
+    from fimlora.initialize import plan_rank_map
+
+    scores = {}
+    for layer in range(4):
+        scores[f"enc.layer.{layer}.attn.query"] = 10.0 * (layer + 1)
+        scores[f"enc.layer.{layer}.attn.value"] = 1.0 * (layer + 1)
+    by_kind = normalize_scores(scores, "kind")
+    assert (
+        by_kind["enc.layer.3.attn.query"]
+        == pytest.approx(by_kind["enc.layer.3.attn.value"])
+        == pytest.approx(1.6)
+    )
+    by_layer = normalize_scores(scores, "layer")
+    assert by_layer["enc.layer.0.attn.query"] == pytest.approx(by_layer["enc.layer.3.attn.query"])
+    assert by_layer["enc.layer.0.attn.query"] == pytest.approx(10 * by_layer["enc.layer.0.attn.value"])
+    assert normalize_scores({**scores, "x.layer.0.zero": 0.0}, "kind")["x.layer.0.zero"] == 0.0
+    shapes = {n: (64, 64) for n in scores}
+    plain = dict(plan_rank_map(scores, shapes, _quiet(r_min=1, r_max=32), r=8))
+    kind = plan_rank_map(scores, shapes, _quiet(normalize="kind", r_min=1, r_max=32), r=8)
+    assert sum(dict(kind).values()) == sum(plain.values())  # same budget
+    assert plain["enc.layer.3.attn.query"] > plain["enc.layer.3.attn.value"]
+    assert kind["enc.layer.3.attn.query"] == kind["enc.layer.3.attn.value"]
+    assert kind["enc.layer.3.attn.value"] > kind["enc.layer.0.attn.value"]
+    assert kind.metadata["raw_scores"]["enc.layer.0.attn.query"] == 10.0
+    with pytest.raises(ValueError, match="normalize"):
+        FimConfig(normalize="depth")  # type: ignore[arg-type]
