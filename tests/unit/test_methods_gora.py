@@ -312,3 +312,37 @@ def test_gora_adapter_reloads_with_plain_peft_in_a_fresh_process(
     assert out.returncode == 0, out.stderr[-3000:]
     worst = json.loads(out.stdout.strip().splitlines()[-1])
     assert worst["gora"] <= 1e-5, worst
+
+
+# ---- FIM's ranks with GoRA's initialisation (the `fim` method's gradient_init option) -------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fim_with_gradient_init_has_fims_ranks_and_goras_b(arch: str) -> None:
+    from fimlora import FimConfig
+
+    build, _ = ARCHS[arch]
+    data = batches(arch, T)
+    lcfg = LoraConfig(r=4, lora_alpha=8, **ARCHS[arch][1])
+    fim_cfg = FimConfig(calibration_batches=T, budget_unit="params", r_min=1, r_max=16, show_progress=False)
+    plain = get_method("fim", fim_config=fim_cfg)
+    plain_model = plain.prepare(build(0), lcfg, calibration_batches=iter(data))
+    ginit = get_method("fim", fim_config=fim_cfg, gradient_init=True, init_step_size=XI)
+    model = ginit.prepare(
+        build(0), lcfg, calibration_batches=iter(data)
+    )  # a one-pass iterator: both passes see it
+    assert dict(ginit.rank_map) == dict(plain.rank_map)  # the same map
+    assert ginit.rank_map.metadata["gradient_init"] == {"init_step_size": XI}
+    ref = _reference_grads(arch, data)
+    for name, module in lora_modules(model).items():
+        a = module.lora_A["default"].weight.detach().double()
+        b = module.lora_B["default"].weight.detach().double()
+        s = module.scaling["default"]
+        rank, fan_in = a.shape
+        expected_b = -(XI / s) * math.sqrt(fan_in / rank) * ref[name].double() @ torch.linalg.pinv(a)
+        torch.testing.assert_close(b, expected_b, rtol=2e-3, atol=1e-7)
+        assert float(lora_modules(plain_model)[name].lora_B["default"].weight.abs().max()) == 0.0
+    with pytest.raises(ValueError, match="gradient_init"):
+        get_method("fim", gradient_init="yes")
+    with pytest.raises(ValueError, match="init_step_size"):
+        get_method("fim", init_step_size=-1.0)

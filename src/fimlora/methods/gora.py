@@ -52,6 +52,7 @@ __all__ = [
     "gora_allocation_scores",
     "gora_importance",
     "gora_lora_b",
+    "gradient_init_lora_b",
     "mean_weight_gradients",
     "plan_gora_ranks",
 ]
@@ -235,6 +236,35 @@ def mean_weight_gradients(
     if bad:
         raise CalibrationError(f"non-finite weight gradient in module {bad[0]!r}; check the batches' inputs")
     return {n: weight_out_in(mods[n], s.div_(seen)) for n, s in sums.items()}, seen
+
+
+def gradient_init_lora_b(
+    model: nn.Module,
+    batches: Iterable[Any],
+    step_size: float,
+    *,
+    loss_fn: LossFn | None = None,
+    adapter_name: str = "default",
+) -> int:
+    """Set every LoRA module's B to GoRA's gradient init at its current rank and A (see :func:`gora_lora_b`).
+
+    The mean full-weight gradients are taken over ``batches`` with B = 0 first (the adapted model is then
+    the base model, as GoRA's init assumes). Returns the number of batches seen.
+    """
+    mods = lora_modules(model, adapter_name)
+    for m in mods.values():
+        set_lora_factors(
+            m, b=torch.zeros_like(lora_factors(m, adapter_name)[1].weight), adapter_name=adapter_name
+        )
+    batches = list(batches)
+    grads, seen = mean_weight_gradients(
+        model, batches, len(batches), loss_fn=loss_fn, adapter_name=adapter_name
+    )
+    for n, m in mods.items():
+        a, _ = lora_factors(m, adapter_name)
+        b = gora_lora_b(grads.pop(n), a.weight, lora_scale(m, adapter_name), step_size)
+        set_lora_factors(m, b=b, adapter_name=adapter_name)
+    return seen
 
 
 # ---- the method --------------------------------------------------------------------------------------
