@@ -236,3 +236,39 @@ def test_resume_matches_uninterrupted_run(tmp_path) -> None:
     assert resumed_state.keys() == expected_state.keys()
     for key, value in expected_state.items():
         torch.testing.assert_close(resumed_state[key], value, atol=1e-6, rtol=0)
+
+
+# ---- the FIM start (issue 13's variant: FIM-LoRA's map as L1RA's starting point) -------------------------
+
+
+@pytest.mark.parametrize(("arch", "unit"), [("llama", "params"), ("gpt2", "ranks")])
+def test_fim_start_begins_at_fims_map_within_the_budget(arch: str, unit: str) -> None:
+    from fimlora import FimConfig
+    from fimlora.initialize import plan_rank_map
+
+    build, kwargs = ARCHS[arch]
+    data = batches(arch, 4)
+    method = L1raMethod(L1raConfig(start="fim", start_calibration_batches=4, budget_unit=unit, r_max=12))
+    model = method.prepare(
+        build(0), LoraConfig(r=4, lora_alpha=8, **kwargs), total_steps=10, calibration_batches=iter(data)
+    )
+    ranks = current_ranks(model)
+    assert method.budget is not None and method.budget.holds(ranks)
+    assert len(set(ranks.values())) > 1 and min(ranks.values()) >= 2  # not uniform; FIM's floor r/2
+    # the same map FIM-LoRA plans from the same batches, budget and bounds
+    from peft import get_peft_model
+
+    from fimlora.calibration import estimate_module_scores
+
+    ref = get_peft_model(build(0), LoraConfig(r=4, lora_alpha=8, **kwargs))
+    stats = estimate_module_scores(ref, data, FimConfig(calibration_batches=4, show_progress=False))
+    shapes = module_shapes(lora_modules(ref))
+    planned = plan_rank_map(
+        stats.scores(), shapes, FimConfig(budget_unit=unit, r_min=2, r_max=12, show_progress=False), r=4
+    )
+    assert ranks == dict(planned)
+    assert all(float(g.detach().min()) == 1.0 for g in method.gates.values())  # gates start open
+    with pytest.raises(ValueError, match="calibration batches"):
+        L1raMethod(L1raConfig(start="fim")).prepare(build(0), LoraConfig(r=4, **kwargs), total_steps=10)
+    with pytest.raises(ValueError, match="start"):
+        L1raConfig(start="eva")

@@ -101,6 +101,12 @@ class L1raConfig:
     seed: int = 0
     """Seed of the random A columns added at reallocations (the global RNG is not consumed)."""
 
+    start: str = "uniform"
+    """Initial ranks: "uniform" (the budget split evenly, L1RA's) or "fim" (FIM-LoRA's map from the first calibration batches, within [max(r_min, r/2), r_max])."""
+
+    start_calibration_batches: int = 8
+    """Calibration batches of the "fim" start (FIM-LoRA's T)."""
+
     history_path: str | None = None
     """JSONL file that every rank change is appended to (None: kept in memory and in the state dict)."""
 
@@ -117,6 +123,9 @@ class L1raConfig:
         if self.r_max is not None:
             check_int("r_max", self.r_max, minimum=self.r_min)
         check_budget(self.budget_unit, self.budget_ranks, self.budget_params)
+        if self.start not in ("uniform", "fim"):
+            raise ValueError(f"`start` must be 'uniform' or 'fim', got {self.start!r}")
+        check_int("start_calibration_batches", self.start_calibration_batches, minimum=1)
 
 
 # ---- the reallocation rule (pure: plain lists in, plain dicts out) ---------------------------------------
@@ -231,7 +240,7 @@ class L1raMethod:
         total_steps: int | None = None,
         loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     ) -> nn.Module:
-        """Wrap with LoRA at uniform rank (or the budget's equal split), add gates = 1 and their hooks.
+        """Wrap with LoRA at uniform rank (or the budget's equal split, or FIM's map), add gates = 1 and hooks.
 
         Raises:
             ValueError: unsupported LoRA options, a schedule longer than training, or an infeasible budget.
@@ -253,7 +262,10 @@ class L1raMethod:
             shapes, cfg.r, self.config.budget_unit, self.config.budget_ranks, self.config.budget_params
         )
         self.r_max = _resolve_r_max(shapes, cfg.r, self.config.r_min, self.config.r_max)
-        initial = initial_ranks(self.budget, self.config.r_min, self.r_max, cfg.r, "L1RA")
+        if self.config.start == "fim":
+            initial = self._fim_start(model, calibration_batches, loss_fn, cfg.r)
+        else:
+            initial = initial_ranks(self.budget, self.config.r_min, self.r_max, cfg.r, "L1RA")
         resize_keep_scale(model, initial, self.adapter_name, keep=None, seed=self.config.seed)
         self._model = model
         self.gates = nn.ParameterDict(
@@ -262,6 +274,27 @@ class L1raMethod:
         self._hooks.install(lora_modules(model, self.adapter_name))
         self.history.log(RankEvent(0, n, int(cfg.r), r, "init") for n, r in initial.items())
         return model
+
+    def _fim_start(
+        self,
+        model: nn.Module,
+        batches: Iterable[Any] | None,
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None,
+        r: int,
+    ) -> dict[str, int]:
+        """FIM-LoRA's map (Fisher, mean over B's elements) under L1RA's budget, within [max(r_min, r/2), r_max]."""
+        from fimlora.calibration import estimate_module_scores
+        from fimlora.config import FimConfig
+
+        if batches is None:
+            raise ValueError("L1RA with start='fim' needs calibration batches (the first T training batches)")
+        fim = FimConfig(calibration_batches=self.config.start_calibration_batches, show_progress=False)
+        stats = estimate_module_scores(model, batches, fim, loss_fn=loss_fn, adapter_name=self.adapter_name)
+        low = max(self.config.r_min, r // 2)
+        assert self.budget is not None  # resolved in prepare() before the start is chosen
+        return self.budget.allocate(
+            stats.scores("fisher", "mean"), dict.fromkeys(self.r_max, low), self.r_max
+        )
 
     def param_groups(self, model: nn.Module, *, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
         """LoRA factors at ``lr``; gates at ``gate_lr`` without weight decay (decay would fight the L1 term)."""
