@@ -198,6 +198,7 @@ def _load_builtin_methods() -> None:
         "random_ranks",
         "fim_shuffled",
         "gora",
+        "fim_spectrum",
     ):
         try:
             importlib.import_module(f"fimlora.methods.{module}")

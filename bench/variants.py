@@ -1,0 +1,258 @@
+"""Issue 13: allocation variants, chosen on the dev split of three tasks, confirmed on two held-out tasks.
+
+Every variant is a registered method with fixed settings (:data:`VARIANTS`), trained with its base method's
+learning rate from the dev-split selection (``docs/results/full/lr_selection.json``). Steps:
+
+1. ``grids``: one grid per variant on the **dev** split of the selection tasks (:data:`SELECTION_TASKS`),
+   two seeds, at the r2 and r8 parameter counts, plus uniform LoRA at r4 (where the front bends)::
+
+       python -m bench.variants grids --selection docs/results/full/lr_selection.json \\
+           --from bench/grids/full/select_lr_0.001.yaml --out bench/grids/full/variants
+
+2. run them (two workers sharing the queue, ``--shared --seed-major``; see ``run_variants.sh``);
+3. ``report``: every variant's mean dev accuracy per task and budget, its paired difference from uniform
+   LoRA and from FIM-LoRA, and the choice (the highest mean dev accuracy pooled over the selection tasks
+   and both budgets, among the variants of fimlora's own methods)::
+
+       python -m bench.variants report --store bench/results/full/variants --out docs/results/full
+
+The confirmation (the chosen variant on the held-out tasks' test splits, 5 seeds) is part of the test grid.
+Torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.harness import ResultStore, mean_std, paired_bootstrap_ci
+from bench.selection import check_dev_only
+from fimlora.io import atomic_write_json, atomic_write_text
+
+__all__ = [
+    "HELD_OUT_TASKS",
+    "SELECTION_TASKS",
+    "VARIANTS",
+    "choose_variant",
+    "main",
+    "make_variant_grids",
+    "variant_table",
+]
+
+SELECTION_TASKS: tuple[str, ...] = ("trec6", "movie_sentiment", "sms_spam")
+"""Tasks whose dev splits choose the variant (trec6 and movie_sentiment also chose the learning rates)."""
+
+HELD_OUT_TASKS: tuple[str, ...] = ("bbc_news", "tweet_sentiment")
+"""Tasks that take no part in any choice except the training length: the confirmation's test splits."""
+
+SEEDS: tuple[int, ...] = (0, 1)
+BUDGETS: tuple[str, ...] = ("r2", "r8")
+
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "uniform": ("uniform", {}),
+    "fim": ("fim", {}),
+    "fim-power0.5": ("fim", {"score_power": 0.5}),
+    "fim-kind": ("fim", {"normalize": "kind"}),
+    "fim-rslora": ("fim", {"use_rslora": True, "adjust_scaling_factors": False}),
+    "fim-ginit": ("fim", {"method_options": {"gradient_init": True}}),
+    "fim-spectrum": ("fim-spectrum", {}),
+    "fim-spectrum-raw": ("fim-spectrum", {"method_options": {"normalize": False}}),
+    "l1ra-fimstart": ("l1ra", {"method_options": {"start": "fim"}}),
+    "gora": ("gora", {}),
+}
+"""Variant name -> (registered method, spec overrides). ``uniform`` and ``gora`` are the references (the
+baseline to beat and the strongest published calibration-time rival); the rest are the ideas of issue 13:
+tempered scores, scores normalised per module kind, rsLoRA's per-module scale, GoRA's initialisation on
+FIM's map, directions rather than size (the gradient spectrum of a wide calibration adapter; ``-raw`` ranks
+directions by energy), and FIM's map as L1RA's start."""
+
+LR_OF: dict[str, str] = {"fim-spectrum": "fim"}
+"""Methods without their own learning-rate selection take this method's rate (same training: plain LoRA)."""
+
+REFERENCES: tuple[str, ...] = ("uniform", "gora")
+
+
+def make_variant_grids(
+    chosen: Mapping[str, Mapping[str, Any]], selection_grid: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """One dev-split grid per variant (name -> grid), plus ``uniform-r4`` (uniform at r4: the front's middle).
+
+    The selection grid gives the length, data sizes and method options; each variant adds its overrides and
+    ``variant: <name>`` (a label the runner ignores) and its base method's chosen learning rate.
+
+    Raises:
+        ValueError: a base method without a learning-rate choice.
+    """
+    overrides = {k: v for k, v in selection_grid["overrides"].items() if k not in ("lr", "eval_split")}
+    overrides["eval_split"] = "dev"
+    base_method_overrides = dict(selection_grid.get("method_overrides", {}))
+    grids: dict[str, dict[str, Any]] = {}
+    for name, (method, extra) in VARIANTS.items():
+        lr_method = LR_OF.get(method, method)
+        if lr_method not in chosen:
+            raise ValueError(
+                f"no learning rate chosen for {lr_method!r} (variant {name!r}): finish the selection"
+            )
+        spec_overrides = {**overrides, **base_method_overrides.get(method, {}), **extra}
+        if "method_options" in extra and "method_options" in base_method_overrides.get(method, {}):
+            spec_overrides["method_options"] = {
+                **base_method_overrides[method]["method_options"],
+                **extra["method_options"],
+            }
+        spec_overrides.update(variant=name, lr=float(chosen[lr_method]["lr"]))
+        grids[name] = {
+            "suite": selection_grid["suite"],
+            "models": list(selection_grid["models"]),
+            "tasks": list(SELECTION_TASKS),
+            "methods": [method],
+            "budgets": list(BUDGETS),
+            "seeds": list(SEEDS),
+            "overrides": spec_overrides,
+        }
+    grids["uniform-r4"] = {**grids["uniform"], "budgets": ["r4"]}
+    return grids
+
+
+def _variant(record: Mapping[str, Any]) -> str:
+    return str(record["spec"]["overrides"].get("variant", record["spec"]["method"]))
+
+
+def variant_table(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per (variant, budget): mean dev accuracy (%) per task and pooled, and paired differences (by task and
+    seed) from uniform and from fim at the same budget, with 95% bootstrap CIs."""
+    acc: dict[tuple[str, str], dict[tuple[str, int], float]] = defaultdict(dict)
+    for record in check_dev_only(records):
+        spec = record["spec"]
+        acc[(_variant(record), spec["budget"])][(spec["task"], int(spec["seed"]))] = 100.0 * float(
+            record["metrics"]["accuracy"]
+        )
+    rows = {}
+    for (variant, budget), cells in sorted(acc.items()):
+        tasks = sorted({t for t, _ in cells})
+        per_task = {}
+        for task in tasks:
+            values = [v for (t, _), v in sorted(cells.items()) if t == task]
+            mean, std = mean_std(values)
+            per_task[task] = {"mean": mean, "std": std, "n": len(values)}
+        row: dict[str, Any] = {
+            "variant": variant,
+            "budget": budget,
+            "per_task": per_task,
+            "pooled": math.fsum(c["mean"] for c in per_task.values()) / len(per_task),
+            "n_runs": len(cells),
+        }
+        for reference in ("uniform", "fim"):
+            ref = acc.get((reference, budget), {})
+            keys = sorted(set(cells) & set(ref))
+            if variant != reference and len(keys) >= 2:
+                diff, low, high = paired_bootstrap_ci([cells[k] for k in keys], [ref[k] for k in keys])
+                row[f"vs_{reference}"] = {"diff": diff, "ci": [low, high], "pairs": len(keys)}
+        rows[f"{variant}@{budget}"] = row
+    return rows
+
+
+def choose_variant(
+    table: Mapping[str, Mapping[str, Any]], *, tasks: Sequence[str] = SELECTION_TASKS
+) -> str | None:
+    """The variant of fimlora's own methods (not a reference) with the highest pooled dev accuracy averaged
+    over the budgets it was run at, counting only variants complete on every selection task at every budget
+    of :data:`BUDGETS`; None while none is complete. Ties go to the earlier variant of :data:`VARIANTS`."""
+    best, best_value = None, -math.inf
+    for name in VARIANTS:
+        if name in REFERENCES:
+            continue
+        rows = [table.get(f"{name}@{b}") for b in BUDGETS]
+        complete = all(
+            r is not None and all(r["per_task"].get(t, {}).get("n", 0) == len(SEEDS) for t in tasks)
+            for r in rows
+        )
+        if not complete:
+            continue
+        value = math.fsum(r["pooled"] for r in rows if r is not None) / len(rows)
+        if value > best_value:
+            best, best_value = name, value
+    return best
+
+
+def _report(store: Path, out: Path) -> None:
+    table = variant_table(ResultStore(store).records())
+    chosen = choose_variant(table)
+    atomic_write_json(
+        out / "variants.json", {"rows": table, "chosen": chosen, "selection_tasks": SELECTION_TASKS}
+    )
+    tasks = sorted({t for r in table.values() for t in r["per_task"]})
+    lines = [
+        "# Issue 13: allocation variants on the dev split",
+        "",
+        f"Dev accuracy (%), mean over seeds {list(SEEDS)} on the selection tasks; differences are paired by",
+        "(task, seed) against uniform LoRA and FIM-LoRA at the same LoRA parameter count (95% bootstrap CI).",
+        "The test split is never read here. Every variant tried is listed, not only the winner.",
+        "",
+        "| variant | budget | " + " | ".join(tasks) + " | pooled | vs uniform | vs fim |",
+        "|---|---|" + "---:|" * (len(tasks) + 1) + "---|---|",
+    ]
+    for row in table.values():
+        cells = [
+            f"{row['per_task'][t]['mean']:.2f} ({row['per_task'][t]['n']})" if t in row["per_task"] else "–"
+            for t in tasks
+        ]
+        diffs = []
+        for ref in ("uniform", "fim"):
+            d = row.get(f"vs_{ref}")
+            diffs.append(f"{d['diff']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]" if d else "–")
+        lines.append(
+            f"| {row['variant']} | {row['budget']} | "
+            + " | ".join(cells)
+            + f" | {row['pooled']:.2f} | "
+            + " | ".join(diffs)
+            + " |"
+        )
+    lines += [
+        "",
+        f"Chosen (highest pooled dev accuracy over both budgets among fimlora's variants): **{chosen or 'not yet'}**.",
+        "",
+        f"Made with `python -m bench.variants report --store {store} --out {out}`.",
+        "",
+    ]
+    atomic_write_text(out / "variants.md", "\n".join(lines))
+
+
+def _write_grids(selection: Path, from_grid: Path, out: Path) -> None:
+    import yaml
+
+    grids = make_variant_grids(json.loads(selection.read_text()), yaml.safe_load(from_grid.read_text()))
+    for name, grid in grids.items():
+        header = (
+            f"# Issue 13, variant {name!r} on the DEV split, written by\n"
+            f"#   python -m bench.variants grids --selection {selection} --from {from_grid} --out {out}\n"
+            "# (do not edit by hand: rerun the command). Run: bench/grids/full/run_variants.sh\n"
+        )
+        atomic_write_text(out / f"{name}.yaml", header + yaml.safe_dump(grid, sort_keys=False))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.variants", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("grids", help="write one dev-split grid per variant")
+    p.add_argument("--selection", required=True, type=Path)
+    p.add_argument("--from", dest="from_grid", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p = sub.add_parser("report", help="the variant table and the choice")
+    p.add_argument("--store", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+    if args.what == "grids":
+        args.out.mkdir(parents=True, exist_ok=True)
+        _write_grids(args.selection, args.from_grid, args.out)
+    else:
+        _report(args.store, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""Issue 13's variant selection: grids from the dev-split choices, the table, the choice; dev split only."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.harness import ExperimentGrid
+from bench.selection import TestSplitInSelection
+from bench.variants import (
+    BUDGETS,
+    SEEDS,
+    SELECTION_TASKS,
+    VARIANTS,
+    choose_variant,
+    make_variant_grids,
+    variant_table,
+)
+
+_SELECTION_GRID = {
+    "suite": "encoder",
+    "models": ["minilm"],
+    "tasks": ["trec6", "movie_sentiment"],
+    "methods": ["uniform", "fim", "l1ra", "gora"],
+    "budgets": ["r8"],
+    "seeds": [0],
+    "overrides": {"max_train": 2000, "epochs": 4, "lr": 0.001, "eval_split": "dev"},
+    "method_overrides": {"l1ra": {"method_options": {"gate_lr": 0.02}}},
+}
+_CHOSEN = {"uniform": {"lr": 0.001}, "fim": {"lr": 0.003}, "l1ra": {"lr": 0.0003}, "gora": {"lr": 0.001}}
+
+
+def test_variant_grids_are_dev_only_with_their_base_methods_rate() -> None:
+    grids = make_variant_grids(_CHOSEN, _SELECTION_GRID)
+    assert set(grids) == set(VARIANTS) | {"uniform-r4"}
+    specs = [s for g in grids.values() for s in ExperimentGrid.from_dict(g).expand()]  # valid harness grids
+    assert all(s.overrides["eval_split"] == "dev" for s in specs)
+    assert {s.task for s in specs} == set(SELECTION_TASKS)
+    lrs = {g["overrides"]["variant"]: g["overrides"]["lr"] for g in grids.values()}
+    assert lrs["fim-spectrum"] == lrs["fim-kind"] == 0.003 and lrs["l1ra-fimstart"] == 0.0003
+    # the selection grid's method options stay, the variant's are added
+    assert grids["l1ra-fimstart"]["overrides"]["method_options"] == {"gate_lr": 0.02, "start": "fim"}
+    assert grids["uniform-r4"]["budgets"] == ["r4"] and grids["fim"]["budgets"] == list(BUDGETS)
+    with pytest.raises(ValueError, match="l1ra"):
+        make_variant_grids({k: v for k, v in _CHOSEN.items() if k != "l1ra"}, _SELECTION_GRID)
+
+
+def _record(variant: str, task: str, seed: int, budget: str, acc: float, split: str = "dev") -> dict:
+    method = VARIANTS[variant][0]
+    return {
+        "run_id": f"{task}-{variant}-{budget}-s{seed}",
+        "status": "ok",
+        "spec": {
+            "method": method,
+            "task": task,
+            "seed": seed,
+            "budget": budget,
+            "overrides": {"eval_split": split, "variant": variant},
+        },
+        "metrics": {"accuracy": acc / 100},
+    }
+
+
+def _records(gain: dict[str, float]) -> list[dict]:
+    out = []
+    for variant, plus in gain.items():
+        for task in SELECTION_TASKS:
+            for seed in SEEDS:
+                for budget in BUDGETS:
+                    out.append(_record(variant, task, seed, budget, 80.0 + plus + 0.1 * seed))
+    return out
+
+
+def test_table_pairs_by_task_and_seed_and_the_choice_skips_references_and_incomplete_variants() -> None:
+    records = _records({"uniform": 0.0, "fim": 0.5, "fim-kind": 1.5, "gora": 3.0})
+    records += [_record("fim-spectrum", "trec6", 0, "r2", 99.0)]  # incomplete: never chosen
+    table = variant_table(records)
+    assert table["fim-kind@r2"]["vs_uniform"]["diff"] == pytest.approx(1.5)
+    assert table["fim-kind@r8"]["vs_fim"]["diff"] == pytest.approx(1.0)
+    assert table["fim-kind@r2"]["pooled"] == pytest.approx(81.55)
+    assert choose_variant(table) == "fim-kind"  # gora is higher, but a reference
+    assert choose_variant(variant_table(_records({"uniform": 0.0}))) is None
+
+
+def test_variant_selection_never_reads_the_test_split() -> None:
+    with pytest.raises(TestSplitInSelection):
+        variant_table([*_records({"fim": 0.0}), _record("fim", "trec6", 0, "r2", 80.0, split="test")])
