@@ -33,7 +33,15 @@ from bench.harness import METHOD_ORDER, ResultStore, aggregate, mean_std, write_
 from bench.harness.tables import natural_key
 from fimlora.io import atomic_write_json, atomic_write_text
 
-__all__ = ["FrontPoint", "budget_to_match", "control_verdicts", "front_points", "main", "pooled_front"]
+__all__ = [
+    "FrontPoint",
+    "budget_to_match",
+    "compression_comparison",
+    "control_verdicts",
+    "front_points",
+    "main",
+    "pooled_front",
+]
 
 CONTROLS: tuple[str, ...] = ("random", "fim-shuffled")
 """Random-allocation controls at FIM-LoRA's budget (see the methods of the same names)."""
@@ -42,6 +50,10 @@ FRONT_METHODS: tuple[str, ...] = ("uniform", "fim")
 """Methods run at several budgets (r2, r4, r8 parameter counts): the lines of the front."""
 
 REFERENCE = ("uniform", "r8")
+
+TRAINED_BUDGET_OF_FRACTION: dict[str, str] = {"0.5": "r4", "0.25": "r2"}
+"""Issue 14: an r8 adapter compressed to this fraction of its LoRA parameters is compared with training at
+this budget directly (r4 and r2 have half and a quarter of r8's parameters)."""
 
 
 @dataclass(frozen=True)
@@ -185,6 +197,67 @@ def control_verdicts(
     return {"per_task": dict(per_task), "pooled": pooled, "informative": informative}
 
 
+def compression_comparison(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 14: every (task, method, fraction) of the r8 runs' ``extra.compress`` against the same method
+    trained at the equal budget (:data:`TRAINED_BUDGET_OF_FRACTION`), paired by seed, per task and pooled.
+
+    Returns rows ``{task, method, fraction, compressed (mean %), trained (mean %), diff, ci, pairs,
+    compressed_params, trained_params, kept_energy}``; ``task == "pooled"`` pools all (task, seed) pairs.
+    """
+    from bench.harness import paired_bootstrap_ci
+
+    records = _ok_test_records(records)
+    trained: dict[tuple[str, str, str, int], Mapping[str, Any]] = {}
+    for r in records:
+        spec = r["spec"]
+        trained[(spec["task"], spec["method"], spec["budget"], int(spec["seed"]))] = r
+    pairs: dict[tuple[str, str, str], list[tuple[float, float, float, float, float]]] = defaultdict(list)
+    for r in records:
+        spec = r["spec"]
+        if spec["budget"] != "r8":
+            continue
+        for fraction, result in (r.get("extra") or {}).get("compress", {}).items():
+            budget = TRAINED_BUDGET_OF_FRACTION.get(fraction)
+            other = trained.get((spec["task"], spec["method"], budget or "", int(spec["seed"])))
+            if budget is None or other is None:
+                continue
+            pairs[(spec["task"], spec["method"], fraction)].append(
+                (
+                    100.0 * float(result["accuracy"]),
+                    100.0 * float(other["metrics"]["accuracy"]),
+                    float(result["lora_params"]),
+                    float(_lora_params(other)),
+                    float(result.get("kept_energy_fraction", math.nan)),
+                )
+            )
+    pooled: dict[tuple[str, str], list[tuple[float, float, float, float, float]]] = defaultdict(list)
+    for (_, method, fraction), values in pairs.items():
+        pooled[(method, fraction)].extend(values)
+    rows = []
+    cells = [((t, m, f), v) for (t, m, f), v in sorted(pairs.items())]
+    cells += [(("pooled", m, f), v) for (m, f), v in sorted(pooled.items())]
+    for (task, method, fraction), values in cells:
+        a, b = [v[0] for v in values], [v[1] for v in values]
+        diff, low, high = paired_bootstrap_ci(a, b)
+        rows.append(
+            {
+                "task": task,
+                "method": method,
+                "fraction": fraction,
+                "trained_budget": TRAINED_BUDGET_OF_FRACTION[fraction],
+                "compressed": math.fsum(a) / len(a),
+                "trained": math.fsum(b) / len(b),
+                "diff": diff,
+                "ci": [low, high],
+                "pairs": len(values),
+                "compressed_params": math.fsum(v[2] for v in values) / len(values),
+                "trained_params": math.fsum(v[3] for v in values) / len(values),
+                "kept_energy": math.fsum(v[4] for v in values) / len(values),
+            }
+        )
+    return rows
+
+
 def _fmt_ci(ci: Sequence[float]) -> str:
     return f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
 
@@ -271,6 +344,25 @@ def _markdown(
     ]
     for task, by_method in match.items():
         lines.append(f"| {task} | " + " | ".join(by_method.get(m) or "none" for m in FRONT_METHODS) + " |")
+    compression = compression_comparison(records)
+    if compression:
+        lines += [
+            "",
+            "## Compression after training (issue 14) vs training at the smaller budget",
+            "",
+            "Each r8 adapter compressed with `fimlora compress` to a fraction of its LoRA parameters (SVD of",
+            "each module's update, one global budget), against the same method trained at that parameter count",
+            "directly, paired by seed. Positive: compressing a larger adapter beats training a small one.",
+            "",
+            "| task | method | fraction | compressed | trained at | trained | diff [95% CI] | pairs | energy kept |",
+            "|---|---|---:|---:|---|---:|---|---:|---:|",
+        ]
+        for c in compression:
+            lines.append(
+                f"| {c['task']} | {c['method']} | {c['fraction']} | {c['compressed']:.2f} | "
+                f"{c['trained_budget']} | {c['trained']:.2f} | {c['diff']:+.2f} {_fmt_ci(c['ci'])} | "
+                f"{c['pairs']} | {100 * c['kept_energy']:.1f}% |"
+            )
     commits = sorted({str((r.get("provenance") or {}).get("git", {}).get("commit")) for r in records})
     lines += [
         "",
@@ -286,6 +378,7 @@ def _markdown(
         "points": [asdict(p) for p in [*points, *pooled]],
         "controls": controls,
         "budget_to_match": match,
+        "compression": compression,
         "margin_points": margin,
         "n_records": len(records),
     }

@@ -53,9 +53,16 @@ TEST_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
 LOW_BUDGET_METHODS: tuple[str, ...] = ("uniform", "fim")
 """Methods also run at the r2 and r4 parameter counts (the accuracy-vs-parameters front)."""
 
+COMPRESS_FRACTIONS: tuple[float, ...] = (0.5, 0.25)
+"""Issue 14: the r8 adapters of :data:`LOW_BUDGET_METHODS` are also compressed after training to these
+fractions of their LoRA parameters and evaluated (``extra.compress``), to compare with training at the r4
+and r2 counts directly."""
+
 
 class TestSplitInSelection(ValueError):
     """A record evaluated on the test split reached a selection step."""
+
+    __test__ = False  # a name pytest would otherwise try to collect from test modules that import it
 
 
 def check_dev_only(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -142,7 +149,8 @@ def make_test_grids(
 
     Returns ``{"test": grid at r8 for every selected method, "test_low": uniform and fim at r2 and r4}``;
     both evaluate on the test split, with five seeds on the five tasks. Everything else (length, data sizes,
-    method options) is the selection grid's, so the test runs are the selected configurations.
+    method options) is the selection grid's, so the test runs are the selected configurations. The r8 runs
+    of uniform and fim also record their adapters compressed to :data:`COMPRESS_FRACTIONS`.
 
     Raises:
         ValueError: a method of the selection grid has no choice, or a low-budget method is missing.
@@ -155,10 +163,13 @@ def make_test_grids(
     overrides["eval_split"] = "test"
     base_method_overrides = {m: dict(v) for m, v in selection_grid.get("method_overrides", {}).items()}
 
-    def grid(methods_: list[str], budgets: list[str]) -> dict[str, Any]:
+    def grid(methods_: list[str], budgets: list[str], compress: bool = False) -> dict[str, Any]:
         method_overrides = {
             m: {**base_method_overrides.get(m, {}), "lr": float(chosen[m]["lr"])} for m in methods_
         }
+        if compress:
+            for m in LOW_BUDGET_METHODS:
+                method_overrides[m]["compress_fractions"] = list(COMPRESS_FRACTIONS)
         return {
             "suite": selection_grid["suite"],
             "models": list(selection_grid["models"]),
@@ -173,7 +184,7 @@ def make_test_grids(
     low = [m for m in LOW_BUDGET_METHODS if m in methods]
     if low != list(LOW_BUDGET_METHODS):
         raise ValueError(f"the selection grid must include {list(LOW_BUDGET_METHODS)} for the low budgets")
-    return {"test": grid(methods, ["r8"]), "test_low": grid(low, ["r2", "r4"])}
+    return {"test": grid(methods, ["r8"], compress=True), "test_low": grid(low, ["r2", "r4"])}
 
 
 def _write_test_grids(selection: Path, from_grid: Path, out: Path) -> None:

@@ -126,6 +126,10 @@ def test_test_grids_carry_each_methods_chosen_rate_and_read_the_test_split() -> 
         "eva": 0.0003,
     }
     assert test["method_overrides"]["eva"]["method_options"] == {"tau": 0.9}
+    # issue 14: the r8 uniform and fim adapters are also compressed after training; nothing else is
+    assert test["method_overrides"]["fim"]["compress_fractions"] == [0.5, 0.25]
+    assert "compress_fractions" not in test["method_overrides"]["eva"]
+    assert all("compress_fractions" not in o for o in low["method_overrides"].values())
     assert (
         test["budgets"] == ["r8"] and low["budgets"] == ["r2", "r4"] and low["methods"] == ["uniform", "fim"]
     )

@@ -20,7 +20,13 @@ def _fake_git(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _record(
-    task: str, method: str, budget: str, seed: int, acc: float, split: str = "test"
+    task: str,
+    method: str,
+    budget: str,
+    seed: int,
+    acc: float,
+    split: str = "test",
+    compress: dict | None = None,
 ) -> dict[str, Any]:
     spec = RunSpec("encoder", task, "minilm", method, budget, seed, {"eval_split": split, "lr": 1e-3})
     return make_record(
@@ -31,7 +37,7 @@ def _record(
         train_seconds=1.0,
         peak_memory_bytes=None,
         device="cpu",
-        extra={"lora_params": PARAMS[budget]},
+        extra={"lora_params": PARAMS[budget], **({"compress": compress} if compress else {})},
     )
 
 
@@ -103,3 +109,25 @@ def test_full_report_writes_tables_and_front(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "test.json") in written
     if (tmp_path / "out" / "front.png").exists():
         assert (tmp_path / "out" / "front.png").stat().st_size > 10_000
+
+
+def test_compression_is_paired_with_training_at_the_equal_budget() -> None:
+    from bench.full_report import compression_comparison
+
+    records = [
+        r for r in _grid() if not (r["spec"]["budget"] == "r8" and r["spec"]["method"] in ("uniform", "fim"))
+    ]
+    for task in ("a", "b"):
+        for seed in range(5):
+            for method, acc in (("uniform", 90.0), ("fim", 91.0)):
+                compress = {
+                    "0.5": {"accuracy": (acc - 1.0) / 100, "lora_params": 1990, "kept_energy_fraction": 0.8},
+                    "0.25": {"accuracy": (acc - 3.0) / 100, "lora_params": 995, "kept_energy_fraction": 0.5},
+                }
+                records.append(_record(task, method, "r8", seed, acc, compress=compress))
+    rows = {(r["task"], r["method"], r["fraction"]): r for r in compression_comparison(records)}
+    half = rows[("a", "uniform", "0.5")]
+    assert half["trained_budget"] == "r4" and half["pairs"] == 5
+    assert half["compressed"] == pytest.approx(89.0) and half["diff"] == pytest.approx(89.0 - 85.0, abs=0.11)
+    assert rows[("pooled", "fim", "0.25")]["diff"] == pytest.approx(88.0 - 84.0, abs=0.11)
+    assert rows[("pooled", "fim", "0.25")]["pairs"] == 10 and rows[("a", "fim", "0.25")]["kept_energy"] == 0.5
