@@ -24,6 +24,10 @@ from typing import Literal, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+# The bootstrap and the sign-flip test live in the library, which the reports share with the benchmark.
+from fimlora.paired_stats import EXACT_PERMUTATION_MAX_N, paired_bootstrap_ci
+from fimlora.paired_stats import sign_flip_pvalue as sign_flip_permutation_pvalue
+
 __all__ = [
     "EXACT_PERMUTATION_MAX_N",
     "WinTieLoss",
@@ -34,9 +38,6 @@ __all__ = [
     "win_tie_loss",
 ]
 
-# 2^16 = 65,536 sign patterns x 16 values is ~8 MB of float64: cheap enough to be exact.
-EXACT_PERMUTATION_MAX_N = 16
-_MC_CHUNK = 1024
 
 Verdict = Literal["win", "tie", "loss"]
 
@@ -80,84 +81,6 @@ def mean_std(values: Sequence[float] | npt.ArrayLike) -> tuple[float, float]:
     mean = float(array.mean())
     std = float(array.std(ddof=1)) if array.size > 1 else math.nan
     return mean, std
-
-
-def paired_bootstrap_ci(
-    a: Sequence[float] | npt.ArrayLike,
-    b: Sequence[float] | npt.ArrayLike,
-    *,
-    n_boot: int = 10_000,
-    alpha: float = 0.05,
-    seed: int = 0,
-) -> tuple[float, float, float]:
-    """Percentile bootstrap CI of the mean paired difference ``mean(a - b)``.
-
-    Args:
-        a: Method scores, shape (n,), ordered by seed.
-        b: Baseline scores, shape (n,), same seed order as ``a``.
-        n_boot: Bootstrap resamples.
-        alpha: Two-sided level; the CI covers ``1 - alpha``.
-        seed: Seed of the resampling RNG (results are deterministic).
-
-    Returns:
-        ``(mean_diff, lower, upper)``. With n = 1 there is nothing to resample and the bounds are
-        ``nan`` (so such a cell can only tie).
-    """
-    if n_boot < 1:
-        raise ValueError(f"`n_boot` must be >= 1, got {n_boot}")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"`alpha` must be in (0, 1), got {alpha}")
-    diffs = _paired_diffs(a, b)
-    mean_diff = float(diffs.mean())
-    if diffs.size < 2:
-        return mean_diff, math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    # (n_boot, n) index matrix: n is a number of seeds, so this stays small.
-    idx = rng.integers(0, diffs.size, size=(n_boot, diffs.size))
-    boot_means = diffs[idx].mean(axis=1)
-    lower, upper = np.quantile(boot_means, [alpha / 2.0, 1.0 - alpha / 2.0])
-    return mean_diff, float(lower), float(upper)
-
-
-def sign_flip_permutation_pvalue(
-    a: Sequence[float] | npt.ArrayLike,
-    b: Sequence[float] | npt.ArrayLike,
-    *,
-    n_perm: int = 10_000,
-    seed: int = 0,
-) -> float:
-    """Two-sided p-value of H0: mean(a - b) = 0 by randomly flipping the signs of paired differences.
-
-    Args:
-        a: Method scores, shape (n,), ordered by seed.
-        b: Baseline scores, shape (n,), same order.
-        n_perm: Monte Carlo draws, used only when n > :data:`EXACT_PERMUTATION_MAX_N`.
-        seed: RNG seed for the Monte Carlo case.
-
-    Returns:
-        For n <= 16, the exact fraction of the 2^n sign patterns whose |sum| is at least the observed
-        |sum| (the observed pattern included, so p >= 2 / 2^n when any difference is non-zero). For
-        larger n, ``(1 + hits) / (1 + n_perm)``.
-    """
-    diffs = _paired_diffs(a, b)
-    observed = abs(float(diffs.sum()))
-    # Sums of the same numbers in another order can differ in the last bits; count those as ties.
-    slack = 1e-12 * max(1.0, float(np.abs(diffs).sum()))
-    n = diffs.size
-    if n <= EXACT_PERMUTATION_MAX_N:
-        patterns = np.arange(2**n, dtype=np.int64)[:, None]
-        signs = 1.0 - 2.0 * ((patterns >> np.arange(n)) & 1)  # shape (2^n, n), entries +-1
-        hits = int(np.count_nonzero(np.abs(signs @ diffs) >= observed - slack))
-        return hits / 2**n
-    if n_perm < 1:
-        raise ValueError(f"`n_perm` must be >= 1, got {n_perm}")
-    rng = np.random.default_rng(seed)
-    hits = 0
-    for start in range(0, n_perm, _MC_CHUNK):
-        rows = min(_MC_CHUNK, n_perm - start)
-        signs = rng.choice(np.array([-1.0, 1.0]), size=(rows, n))
-        hits += int(np.count_nonzero(np.abs(signs @ diffs) >= observed - slack))
-    return (1 + hits) / (1 + n_perm)
 
 
 def classify_paired(

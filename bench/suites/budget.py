@@ -13,6 +13,9 @@ adalora, eva        ``budget_unit="params"``: PEFT's choice made cost-weighted, 
                     the record stores their actual LoRA parameters, and the report
                     flags a deviation from P above 2 %.
 gora                ``budget_unit="params"``: fimlora's exact allocator, as fim
+fim-spectrum        ``budget_unit="params"``: exact global selection of directions (as
+                    ``fimlora compress``), slack below one rank of the cheapest module that
+                    could still grow
 ==================  =======================================================================
 """
 
@@ -41,7 +44,7 @@ FIM_KEYS = (
 )
 """Spec overrides that are passed to :class:`fimlora.FimConfig` (fim / fim-variance only)."""
 
-PARAM_BUDGET_OPTION_METHODS: tuple[str, ...] = ("l1ra", "lrlora", "adalora", "eva", "gora")
+PARAM_BUDGET_OPTION_METHODS: tuple[str, ...] = ("l1ra", "lrlora", "adalora", "eva", "gora", "fim-spectrum")
 """Training-time methods whose options take ``budget_unit``; the bench sets it to ``"params"``. A
 deliberate selection (the methods with that option), each checked against fimlora's registry."""
 

@@ -19,6 +19,7 @@ from fimlora.run_config import DataSpec, LoraSpec, RunConfig
 from fimlora.training import TrainConfig
 
 from .budget import budget_rank, method_settings
+from .compress import check_compress_fractions
 from .data import BENCH_DATASETS, materialise_bench_dataset
 
 __all__ = ["DEFAULTS", "ENCODER_TARGET_MODULES", "ENCODER_TASKS", "run_config_for"]
@@ -56,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",
     "eval_split": "test",
     "eval_every": None,
+    "compress_fractions": (),
 }
 """Settings a spec may override (``overrides`` keys); ``alpha = alpha_ratio * r``. ``eval_split``: the split
 a run is evaluated on, ``"test"`` or ``"dev"`` (selection grids: learning rates, lengths and method knobs
@@ -63,7 +65,9 @@ are chosen on ``dev``, never on ``test``); ``eval_every``: also evaluate every N
 curve, recorded in ``extra.evals``). Also accepted: ``use_rslora`` (rsLoRA's scale alpha / sqrt(r); alpha is then
 ``alpha_ratio * sqrt(r)``, so a module at the budget's rank r keeps the scale ``alpha_ratio`` and uniform LoRA
 is unchanged; with ``adjust_scaling_factors: false`` each FIM module's scale follows its own rank,
-``alpha_ratio * sqrt(r / r_m)``), ``normalize`` and ``estimator`` (FimConfig's)."""
+``alpha_ratio * sqrt(r / r_m)``), ``normalize`` and ``estimator`` (FimConfig's). ``compress_fractions``: after
+the final evaluation, also compress the trained adapter to each of these fractions of its LoRA parameters and
+evaluate each (``extra.compress``, :mod:`bench.suites.compress`)."""
 
 _KNOWN_KEYS = set(DEFAULTS) | {
     "score",
@@ -75,6 +79,7 @@ _KNOWN_KEYS = set(DEFAULTS) | {
     "normalize",
     "estimator",
     "use_rslora",
+    "variant",  # a label only (bench.variants): names the variant in records and reports
     "method_options",
     "train",
     "eval",
@@ -101,6 +106,7 @@ def run_config_for(
     o = {**DEFAULTS, **overrides}
     if o["eval_split"] not in ("test", "dev"):
         raise ValueError(f"`eval_split` must be 'test' or 'dev', got {o['eval_split']!r}")
+    check_compress_fractions(o["compress_fractions"])
     r = budget_rank(budget)
     name, fim, options = method_settings(method, o, show_progress=bool(o.get("progress", False)))
     data = DataSpec(max_train=o["max_train"], max_eval=o["max_eval"], max_length=o["max_length"])

@@ -7,8 +7,9 @@ return the harness's ``RunOutcome`` built by :func:`bench.suites.outcome.outcome
 parameters, calibration/training seconds, peak memory, device, and details (rank map, uniform LoRA's
 parameter count at the same budget, the ratio to it, losses).
 
-Dependencies point one way: this module imports ``decoder``, ``encoder`` and ``outcome``; none of them
-imports it.
+Dependencies point one way: this module imports ``compress``, ``decoder``, ``encoder`` and ``outcome``;
+none of them imports it. With the override ``compress_fractions``, a classification run also records its
+adapter compressed to those fractions and evaluated (``extra.compress``, :mod:`bench.suites.compress`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Any
 
 from bench.harness import RunSpec
 
+from .compress import check_compress_fractions, compress_evaluations
 from .decoder import run_decoder_spec
-from .encoder import run_config_for
+from .encoder import DEFAULTS, run_config_for
 from .outcome import outcome_of, uniform_lora_params
 
 __all__ = ["SUITES", "prepare_spec", "run_spec", "train_spec"]
@@ -60,10 +62,16 @@ def run_spec(spec: RunSpec) -> dict[str, Any]:
     try:
         if spec.suite == "decoder":
             return run_decoder_spec(spec)
-        prepared, result, _ = train_spec(spec)
+        prepared, result, eval_fn = train_spec(spec)
     except TrainingInterrupted as stop:
         # SIGINT/SIGTERM stop the sweep (the runner lets KeyboardInterrupt through without writing a
         # record); otherwise the signal would be stored as a failed run and the sweep would go on.
         raise KeyboardInterrupt(str(stop)) from stop
     metrics = result.evals[-1][1] if result.evals else {}
-    return outcome_of(spec, prepared, result, dict(metrics))
+    outcome = outcome_of(spec, prepared, result, dict(metrics))
+    fractions = check_compress_fractions(
+        spec.overrides.get("compress_fractions", DEFAULTS["compress_fractions"])
+    )
+    if fractions:  # after the outcome, so that its peak memory and times are the training run's alone
+        outcome["extra"]["compress"] = compress_evaluations(result.model, fractions, eval_fn, prepared.device)
+    return outcome

@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fimlora.allocate import allocate_ranks
     from fimlora.calibration import ModuleStats, estimate_module_scores, fim_calibration
+    from fimlora.compress import compress_adapter
     from fimlora.config import FimConfig
     from fimlora.errors import CalibrationError
     from fimlora.initialize import initialize_lora_fim_ranks
-    from fimlora.peft_glue import apply_rank_map, export_uniform
+    from fimlora.peft_glue import apply_rank_map, export_adapter, export_uniform, lora_config_with_ranks
     from fimlora.rankmap import RankMap
 
 # Public name -> the module that defines it. Loaded on first use (PEP 562), so that importing a torch-free
@@ -29,10 +30,13 @@ _HOMES = {
     "RankMap": "fimlora.rankmap",
     "allocate_ranks": "fimlora.allocate",
     "apply_rank_map": "fimlora.peft_glue",
+    "compress_adapter": "fimlora.compress",
     "estimate_module_scores": "fimlora.calibration",
+    "export_adapter": "fimlora.peft_glue",
     "export_uniform": "fimlora.peft_glue",
     "fim_calibration": "fimlora.calibration",
     "initialize_lora_fim_ranks": "fimlora.initialize",
+    "lora_config_with_ranks": "fimlora.peft_glue",
 }
 
 
@@ -55,10 +59,13 @@ __all__ = [
     "RankMap",
     "allocate_ranks",
     "apply_rank_map",
+    "compress_adapter",
     "estimate_module_scores",
+    "export_adapter",
     "export_uniform",
     "fim_calibration",
     "initialize_lora_fim_ranks",
+    "lora_config_with_ranks",
 ]
 
 __version__ = "0.1.0"

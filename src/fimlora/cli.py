@@ -8,7 +8,8 @@ allocate    :func:`fimlora.recipes.allocate_run`
 train       :func:`fimlora.recipes.finetune`
 eval        :func:`fimlora.recipes.evaluate_adapter`
 plot        :func:`fimlora.report.plot_outputs`
-export      :func:`fimlora.export_uniform`
+export      :func:`fimlora.export_adapter`
+compress    :func:`fimlora.compress_adapter`
 compare     :func:`fimlora.report.compare_runs`
 methods     lists :data:`fimlora.methods.METHODS`
 ==========  =====================================================
@@ -140,8 +141,9 @@ def _add_output(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``fimlora`` argument parser (subcommands: demo allocate train eval plot export compare methods)."""
+    """The ``fimlora`` argument parser (subcommands: demo allocate train eval plot export compress compare methods)."""
     from fimlora import __version__
+    from fimlora.peft_glue.export import ENGINES
 
     parser = argparse.ArgumentParser(
         prog="fimlora",
@@ -157,7 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_options(p, _demo_section())
 
     p = sub.add_parser("allocate", help="calibrate and compute a FIM rank map (no training)")
-    _add_output(p, required=False, help_text="write rank_map.json, rank_map.png, scores.json here")
+    _add_output(
+        p,
+        required=False,
+        help_text="write rank_map.json, rank_map.png, scores.json, lora_config.json (PEFT) and "
+        "axolotl_lora.yaml here",
+    )
     _add_run_options(p, method=False)
 
     p = sub.add_parser("train", help="fine-tune with a method and save the adapter, metrics and provenance")
@@ -182,10 +189,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", help="figure title")
 
     p = sub.add_parser(
-        "export", help="write a single-rank (zero-padded, scale-folded) copy of an adapter for serving"
+        "export", help="write a copy of an adapter that a serving engine loads correctly (see --engine)"
     )
     p.add_argument("adapter", metavar="ADAPTER", help="adapter directory or `fimlora train` output directory")
     _add_output(p, required=True, help_text="output adapter directory")
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="padded",
+        help="padded (default): scales folded into B, every module zero-padded to the largest rank, for "
+        "vLLM, SGLang, llama.cpp and PEFT; llama.cpp: every module at its own rank, scales folded into B for "
+        "llama.cpp's lora_alpha/r_i (smaller; llama.cpp and PEFT only); peft: the files as they are. "
+        "Each writes SERVING.md naming the engines it is correct for",
+    )
+
+    p = sub.add_parser(
+        "compress", help="shrink a trained LoRA adapter to a budget, each module's rank from its spectrum"
+    )
+    p.add_argument("adapter", metavar="ADAPTER", help="adapter directory or `fimlora train` output directory")
+    _add_output(p, required=True, help_text="output directory (adapter/, compression.json/.md/.png)")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument(
+        "--fraction",
+        type=float,
+        metavar="F",
+        help="keep this fraction of the adapter's LoRA parameters, in (0, 1]",
+    )
+    budget.add_argument(
+        "--budget-params", metavar="N", help="keep at most N LoRA parameters (e.g. 1300000, 1.3M, 250k)"
+    )
+    budget.add_argument("--budget-ranks", metavar="R", help="keep exactly this total rank over all modules")
+    p.add_argument(
+        "--min-rank", type=int, default=0, metavar="K", help="every module keeps at least K ranks (default 0)"
+    )
 
     p = sub.add_parser("compare", help="compare `fimlora train` runs: metrics, rank-map agreement, curves")
     p.add_argument("runs", nargs="+", metavar="RUN", help="`fimlora train` output directories")
@@ -228,6 +264,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
     print()
     print(summary["table"])
+    for sentence in summary.get("conclusions", []):
+        print(f"\n{sentence}")
     print(f"\nwall time {summary['wall_seconds']:.0f} s; outputs in {args.out}/ (report.html, report.md)")
     return 0
 
@@ -243,7 +281,8 @@ def _cmd_allocate(args: argparse.Namespace) -> int:
         f"total rank {rank_map.total_rank}; LoRA params {meta.get('uniform_params')} (uniform) budget; bounds [{meta.get('r_min')}, {meta.get('r_max')}]"
     )
     if args.out:
-        print(f"wrote {args.out}/rank_map.json")
+        names = ("rank_map.json", "lora_config.json", "axolotl_lora.yaml")  # the last two: trainer configs
+        print("wrote " + ", ".join(f"{args.out}/{n}" for n in names if (Path(args.out) / n).is_file()))
     return 0
 
 
@@ -295,7 +334,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from safetensors import SafetensorError
 
     from fimlora.io import OutputDir
-    from fimlora.peft_glue import export_uniform
+    from fimlora.peft_glue import export_adapter
 
     src = Path(args.adapter)
     if (src / "adapter" / "adapter_config.json").is_file():
@@ -306,9 +345,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         )
     OutputDir(
         args.out, overwrite=args.overwrite
-    )  # validates the destination; export_uniform writes atomically
+    )  # validates the destination; export_adapter writes atomically
     try:
-        out = export_uniform(src, args.out, overwrite=args.overwrite)
+        out = export_adapter(src, args.out, engine=args.engine, overwrite=args.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         raise UsageError(str(e)) from None
     except SafetensorError as e:  # damaged adapter weights
@@ -316,6 +355,29 @@ def _cmd_export(args: argparse.Namespace) -> int:
             f"cannot read the adapter weights in {src} ({e}); pass an undamaged adapter directory"
         ) from None
     print(f"wrote {out}")
+    return 0
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from fimlora.cli_options import parse_count
+    from fimlora.compress import compress_adapter
+
+    report = compress_adapter(
+        args.adapter,
+        args.out,
+        fraction=args.fraction,
+        budget_params=parse_count(args.budget_params) if args.budget_params is not None else None,
+        budget_ranks=parse_count(args.budget_ranks) if args.budget_ranks is not None else None,
+        min_rank=args.min_rank,
+        overwrite=args.overwrite,
+    )
+    s = report.summary()
+    print(
+        f"LoRA parameters {s['source_lora_params']} -> {s['lora_params']} ({100 * s['param_fraction']:.1f} %), "
+        f"total rank {s['source_total_rank']} -> {s['total_rank']}, energy kept "
+        f"{100 * s['kept_energy_fraction']:.2f} %, modules dropped {len(s['modules_dropped'])} of {s['modules']}"
+    )
+    print(f"wrote {args.out}/ (adapter/, compression.json, compression.md, compression.png, run.json)")
     return 0
 
 
@@ -331,6 +393,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print(
             f"{a['a']} vs {a['b']}: spearman {a.get('spearman')}, kendall {a.get('kendall')}, L1 {a.get('l1')}"
         )
+    for comparison in result.get("comparisons", []):
+        print(f"\n{comparison['sentence']}")
     if args.out:
         print(f"wrote {args.out}/report.md and report.html")
     return 0
@@ -354,6 +418,7 @@ _COMMANDS = {
     "eval": _cmd_eval,
     "plot": _cmd_plot,
     "export": _cmd_export,
+    "compress": _cmd_compress,
     "compare": _cmd_compare,
     "methods": _cmd_methods,
 }

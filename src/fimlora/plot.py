@@ -192,24 +192,31 @@ def _short_label(name: str) -> str:
 
 
 def plot_rank_bars(
-    rank_map: Mapping[str, int],
+    rank_map: Mapping[str, float],
     path: str | os.PathLike[str],
     *,
-    reference: Mapping[str, int] | None = None,
+    reference: Mapping[str, float] | None = None,
     title: str | None = None,
     label: str = "allocated",
     reference_label: str = "reference",
+    samples: Sequence[Mapping[str, float]] = (),
+    sample_label: str = "each seed",
 ) -> pathlib.Path:
-    """Save a bar chart of the rank of every module, in the map's order.
+    """Save a horizontal bar chart of the rank of every module, one row per module, grouped by layer.
+
+    Rows run top to bottom in the map's order, with a rule between layers, so the chart grows in height
+    (about 0.2 inch per module) and its labels stay horizontal and readable at any module count.
 
     Args:
-        rank_map: The ranks to draw.
+        rank_map: The ranks to draw (may be fractional, e.g. a mean over seeds).
         path: Output PNG path; the parent directory is created.
-        reference: Optional second map (e.g. uniform rank) drawn as paired bars; modules it
-            lacks get no reference bar.
+        reference: Optional second map (e.g. uniform rank) drawn as a thin grey bar under each module's
+            bar; modules it lacks get none.
         title: Figure title.
         label: Legend label of ``rank_map``'s bars.
         reference_label: Legend label of ``reference``'s bars.
+        samples: Optional maps drawn as dots on each bar (e.g. every seed's ranks behind a mean).
+        sample_label: Legend label of the dots.
 
     Returns:
         ``path`` as a :class:`pathlib.Path`.
@@ -222,25 +229,32 @@ def plot_rank_bars(
         raise ValueError("cannot plot an empty RankMap")
     names = list(rank_map)
     n = len(names)
-    # ~0.18 inch per module keeps labels from overlapping; cap the width for very large models.
-    fig = new_figure(min(4.0 + 0.18 * n * (2 if reference else 1), 60.0), 4.5)
+    per_row = 0.2 if n <= 120 else 0.12
+    fig = new_figure(6.4, 1.3 + per_row * n)
     ax = fig.subplots()
-    x = list(range(n))
-    width = 0.8 if reference is None else 0.4
-    offset = 0.0 if reference is None else width / 2
-    ax.bar([i - offset for i in x], [rank_map[k] for k in names], width=width, label=label, color="C0")
-    if reference is not None:
-        heights = [float(reference[k]) if k in reference else float("nan") for k in names]
-        ax.bar([i + offset for i in x], heights, width=width, label=reference_label, color="C7")
-        ax.legend(fontsize=8)
-    font = 7 if n <= 60 else 5
-    ax.set_xticks(x, labels=[_short_label(k) for k in names], rotation=90, fontsize=font)
-    ax.set_xlim(-0.7, n - 0.3)
-    ax.set_ylabel("rank")
-    ax.grid(axis="y", alpha=0.3)
+    y = list(range(n))
+    ax.barh(y, [float(rank_map[k]) for k in names], height=0.45, color="C0", label=label, zorder=3)
+    if reference is not None:  # wide and pale, behind: the allocated bar stays readable on top of it
+        ref = [float(reference[k]) if k in reference else float("nan") for k in names]
+        ax.barh(y, ref, height=0.85, color="0.85", label=reference_label, zorder=2)
+    for i, sample in enumerate(samples):
+        xs = [float(sample[k]) for k in names if k in sample]
+        ys = [j for j, k in enumerate(names) if k in sample]
+        ax.plot(xs, ys, "o", ms=3, color="C1", alpha=0.8, label=sample_label if i == 0 else None, zorder=4)
+    layers = [split_module_name(k)[0] for k in names]
+    for j in range(1, n):
+        if layers[j] != layers[j - 1]:
+            ax.axhline(j - 0.5, color="0.6", linewidth=0.6)
+    font = 8 if n <= 120 else 6
+    ax.set_yticks(y, labels=[_short_label(k) for k in names], fontsize=font)
+    ax.set_ylim(n - 0.4, -0.6)  # first module on top
+    ax.set_xlabel("rank")
+    ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)
     if title:
         ax.set_title(title)
+    if reference is not None or samples:  # below the axes: a legend inside would hide long bars
+        fig.legend(loc="outside lower center", ncols=3, fontsize=8, frameon=False)
     return save_figure(fig, path)
 
 
@@ -250,6 +264,7 @@ def plot_training_curves(
     *,
     ylabel: str = "loss",
     title: str | None = None,
+    groups: Mapping[str, str] | None = None,
 ) -> pathlib.Path:
     """Save a line plot with one line per named run (x = step, y = value).
 
@@ -258,6 +273,8 @@ def plot_training_curves(
         path: Output PNG path; the parent directory is created.
         ylabel: Label of the y axis.
         title: Figure title.
+        groups: Optional run name -> group (e.g. the method): runs of a group share a colour and differ
+            by line style (e.g. one per seed). Without it every run gets its own colour.
 
     Returns:
         ``path`` as a :class:`pathlib.Path`.
@@ -270,9 +287,22 @@ def plot_training_curves(
         raise ValueError("no curves to plot")
     fig = new_figure(7.0, 4.2)
     ax = fig.subplots()
+    colour: dict[str, str] = {}
+    seen: dict[str, int] = {}
+    styles = ("-", "--", ":", "-.")
     for name, points in curves.items():
         ordered = sorted(points, key=lambda p: p[0])
-        ax.plot([p[0] for p in ordered], [p[1] for p in ordered], label=name, linewidth=1.4)
+        group = groups.get(name, name) if groups is not None else name
+        colour.setdefault(group, f"C{len(colour) % 10}")
+        k = seen[group] = seen.get(group, -1) + 1
+        ax.plot(
+            [p[0] for p in ordered],
+            [p[1] for p in ordered],
+            label=name,
+            linewidth=1.4,
+            color=colour[group],
+            linestyle=styles[k % len(styles)],
+        )
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

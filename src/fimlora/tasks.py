@@ -367,11 +367,16 @@ def evaluate_classification(
     *,
     batch_size: int = 64,
     progress: bool = False,
-) -> dict[str, float]:
+    predictions: bool = False,
+) -> dict[str, Any]:
     """Accuracy and mean cross-entropy of a sequence classifier on encoded examples.
 
+    Args:
+        predictions: also return each example's predicted and true label (in ``encoded`` order), so two
+            models evaluated on the same examples can be compared pair by pair (McNemar).
+
     Returns:
-        ``{"accuracy", "loss", "n"}``.
+        ``{"accuracy", "loss", "n"}`` (+ ``"predictions"``, ``"labels"``: lists of n ints).
     """
     if not encoded:
         return {"accuracy": float("nan"), "loss": float("nan"), "n": 0}
@@ -379,17 +384,24 @@ def evaluate_classification(
     model.eval()
     device = _device_of(model)
     correct, loss_sum, n = 0, 0.0, 0
+    predicted: list[int] = []
     for rows in _maybe_tqdm(
         _batches(encoded, batch_size), progress, math.ceil(len(encoded) / batch_size), "eval"
     ):
         batch = {k: v.to(device) for k, v in collate(rows).items()}
         out = model(**batch)
         labels = batch["labels"]
-        correct += int((out.logits.argmax(-1) == labels).sum())
+        argmax = out.logits.argmax(-1)
+        correct += int((argmax == labels).sum())
         loss_sum += float(nn.functional.cross_entropy(out.logits.float(), labels, reduction="sum"))
         n += len(rows)
+        if predictions:
+            predicted += argmax.tolist()
     model.train(was_training)
-    return {"accuracy": correct / n, "loss": loss_sum / n, "n": n}
+    result: dict[str, Any] = {"accuracy": correct / n, "loss": loss_sum / n, "n": n}
+    if predictions:
+        result |= {"predictions": predicted, "labels": [int(r["labels"]) for r in encoded]}
+    return result
 
 
 @torch.no_grad()

@@ -32,10 +32,14 @@ def test_demo_two_seeds_writes_adapters_figures_and_a_self_contained_report(tmp_
     results = json.loads((out / "results.json").read_text())
     lora = {r["method"]: r["lora_params"] for r in results["runs"]}
     assert lora["fim"] <= lora["uniform"]  # same parameter budget, never above it
-    for name in ("rank_map.json", "rank_map.png", "rank_bars.png", "curves.png", "report.md", "run.json"):
+    figures = ("rank_map_fim_seed-0.png", "rank_map_fim_seed-1.png", "rank_bars_fim.png", "curves.png")
+    for name in ("rank_map.json", *figures, "report.md", "run.json", "seed-0/fim/predictions.json"):
         assert (out / name).is_file(), name
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3 and "<img" in html and 'src="rank' not in html
+    # Figures embedded (self-contained page), each linking to its full-size file.
+    assert html.count("data:image/png;base64,") == 4 and 'src="rank' not in html
+    assert all(f'<a href="{name}">' in html for name in figures)
+    assert 'id="conclusion"' in html and "averaged over 2 seeds" in proc.stdout
 
     again = subprocess.run(
         [sys.executable, "-m", "fimlora.cli", "demo", "--out", str(out)],

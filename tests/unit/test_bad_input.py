@@ -155,15 +155,17 @@ def test_data_parallel_wrapper(model) -> None:
     _assert_unchanged(model, snap)
 
 
-def test_fsdp_sharded_model_is_refused(model) -> None:
-    # FSDP2's fully_shard swaps the model's class for a subclass of FSDPModule and the original class;
-    # the same swap here, without a process group, checks that such a model gets the FSDP error.
-    class FSDPModule:
-        pass
-
-    model.__class__ = type("FSDPPeftModel", (FSDPModule, type(model)), {})
-    with pytest.raises(TypeError, match="sharded .FSDP. models.*before sharding"):
-        estimate_module_scores(model, batches("llama", 1), _cfg())
+def test_fsdp1_wrapper_is_refused_with_what_to_do(model) -> None:
+    # FSDP2 (fully_shard) is calibrated (tests/integration/test_fsdp2.py); FSDP1's wrapper, with its flattened
+    # parameters and renamed modules, is not. A class of that name, without a process group, gets the error.
+    fsdp1 = type("FullyShardedDataParallel", (torch.nn.Module,), {})()
+    fsdp1.module = model
+    with pytest.raises(TypeError, match=r"FSDP1.*fully_shard.*fsdp_version: 2"):
+        estimate_module_scores(fsdp1, batches("llama", 1), _cfg())
+    engine = type("DeepSpeedEngine", (torch.nn.Module,), {})()
+    engine.module = model
+    with pytest.raises(TypeError, match=r"engine\.module"):
+        estimate_module_scores(engine, batches("llama", 1), _cfg())
 
 
 def test_non_finite_loss(model) -> None:

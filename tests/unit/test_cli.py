@@ -86,12 +86,12 @@ def trained(workspace: dict[str, Path]) -> dict[str, Path]:
 
 def test_help_for_every_subcommand() -> None:
     top = fimlora("--help")
-    for command in ("demo", "allocate", "train", "eval", "plot", "export", "compare", "methods"):
+    for command in ("demo", "allocate", "train", "eval", "plot", "export", "compress", "compare", "methods"):
         assert command in top.stdout
     # Each subcommand's help, in one interpreter (the parser is the same object the entry point builds).
     code = (
         "import contextlib, io, sys\nfrom fimlora.cli import main\n"
-        "for c in ['demo','allocate','train','eval','plot','export','compare','methods']:\n"
+        "for c in ['demo','allocate','train','eval','plot','export','compress','compare','methods']:\n"
         "    buf = io.StringIO()\n"
         "    with contextlib.redirect_stdout(buf):\n"
         "        try: main([c, '--help'])\n"
@@ -117,6 +117,11 @@ def test_train_writes_adapter_metrics_and_provenance(trained: dict[str, Path]) -
             assert (run / name).is_file(), name
         assert not (run.parent / f".{run.name}.partial").exists()
         assert not (run / "checkpoints").exists()
+        # Per-example predictions of the final evaluation (paired test-set errors in reports), not in metrics.
+        predictions = json.loads((run / "predictions.json").read_text())
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert len(predictions["predictions"]) == len(predictions["labels"]) == metrics["eval"]["n"] == 16
+        assert "predictions" not in metrics["eval"] and sum(metrics["label_counts"]["eval"].values()) == 16
     fim_metrics = json.loads((trained["fim"] / "metrics.json").read_text())
     uni_metrics = json.loads((trained["uniform"] / "metrics.json").read_text())
     assert (

@@ -15,6 +15,7 @@ repeated here.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,6 +129,22 @@ CASES = [
     _case("export-not-an-adapter", ["export", "{root}", "--out", "{out}"], "not an adapter directory"),
     _case("export-damaged-adapter-weights", ["export", "{run_bad_weights}", "--out", "{out}"], "cannot read the adapter weights"),
     _case("export-out-exists", ["export", "{run}", "--out", "{run}"], "already exists"),
+    _case("export-unknown-engine", ["export", "{run}", "--engine", "vllm", "--out", "{out}"], USAGE),
+    _case("export-llama.cpp-not-an-adapter", ["export", "{root}", "--engine", "llama.cpp", "--out", "{out}"], "not an adapter directory"),
+    _case("export-llama.cpp-damaged-weights", ["export", "{run_bad_weights}", "--engine", "llama.cpp", "--out", "{out}"], "cannot read the adapter weights"),
+    _case("export-peft-damaged-weights", ["export", "{run_bad_weights}", "--engine", "peft", "--out", "{out}"], "cannot read the adapter weights"),
+    _case("export-llama.cpp-dora", ["export", "{run_dora}", "--engine", "llama.cpp", "--out", "{out}"], "only plain LoRA"),
+    _case("compress-missing-adapter", ["compress", "{root}/missing", "--fraction", "0.5", "--out", "{out}"], "is not a directory"),
+    _case("compress-not-an-adapter", ["compress", "{root}", "--fraction", "0.5", "--out", "{out}"], "not a PEFT adapter directory"),
+    _case("compress-dora", ["compress", "{run_dora}", "--fraction", "0.5", "--out", "{out}"], "DoRA"),
+    _case("compress-damaged-adapter-weights", ["compress", "{run_bad_weights}", "--fraction", "0.5", "--out", "{out}"], "cannot read the adapter weights"),
+    _case("compress-no-budget", ["compress", "{run}", "--out", "{out}"], USAGE),
+    _case("compress-fraction-and-budget", ["compress", "{run}", "--fraction", "0.5", "--budget-params", "1k", "--out", "{out}"], USAGE),
+    _case("compress-fraction-0", ["compress", "{run}", "--fraction", "0", "--out", "{out}"], "`fraction` must be in (0, 1]"),
+    _case("compress-fraction-above-1", ["compress", "{run}", "--fraction", "1.5", "--out", "{out}"], "`fraction` must be in (0, 1]"),
+    _case("compress-budget-not-a-count", ["compress", "{run}", "--budget-params", "lots", "--out", "{out}"], "is not a count"),
+    _case("compress-min-rank-infeasible", ["compress", "{run}", "--budget-params", "10", "--min-rank", "1", "--out", "{out}"], "infeasible"),
+    _case("compress-out-exists", ["compress", "{run}", "--fraction", "0.5", "--out", "{run}"], "already exists"),
     _case("plot-binary-rank-map", ["plot", "{binary_json}", "--out", "{out}"], "binary.json: not a rank map"),
     _case("plot-not-a-rank-map", ["plot", "{train_csv}", "--out", "{out}"], "not valid JSON"),
     _case("plot-damaged-history", ["plot", "{run_bad_history}", "--out", "{out}"], "history.json"),
@@ -207,6 +224,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pa
     ws["run_bad_history"] = _damaged_copy(run, "run_bad_history", "history.json", BINARY)
     ws["run_bad_metrics"] = _damaged_copy(run, "run_bad_metrics", "metrics.json", BINARY)
     ws["run_bad_rank_map"] = _damaged_copy(run, "run_bad_rank_map", "rank_map.json", BINARY)
+    dora = json.loads((run / "adapter" / "adapter_config.json").read_text()) | {"use_dora": True}
+    ws["run_dora"] = _damaged_copy(run, "run_dora", "adapter/adapter_config.json", json.dumps(dora).encode())
     yield ws
     if bars:
         hf_logging.enable_progress_bar()

@@ -13,7 +13,9 @@ fp32 tensors per B (O(sum numel(B_m))), a few hundred times less than a full-mod
 
 * :mod:`~fimlora.calibration.stats`: :class:`ModuleStat`, :class:`ModuleStats` (JSON), the reductions.
 * :mod:`~fimlora.calibration.batch` / :mod:`~fimlora.calibration.per_example`: the two accumulators,
-  siblings behind :class:`GradientAccumulator` (:mod:`~fimlora.calibration.base`).
+  siblings behind :class:`GradientAccumulator` (:mod:`~fimlora.calibration.base`);
+  :mod:`~fimlora.calibration.layer_grad`: the batch estimator's statistics formed from each ``lora_B``
+  layer's input and output gradient, for sharded (FSDP2) models, whose ``.grad`` is a shard.
 * :mod:`~fimlora.calibration.session`: :func:`fim_calibration`, :func:`estimate_module_scores`,
   :func:`calibration_mode` (the model's state saved and restored).
 """
@@ -22,10 +24,13 @@ from __future__ import annotations
 
 from fimlora.calibration.base import GradientAccumulator, Reduction
 from fimlora.calibration.batch import BatchAccumulator
+from fimlora.calibration.layer_grad import LayerGradientAccumulator
 from fimlora.calibration.per_example import NormMethod, PerExampleAccumulator, per_example_sq_norms
 from fimlora.calibration.session import (
     FimCalibration,
     LossFn,
+    batch_loss,
+    batch_to_device,
     calibration_mode,
     estimate_module_scores,
     fim_calibration,
@@ -37,13 +42,16 @@ __all__ = [
     "BatchAccumulator",
     "FimCalibration",
     "GradientAccumulator",
+    "LayerGradientAccumulator",
     "LossFn",
     "ModuleStat",
     "ModuleStats",
     "NormMethod",
     "PerExampleAccumulator",
     "Reduction",
+    "batch_loss",
     "batch_module_stats",
+    "batch_to_device",
     "calibration_mode",
     "estimate_module_scores",
     "example_module_stats",

@@ -7,6 +7,11 @@ batches (``FimConfig(estimator="batch")``) or examples (``"per_example"``) of a 
 over a dataloader. Both drive the accumulator ``FimConfig.estimator`` selects through the
 :class:`~fimlora.calibration.base.GradientAccumulator` protocol only.
 Under ``torch.distributed`` the raw sums are all-reduced, so T counts the batches of all processes.
+A model sharded with FSDP2 (``fully_shard``, also through ``accelerate``) is calibrated with
+:class:`~fimlora.calibration.layer_grad.LayerGradientAccumulator`, which forms each B gradient from its
+``lora_B`` layer's input and output gradient (full size on every process) instead of the sharded,
+process-averaged ``.grad``: the statistics are those of one process on the union of all processes'
+micro-batches, each micro-batch one calibration batch, as under DDP.
 Calibration is transactional (:func:`calibration_mode`): train/eval modes, ``requires_grad`` flags and
 existing ``.grad`` tensors are restored whether it returns or raises.
 """
@@ -26,11 +31,12 @@ from torch import nn
 
 from fimlora.calibration.base import GradientAccumulator
 from fimlora.calibration.batch import BatchAccumulator
+from fimlora.calibration.layer_grad import LayerGradientAccumulator
 from fimlora.calibration.per_example import PerExampleAccumulator
 from fimlora.calibration.stats import ModuleStats
 from fimlora.config import FimConfig
 from fimlora.errors import CalibrationError
-from fimlora.peft_glue import data_parallel_inner, lora_factors, lora_modules, module_shapes
+from fimlora.peft_glue import data_parallel_inner, is_sharded, lora_factors, lora_modules, module_shapes
 
 __all__ = [
     "FimCalibration",
@@ -51,15 +57,25 @@ _ACCUMULATORS: dict[str, Callable[[nn.Module, Mapping[str, nn.Linear]], Gradient
 
 
 def make_accumulator(
-    estimator: str, model: nn.Module, b_layers: Mapping[str, nn.Linear]
+    estimator: str, model: nn.Module, b_layers: Mapping[str, nn.Linear], *, sharded: bool = False
 ) -> GradientAccumulator:
     """The accumulator of ``FimConfig.estimator`` for ``b_layers`` (module name -> ``lora_B`` layer).
 
+    ``sharded``: the model's parameters are sharded (FSDP2), so B's ``.grad`` holds a process-averaged
+    shard; the batch estimator then forms B's gradient from the layer's input and output gradient.
+
     Raises:
-        ValueError: an unknown estimator.
+        ValueError: an unknown estimator, or the per-example estimator on a sharded model.
     """
     if estimator not in _ACCUMULATORS:
         raise ValueError(f"`estimator` must be one of {tuple(_ACCUMULATORS)}, got {estimator!r}")
+    if sharded:
+        if estimator != "batch":
+            raise ValueError(
+                f"estimator={estimator!r} reads B's full .grad, which a sharded (FSDP2) model does not "
+                "have; use estimator='batch' (the default) on sharded models"
+            )
+        return LayerGradientAccumulator(b_layers)
     return _ACCUMULATORS[estimator](model, b_layers)
 
 
@@ -170,7 +186,7 @@ class FimCalibration:
         trainable = [b.weight for b in b_layers.values()]
         if not self.config.freeze_lora_A:
             trainable += [a.weight for a, _ in factors.values()]
-        self._acc = make_accumulator(self.config.estimator, model, b_layers)
+        self._acc = make_accumulator(self.config.estimator, model, b_layers, sharded=is_sharded(model))
         self._trainable = trainable
         self._own_loop = own_loop
         self._saved: _SavedState | None = None
@@ -269,7 +285,9 @@ def estimate_module_scores(
     Args:
         model: a PEFT model with LoRA layers for ``adapter_name`` (B = 0, as freshly initialised). A
             ``DistributedDataParallel`` or ``DataParallel`` wrapper is unwrapped: the model inside is run,
-            so that its backward does not average gradients over processes.
+            so that its backward does not average gradients over processes. A model sharded with FSDP2
+            (``fully_shard``) is run as it is; every process must then run the same number of batches
+            (FSDP's own collectives need it).
         dataloader: yields batches: dicts of tensors (Hugging Face convention; the model output's
             ``.loss`` is used) or anything ``loss_fn`` understands.
         fim_config: calibration settings (``calibration_batches`` is T).
@@ -297,7 +315,7 @@ def estimate_module_scores(
         for i, batch in enumerate(
             _progress(itertools.islice(iter(dataloader), cfg.calibration_batches), cfg)
         ):
-            loss = _batch_loss(model, _to_device(batch, device), loss_fn, i)
+            loss = batch_loss(model, batch_to_device(batch, device), loss_fn, i)
             loss.backward()
             session.collect_backward()
             # Read after the loop: a per-batch read would stall the device once per batch.
@@ -336,21 +354,31 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
+def batch_to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor in it (nested dicts, lists, tuples) moved to ``device``."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: batch_to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
         return (
-            type(batch)(_to_device(v, device) for v in batch)
+            type(batch)(batch_to_device(v, device) for v in batch)
             if isinstance(batch, list)
-            else tuple(_to_device(v, device) for v in batch)
+            else tuple(batch_to_device(v, device) for v in batch)
         )
     return batch
 
 
-def _batch_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None, index: int) -> torch.Tensor:
+def batch_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None, index: int) -> torch.Tensor:
+    """The scalar loss of calibration batch ``index``: ``loss_fn(model, batch)``, else ``model(**batch).loss``.
+
+    Every calibration (FIM-LoRA's, GoRA's, fim-spectrum's) reads its batches through this, so they share
+    one convention and one set of errors.
+
+    Raises:
+        CalibrationError: a batch that is not a dict without ``loss_fn``, no loss, a non-scalar loss, or a
+            loss with no gradient.
+    """
     loss: Any
     if loss_fn is not None:
         loss = loss_fn(model, batch)
@@ -376,7 +404,7 @@ def _batch_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None, index: int
         )
     if not loss.requires_grad:
         raise CalibrationError(
-            f"the loss of calibration batch {index} does not depend on any LoRA-B weight (no gradient); "
+            f"the loss of calibration batch {index} does not depend on the calibrated weights (no gradient); "
             "check that the adapter is active and that the adapted modules are used in the forward pass"
         )
     return loss

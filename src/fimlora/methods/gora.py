@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fimlora.calibration import calibration_mode
+from fimlora.calibration import batch_loss, batch_to_device, calibration_mode
 from fimlora.config import BudgetUnit, FimConfig
 from fimlora.errors import CalibrationError
 from fimlora.initialize import plan_rank_map
@@ -225,7 +225,7 @@ def mean_weight_gradients(
         handles = [w.register_post_accumulate_grad_hook(collect(n)) for n, w in weights.items()]
         try:
             for i, batch in enumerate(itertools.islice(iter(batches), num_batches)):
-                _loss(model, _to_device(batch, device), loss_fn, i).backward()
+                batch_loss(model, batch_to_device(batch, device), loss_fn, i).backward()
                 seen += 1
         finally:
             for h in handles:
@@ -331,27 +331,3 @@ class GoraMethod(StaticRanksMethod):
         meta.update(budget_metadata("gora", dict(planned), shapes, r))
         self.rank_map = RankMap(dict(planned), metadata=meta)
         return model
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Mapping):
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    return batch
-
-
-def _loss(model: nn.Module, batch: Any, loss_fn: LossFn | None, index: int) -> torch.Tensor:
-    loss: Any
-    if loss_fn is not None:
-        loss = loss_fn(model, batch)
-    elif isinstance(batch, Mapping):
-        loss = getattr(model(**batch), "loss", None)
-    else:
-        raise CalibrationError(
-            f"calibration batch {index} is a {type(batch).__name__}, not a dict: pass `loss_fn`"
-        )
-    if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.requires_grad:
-        raise CalibrationError(
-            f"calibration batch {index} gave no scalar loss that depends on the adapted weights: include "
-            "`labels` in the batches or pass `loss_fn`"
-        )
-    return loss

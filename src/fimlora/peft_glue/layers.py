@@ -15,11 +15,13 @@ __all__ = [
     "PEFT_MODEL_PREFIX",
     "current_ranks",
     "data_parallel_inner",
+    "is_sharded",
     "lora_config",
     "lora_factor_params",
     "lora_factors",
     "lora_modules",
     "module_shapes",
+    "sharded_resize_error",
 ]
 
 PEFT_MODEL_PREFIX = "base_model.model."
@@ -51,12 +53,58 @@ def _wrapper_error(model: nn.Module) -> TypeError | None:
             "all-reduces its own sums). Change ranks (initialize_lora_fim_ranks with scores=...) on "
             "`model.module` before wrapping: the wrapper must be built after parameters change shape"
         )
-    if name == "FullyShardedDataParallel" or any(c.__name__ == "FSDPModule" for c in type(model).__mro__):
+    if name == "FullyShardedDataParallel":
         return TypeError(
-            f"{name}: fimlora does not calibrate or resize sharded (FSDP) models; calibrate and set the "
-            "ranks on the PEFT model before sharding it (or calibrate under DDP, which fimlora supports)"
+            f"{name} (FSDP1): fimlora calibrates models sharded with FSDP2 (torch.distributed.fsdp."
+            "fully_shard; in accelerate `fsdp_version: 2`), not FSDP1's wrapper, whose flattened parameters "
+            "and renamed modules it does not read; shard with fully_shard, or calibrate before wrapping"
+        )
+    if name == "DeepSpeedEngine":
+        return TypeError(
+            f"{name}: fimlora works on the PEFT model inside the DeepSpeed engine, `engine.module` (run its "
+            "forward and `loss.backward()` yourself, or pass it to estimate_module_scores)"
         )
     return None
+
+
+def _zero3_partitioned(model: nn.Module) -> bool:
+    # DeepSpeed ZeRO-3 gives every parameter a `ds_id`: the first one tells.
+    return hasattr(next(model.parameters(), None), "ds_id")
+
+
+def _fsdp2_module_cls() -> type | None:
+    import torch
+
+    if not torch.distributed.is_available():
+        return None
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6 kept FSDP2 under _composable
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:
+            return None
+    return cast(type, FSDPModule)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are sharded: FSDP2's ``fully_shard`` (on it or a submodule) or
+    DeepSpeed ZeRO-3 partitioning."""
+    if _zero3_partitioned(model):
+        return True
+    cls = _fsdp2_module_cls()
+    return cls is not None and any(isinstance(m, cls) for m in model.modules())
+
+
+def sharded_resize_error(model: nn.Module, action: str) -> TypeError:
+    """The error for changing LoRA ranks on a sharded model, naming the flow that works instead."""
+    return TypeError(
+        f"{type(model).__name__} is sharded (FSDP2 or ZeRO-3): {action} would change LoRA ranks, and a sharded "
+        "model's LoRA weights cannot be resized. Calibrate it with estimate_module_scores (or "
+        "fim_calibration), plan the rank map, then build the adapter at its ranks before sharding: "
+        "`get_peft_model(fresh_base_model, fimlora.lora_config_with_ranks(lora_config, rank_map))`, then "
+        "shard and train (docs/sharded.md)"
+    )
 
 
 def _root_and_configs(model: nn.Module) -> tuple[nn.Module, Mapping[str, Any]]:
@@ -64,7 +112,7 @@ def _root_and_configs(model: nn.Module) -> tuple[nn.Module, Mapping[str, Any]]:
     from peft import PeftModel
     from peft.tuners.lora import LoraModel
 
-    wrapped = _wrapper_error(model)  # first: FSDP2's fully_shard keeps the model's class as a base
+    wrapped = _wrapper_error(model)  # FSDP2's fully_shard keeps the model's class as a base: accepted
     if wrapped is not None:
         raise wrapped
     if isinstance(model, PeftModel):

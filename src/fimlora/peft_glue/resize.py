@@ -17,7 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from fimlora.peft_glue.layers import PEFT_MODEL_PREFIX, lora_config, lora_modules
+from fimlora.peft_glue.layers import (
+    PEFT_MODEL_PREFIX,
+    is_sharded,
+    lora_config,
+    lora_modules,
+    sharded_resize_error,
+)
 
 __all__ = [
     "apply_rank_map",
@@ -108,7 +114,10 @@ def resize_lora_modules(
     Raises:
         ValueError: unknown module, bad rank, too many kept indices, unsupported init. The model is
             restored to its previous state when anything fails.
+        TypeError: the model is sharded (FSDP2): build it at its ranks before sharding instead.
     """
+    if is_sharded(model):
+        raise sharded_resize_error(model, "resizing LoRA modules")
     mods = lora_modules(model, adapter_name)
     cfg = lora_config(model, adapter_name)
     init = cfg.init_lora_weights

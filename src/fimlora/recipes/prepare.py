@@ -109,15 +109,18 @@ class PreparedRun:
         """The run's collator (rows -> a padded batch with labels)."""
         return collator_for(self.run.task, self.tokenizer)
 
-    def eval_fn(self) -> Callable[[nn.Module], dict[str, float]] | None:
-        """Evaluation on the run's eval split: accuracy (classification) or completion loss (sft)."""
+    def eval_fn(self, *, predictions: bool = False) -> Callable[[nn.Module], dict[str, Any]] | None:
+        """Evaluation on the run's eval split: accuracy (classification) or completion loss (sft).
+
+        ``predictions``: classification also returns each example's predicted and true label.
+        """
         if not self.eval_rows:
             return None
         collate = self.collate()
         rows, bs, progress = self.eval_rows, self.train_config.eval_batch_size, self.train_config.progress
         if self.run.task == "classification":
             return lambda model: evaluate_classification(
-                model, rows, collate, batch_size=bs, progress=progress
+                model, rows, collate, batch_size=bs, progress=progress, predictions=predictions
             )
         return lambda model: evaluate_lm_loss(model, rows, collate, batch_size=bs, progress=progress)
 
