@@ -222,8 +222,10 @@ def gradient_spectra(
 
 @register_method("fim-spectrum")
 class FimSpectrumMethod(StaticRanksMethod):
-    """Ranks from the spread of each module's gradient over directions (a wide calibration adapter's
-    LoRA-B gradient spectrum), then plain LoRA with the ranks fixed."""
+    """Ranks from how widely each module's gradient spreads over directions, then plain LoRA (ranks fixed).
+
+    The spread is the spectrum of a wide calibration adapter's LoRA-B gradients (see the module docstring).
+    """
 
     name = "fim-spectrum"
 

@@ -206,7 +206,7 @@ def plan_reallocation(
 
 @register_method("l1ra")
 class L1raMethod:
-    """L1RA behind the :class:`~fimlora.methods.base.RankMethod` protocol.
+    """L1RA: L1-penalised gates prune ranks during training and hand them to saturated modules; plain LoRA at the end.
 
     Resume: build the model with :meth:`prepare` as for a new run, then :meth:`load_state_dict` (or
     :meth:`restore`) with the saved method state; this rebuilds the LoRA layers at the saved ranks and

@@ -131,7 +131,7 @@ def soft_rank_mask(tau: torch.Tensor, r: int, temperature: float) -> torch.Tenso
 
 @register_method("lrlora")
 class LrLoraMethod:
-    """LR-LoRA behind the :class:`~fimlora.methods.base.RankMethod` protocol (needs ``total_steps``).
+    """LR-LoRA: a learnable soft rank cutoff per module under a budget constraint, truncated late; plain LoRA at the end.
 
     Resume: :meth:`prepare` as for a new run, then :meth:`load_state_dict` with the saved state (physical
     ranks don't change during training, so the model needs no resize); then adapter weights, optimizer.
