@@ -21,11 +21,10 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Literal, NamedTuple
 
-import numpy as np
 import numpy.typing as npt
 
 # The bootstrap and the sign-flip test live in the library, which the reports share with the benchmark.
-from fimlora.paired_stats import EXACT_PERMUTATION_MAX_N, paired_bootstrap_ci
+from fimlora.paired_stats import EXACT_PERMUTATION_MAX_N, as_finite_1d, paired_bootstrap_ci
 from fimlora.paired_stats import sign_flip_pvalue as sign_flip_permutation_pvalue
 
 __all__ = [
@@ -50,23 +49,6 @@ class WinTieLoss(NamedTuple):
     losses: int
 
 
-def _as_1d(values: Sequence[float] | npt.ArrayLike, name: str) -> npt.NDArray[np.float64]:
-    array = np.asarray(values, dtype=np.float64)
-    if array.ndim != 1 or array.size == 0:
-        raise ValueError(f"`{name}` must be a non-empty 1-D sequence, got shape {array.shape}")
-    if not np.all(np.isfinite(array)):
-        raise ValueError(f"`{name}` must contain only finite values")
-    return array
-
-
-def _paired_diffs(a: npt.ArrayLike, b: npt.ArrayLike) -> npt.NDArray[np.float64]:
-    """Return ``a - b``, shape (n,); ``a[i]`` and ``b[i]`` must come from the same seed."""
-    a_arr, b_arr = _as_1d(a, "a"), _as_1d(b, "b")
-    if a_arr.shape != b_arr.shape:
-        raise ValueError(f"`a` and `b` must be paired (same length), got {a_arr.size} and {b_arr.size}")
-    return a_arr - b_arr
-
-
 def mean_std(values: Sequence[float] | npt.ArrayLike) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof=1).
 
@@ -77,7 +59,7 @@ def mean_std(values: Sequence[float] | npt.ArrayLike) -> tuple[float, float]:
         ``(mean, std)``. For n = 1 the sample std is undefined and returned as ``nan`` (not 0.0, which
         would claim a single seed has no variance); reports render it as missing.
     """
-    array = _as_1d(values, "values")
+    array = as_finite_1d(values, "values")
     mean = float(array.mean())
     std = float(array.std(ddof=1)) if array.size > 1 else math.nan
     return mean, std

@@ -20,7 +20,6 @@ import inspect
 import json
 import os
 import re
-import sys
 import textwrap
 import types
 import typing
@@ -56,8 +55,18 @@ def field_docs(cls: type) -> dict[str, str]:
             style (as :class:`fimlora.FimConfig`).
 
     Returns:
-        Docstrings with whitespace collapsed; fields without one are absent.
+        Docstrings with whitespace collapsed, fields inherited from dataclass bases included; fields without
+        one are absent.
     """
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # a subclass's docstring overrides its base's for the same field
+        if klass is not object and dataclasses.is_dataclass(klass):
+            docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
+    """The field docstrings written in ``cls``'s own body (not its bases')."""
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):
@@ -80,9 +89,9 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def field_types(cls: type) -> dict[str, Any]:
-    """Field name -> resolved type annotation of a dataclass (strings from ``__future__`` resolved)."""
-    module = sys.modules[cls.__module__]
-    return typing.get_type_hints(cls, vars(module))
+    """Field name -> resolved type annotation of a dataclass (strings from ``__future__`` resolved, each in the
+    module of the class that declares it)."""
+    return typing.get_type_hints(cls)
 
 
 def parse_count(text: str | int) -> int:

@@ -33,9 +33,11 @@ __all__ = [
     "EXACT_PERMUTATION_MAX_N",
     "McNemar",
     "PairedInterval",
+    "as_finite_1d",
     "binomial_se",
     "mcnemar",
     "paired_bootstrap_ci",
+    "paired_differences",
     "paired_t_interval",
     "sign_flip_pvalue",
     "t_quantile",
@@ -47,7 +49,8 @@ EXACT_PERMUTATION_MAX_N = 16
 _MC_CHUNK = 1024
 
 
-def _as_1d(values: Sequence[float] | npt.ArrayLike, name: str) -> npt.NDArray[np.float64]:
+def as_finite_1d(values: Sequence[float] | npt.ArrayLike, name: str) -> npt.NDArray[np.float64]:
+    """``values`` as a float64 vector, shape (n,), n >= 1; ``ValueError`` naming ``name`` otherwise."""
     array = np.asarray(values, dtype=np.float64)
     if array.ndim != 1 or array.size == 0:
         raise ValueError(f"`{name}` must be a non-empty 1-D sequence, got shape {array.shape}")
@@ -56,9 +59,9 @@ def _as_1d(values: Sequence[float] | npt.ArrayLike, name: str) -> npt.NDArray[np
     return array
 
 
-def _paired_diffs(a: npt.ArrayLike, b: npt.ArrayLike) -> npt.NDArray[np.float64]:
+def paired_differences(a: npt.ArrayLike, b: npt.ArrayLike) -> npt.NDArray[np.float64]:
     """Return ``a - b``, shape (n,); ``a[i]`` and ``b[i]`` must come from the same seed."""
-    a_arr, b_arr = _as_1d(a, "a"), _as_1d(b, "b")
+    a_arr, b_arr = as_finite_1d(a, "a"), as_finite_1d(b, "b")
     if a_arr.shape != b_arr.shape:
         raise ValueError(f"`a` and `b` must be paired (same length), got {a_arr.size} and {b_arr.size}")
     return a_arr - b_arr
@@ -148,7 +151,7 @@ def paired_t_interval(
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"`alpha` must be in (0, 1), got {alpha}")
-    diffs = _paired_diffs(a, b)
+    diffs = paired_differences(a, b)
     n, mean = int(diffs.size), float(diffs.mean())
     if n < 2:
         return PairedInterval(n, mean, math.nan, math.nan, math.nan, math.nan, math.nan)
@@ -181,7 +184,7 @@ def sign_flip_pvalue(
         |sum| (the observed pattern included, so p >= 2 / 2^n when any difference is non-zero). For
         larger n, ``(1 + hits) / (1 + n_perm)`` (Phipson & Smyth, 2010: never exactly 0).
     """
-    diffs = _paired_diffs(a, b)
+    diffs = paired_differences(a, b)
     observed = abs(float(diffs.sum()))
     # Sums of the same numbers in another order can differ in the last bits; count those as ties.
     slack = 1e-12 * max(1.0, float(np.abs(diffs).sum()))
@@ -228,7 +231,7 @@ def paired_bootstrap_ci(
         raise ValueError(f"`n_boot` must be >= 1, got {n_boot}")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"`alpha` must be in (0, 1), got {alpha}")
-    diffs = _paired_diffs(a, b)
+    diffs = paired_differences(a, b)
     mean_diff = float(diffs.mean())
     if diffs.size < 2:
         return mean_diff, math.nan, math.nan

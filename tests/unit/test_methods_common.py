@@ -103,3 +103,33 @@ def test_history_plots(tmp_path) -> None:
 def test_every_method_is_selectable_by_name(name: str) -> None:
     method = get_method(name)
     assert method.name == name
+
+
+def test_option_help_covers_inherited_fields() -> None:
+    """Method options that share the budget/bounds base still get help text and a type for every field."""
+    import dataclasses
+
+    from fimlora.cli_options import field_docs, field_types
+    from fimlora.methods.budget import BudgetBoundsOptions
+    from fimlora.methods.fim_spectrum import SpectrumOptions
+    from fimlora.methods.gora import GoraOptions
+
+    for cls in (GoraOptions, SpectrumOptions):
+        assert issubclass(cls, BudgetBoundsOptions)
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert {"budget_unit", "r_min", "seed", "calibration_batches"} <= names
+        assert set(field_docs(cls)) == names, cls
+        assert set(field_types(cls)) >= names, cls
+
+
+def test_shared_budget_bounds_checks_name_the_field() -> None:
+    from fimlora.methods.fim_spectrum import SpectrumOptions
+    from fimlora.methods.gora import GoraOptions
+
+    for cls in (GoraOptions, SpectrumOptions):
+        with pytest.raises(ValueError, match="r_min"):
+            cls(r_min=5, r_max=2)
+        with pytest.raises(ValueError, match="budget_ranks"):
+            cls(budget_unit="ranks", budget_ranks=0)
+        with pytest.raises(ValueError, match="adjust_scaling_factors"):
+            cls(adjust_scaling_factors="yes")

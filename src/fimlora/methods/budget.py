@@ -17,6 +17,7 @@ from fimlora.allocate import allocate_ranks
 from fimlora.config import BudgetUnit
 
 __all__ = [
+    "BudgetBoundsOptions",
     "RankBudget",
     "budget_metadata",
     "check_budget",
@@ -123,6 +124,70 @@ def budget_metadata(
         "params_vs_uniform": total_params / uniform_params,
         "shapes": {n: list(s) for n, s in shapes.items()},
     }
+
+
+# ---- budget and bounds as options -----------------------------------------------------------------------
+
+
+@dataclass
+class BudgetBoundsOptions:
+    """Budget, rank bounds, scale and seed: the option fields that the calibration-time methods with their own
+    options (``gora``, ``fim-spectrum``) share. Each field's docstring is its help text."""
+
+    budget_unit: BudgetUnit = "params"
+    """When no budget is given, match uniform LoRA at the config's r in this unit ("params" or "ranks")."""
+
+    budget_ranks: int | None = None
+    """Total rank over all adapted modules. Mutually exclusive with budget_params."""
+
+    budget_params: int | None = None
+    """Total LoRA parameters, sum of r_i * (in_i + out_i). Mutually exclusive with budget_ranks."""
+
+    r_min: int | None = None
+    """Smallest rank of a module. Default: half the LoRA config's r (at least 1)."""
+
+    r_max: int | None = None
+    """Largest rank of a module. Default: four times the LoRA config's r, capped at min(in, out)."""
+
+    adjust_scaling_factors: bool = True
+    """Keep every module's scale at the config's alpha/r (alpha/sqrt(r) with rsLoRA, via alpha_pattern);
+    False: alpha/r_i (alpha/sqrt(r_i) with rsLoRA)."""
+
+    seed: int = 0
+    """Seed of LoRA-A at the chosen ranks (the caller's global RNG state is left untouched)."""
+
+    def check_budget_bounds(self) -> None:
+        """Validate the shared fields; each error names its field.
+
+        Raises:
+            ValueError: a field out of range, both budgets set, or ``r_min > r_max``.
+        """
+        for name in ("budget_ranks", "budget_params", "r_min", "r_max"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), minimum=1)
+        if self.budget_unit not in ("ranks", "params"):
+            raise ValueError(f"`budget_unit` must be 'ranks' or 'params', got {self.budget_unit!r}")
+        if self.budget_ranks is not None and self.budget_params is not None:
+            raise ValueError("set only one of `budget_ranks` and `budget_params`, not both")
+        if self.r_min is not None and self.r_max is not None and self.r_min > self.r_max:
+            raise ValueError(f"`r_min` ({self.r_min}) must be <= `r_max` ({self.r_max})")
+        if not isinstance(self.adjust_scaling_factors, bool):
+            raise ValueError(
+                f"`adjust_scaling_factors` must be true or false, got {self.adjust_scaling_factors!r}"
+            )
+        check_int("seed", self.seed, minimum=0)
+
+    def bounds(self, r: int) -> tuple[int, int]:
+        """``(r_min, r_max)`` for a LoRA config of rank ``r`` (defaults: ``[max(1, r // 2), 4 r]``).
+
+        Raises:
+            ValueError: the resolved bounds are crossed (the message says to set both).
+        """
+        low = self.r_min if self.r_min is not None else max(1, r // 2)
+        high = self.r_max if self.r_max is not None else 4 * r
+        if low > high:
+            raise ValueError(f"`r_min` ({low}) exceeds `r_max` ({high}) for LoRA rank r={r}; set both")
+        return low, high
 
 
 # ---- option checks (each error names the field) -------------------------------------------------------

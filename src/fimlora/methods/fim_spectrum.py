@@ -36,10 +36,9 @@ import torch
 from torch import nn
 
 from fimlora.calibration import batch_loss, batch_to_device, calibration_mode
-from fimlora.config import BudgetUnit
 from fimlora.errors import CalibrationError
 from fimlora.methods.base import StaticRanksMethod, register_method
-from fimlora.methods.budget import budget_metadata, check_int
+from fimlora.methods.budget import BudgetBoundsOptions, budget_metadata, check_int
 from fimlora.peft_glue import apply_rank_map, lora_factors, lora_modules, module_shapes
 from fimlora.rankmap import RankMap
 
@@ -55,7 +54,7 @@ LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
 @dataclass
-class SpectrumOptions:
+class SpectrumOptions(BudgetBoundsOptions):
     """Calibration, budget and bounds of ``fim-spectrum``. Each field's docstring is its help text."""
 
     calibration_batches: int = 8
@@ -67,49 +66,13 @@ class SpectrumOptions:
     normalize: bool = True
     """Rank directions by their share of their module's gradient energy (True) or by raw energy (False)."""
 
-    budget_unit: BudgetUnit = "params"
-    """When no budget is given, match uniform LoRA at the config's r in this unit ("params" or "ranks")."""
-
-    budget_ranks: int | None = None
-    """Total rank over all adapted modules. Mutually exclusive with budget_params."""
-
-    budget_params: int | None = None
-    """Total LoRA parameters, sum of r_i * (in_i + out_i). Mutually exclusive with budget_ranks."""
-
-    r_min: int | None = None
-    """Smallest rank of a module. Default: half the LoRA config's r (at least 1)."""
-
-    r_max: int | None = None
-    """Largest rank of a module. Default: four times the LoRA config's r, capped at min(in, out)."""
-
-    adjust_scaling_factors: bool = True
-    """Keep every module's scale at the config's alpha/r (alpha_pattern); False: alpha/r_i."""
-
-    seed: int = 0
-    """Seed of LoRA-A at the chosen ranks (the caller's global RNG is left untouched)."""
-
     def __post_init__(self) -> None:
         check_int("calibration_batches", self.calibration_batches, minimum=1)
-        for name in ("calibration_rank", "budget_ranks", "budget_params", "r_min", "r_max"):
-            if getattr(self, name) is not None:
-                check_int(name, getattr(self, name), minimum=1)
+        if self.calibration_rank is not None:
+            check_int("calibration_rank", self.calibration_rank, minimum=1)
         if not isinstance(self.normalize, bool):
             raise ValueError(f"`normalize` must be true or false, got {self.normalize!r}")
-        if self.budget_unit not in ("ranks", "params"):
-            raise ValueError(f"`budget_unit` must be 'ranks' or 'params', got {self.budget_unit!r}")
-        if self.budget_ranks is not None and self.budget_params is not None:
-            raise ValueError("set only one of `budget_ranks` and `budget_params`, not both")
-        if self.r_min is not None and self.r_max is not None and self.r_min > self.r_max:
-            raise ValueError(f"`r_min` ({self.r_min}) must be <= `r_max` ({self.r_max})")
-        check_int("seed", self.seed, minimum=0)
-
-    def bounds(self, r: int) -> tuple[int, int]:
-        """``(r_min, r_max)`` for a LoRA config of rank ``r`` (defaults: ``[max(1, r // 2), 4 r]``)."""
-        low = self.r_min if self.r_min is not None else max(1, r // 2)
-        high = self.r_max if self.r_max is not None else 4 * r
-        if low > high:
-            raise ValueError(f"`r_min` ({low}) exceeds `r_max` ({high}) for LoRA rank r={r}; set both")
-        return low, high
+        self.check_budget_bounds()
 
 
 # ---- the math (pure: plain numbers in and out) -----------------------------------------------------------

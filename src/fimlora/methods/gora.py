@@ -37,11 +37,11 @@ import torch
 from torch import nn
 
 from fimlora.calibration import batch_loss, batch_to_device, calibration_mode
-from fimlora.config import BudgetUnit, FimConfig
+from fimlora.config import FimConfig
 from fimlora.errors import CalibrationError
 from fimlora.initialize import plan_rank_map
 from fimlora.methods.base import StaticRanksMethod, register_method
-from fimlora.methods.budget import budget_metadata, check_float
+from fimlora.methods.budget import BudgetBoundsOptions, budget_metadata, check_float
 from fimlora.peft_glue import apply_rank_map, lora_factors, lora_modules, module_shapes
 from fimlora.peft_glue.weights import base_weight, lora_scale, set_lora_factors, weight_out_in
 from fimlora.rankmap import RankMap
@@ -61,8 +61,12 @@ LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
 @dataclass
-class GoraOptions:
-    """GoRA's calibration, budget and initialisation. Each field's docstring is its help text."""
+class GoraOptions(BudgetBoundsOptions):
+    """GoRA's calibration, budget and initialisation. Each field's docstring is its help text.
+
+    GoRA's own scripts (``scripts/gora/*.sh``) use T = 32, ``r_min`` 4 and ``r_max`` 32 at r = 8, and scale by
+    alpha/sqrt(r_i) (``use_rslora`` with ``adjust_scaling_factors`` False); the budget is in parameters.
+    """
 
     calibration_batches: int = 8
     """Batches whose full weight gradients are averaged (T; GoRA's scripts use 32; fimlora's methods 8)."""
@@ -73,31 +77,10 @@ class GoraOptions:
     gradient_init: bool = True
     """Initialise B from the gradient (GoRA); False keeps LoRA's B = 0 and uses GoRA's ranks only."""
 
-    budget_unit: BudgetUnit = "params"
-    """When no budget is given, match uniform LoRA at the config's r in this unit ("params", GoRA's, or "ranks")."""
-
-    budget_ranks: int | None = None
-    """Total rank over all adapted modules. Mutually exclusive with budget_params."""
-
-    budget_params: int | None = None
-    """Total LoRA parameters, sum of r_i * (in_i + out_i). Mutually exclusive with budget_ranks."""
-
-    r_min: int | None = None
-    """Smallest rank of a module. Default: half the LoRA config's r (at least 1); GoRA's scripts: 4 at r = 8."""
-
-    r_max: int | None = None
-    """Largest rank of a module. Default: 4 r, capped at min(in, out); GoRA's scripts: 32 at r = 8."""
-
-    adjust_scaling_factors: bool = True
-    """Keep every module's scale at the config's alpha/r (alpha/sqrt(r) with rsLoRA); False: alpha/r_i (GoRA's
-    scripts use alpha/sqrt(r_i): use_rslora with this False)."""
-
-    seed: int = 0
-    """Seed for LoRA-A at the new ranks (the caller's global RNG state is left untouched)."""
-
     def __post_init__(self) -> None:
         check_float("init_step_size", self.init_step_size, low=0.0)
-        self.allocation_config()  # validates the budget and bounds fields, naming the field
+        self.check_budget_bounds()
+        self.allocation_config()  # FimConfig's own checks of the same fields
 
     def allocation_config(self) -> FimConfig:
         """Budget and bounds as a :class:`FimConfig`, the form :func:`plan_rank_map` reads."""
