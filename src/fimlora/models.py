@@ -244,6 +244,7 @@ def load_model_and_tokenizer(
     label_names: list[str] | tuple[str, ...] | None = None,
     gguf_file: str | None = None,
     seed: int | None = None,
+    progress: bool = True,
 ) -> tuple[nn.Module, Any]:
     """Load a base model with the right head, and its tokenizer.
 
@@ -256,6 +257,7 @@ def load_model_and_tokenizer(
         gguf_file: see :func:`resolve_model`.
         seed: seed the global RNG right before creating the model, so a new classifier head is
             initialised identically in every run with this seed.
+        progress: ``False`` hides transformers' "Loading weights" bar too (``--no-progress``).
 
     Returns:
         ``(model, tokenizer)``; the tokenizer has a pad token (EOS when it had none) and, for decoders,
@@ -275,8 +277,10 @@ def load_model_and_tokenizer(
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if seed is not None:
         torch.manual_seed(seed)
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars_were_on = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the "newly initialized classifier" notice is expected here
+    if not progress:
+        hf_logging.disable_progress_bar()
     try:
         if task == "classification":
             if num_labels is None:
@@ -298,6 +302,8 @@ def load_model_and_tokenizer(
         raise UsageError(f"cannot load model {source.description}: {str(e).splitlines()[0]}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     if getattr(net.config, "pad_token_id", None) is None:
         net.config.pad_token_id = tokenizer.pad_token_id
     return net, tokenizer

@@ -18,3 +18,19 @@ def test_tiny_models_round_trip(tmp_path: Path) -> None:
     tok = AutoTokenizer.from_pretrained(llama)
     assert tok.unk_token_id not in tok("what is the capital of france")["input_ids"]
     assert AutoModelForCausalLM.from_pretrained(llama).config.vocab_size == len(tok)
+
+
+def test_no_progress_hides_transformers_loading_bar(tmp_path, capsys) -> None:
+    """``--no-progress`` (progress=False) silences transformers' "Loading weights" bar, and only while loading."""
+    from transformers.utils import logging as hf_logging
+
+    from fimlora.models import load_model_and_tokenizer
+
+    model_dir = make_tiny_bert(tmp_path / "bert")
+    load_model_and_tokenizer(str(model_dir), num_labels=2, progress=True)
+    shown = capsys.readouterr().err
+    load_model_and_tokenizer(str(model_dir), num_labels=2, progress=False)
+    hidden = capsys.readouterr().err
+    assert "Loading weights" in shown  # the bar exists, so its absence below means something
+    assert "Loading weights" not in hidden
+    assert hf_logging.is_progress_bar_enabled()  # the user's setting is restored

@@ -163,6 +163,7 @@ def prepare_run(
         label_names=data.label_names,
         gguf_file=run.gguf_file,
         seed=run.seed,
+        progress=run.train.progress,
     )
     train_rows = encode_examples(run.task, data.train, tokenizer, run.data.max_length)
     eval_rows = encode_examples(run.task, data.eval, tokenizer, run.data.max_length)
