@@ -7,6 +7,7 @@ import torch
 from helpers.tiny_models import ARCHS, batches
 from peft import LoraConfig
 
+from fimlora.errors import CalibrationError
 from fimlora.methods import get_method
 from fimlora.methods.adalora import AdaLoraMethod
 from fimlora.peft_glue import lora_modules
@@ -93,7 +94,8 @@ def test_eva_errors_are_clear() -> None:
             build(0), LoraConfig(r=4, **kwargs), calibration_batches=[torch.zeros(2, 3)]
         )
     # BERT's pooler sees one row per sequence: fewer rows than components, EVA can never converge.
-    with pytest.raises(RuntimeError, match="did not converge"):
+    # A CalibrationError: the CLI reports it in one line with exit status 2, not a traceback.
+    with pytest.raises(CalibrationError, match="did not converge"):
         get_method("eva", max_passes=2).prepare(
             build(0), LoraConfig(r=4, **kwargs), calibration_batches=batches("bert", 4)
         )

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from fimlora.config import BudgetUnit
+from fimlora.errors import CalibrationError
 from fimlora.methods.base import StaticRanksMethod, register_method
 from fimlora.methods.budget import budget_metadata, check_budget
 from fimlora.peft_glue import current_ranks, lora_modules, module_shapes
@@ -207,7 +208,7 @@ class _BoundedForward:
     def __call__(self, model: nn.Module, inputs: Mapping[str, Any]) -> Any:
         self.calls += 1
         if self.calls > self.limit:
-            raise RuntimeError(
+            raise CalibrationError(  # a RuntimeError the CLI reports in one line (exit 2)
                 f"EVA did not converge in {self.limit} forward passes. A layer whose input has fewer rows per "
                 f"batch than rho * r = {self.components:g} components never can (e.g. BERT's pooler: one row "
                 "per sequence): use larger calibration batches, a lower rho, or leave that layer out of "
