@@ -31,6 +31,7 @@ from typing import Any
 
 from bench.harness import METHOD_ORDER, ResultStore, aggregate, mean_std, write_report
 from bench.harness.tables import natural_key
+from bench.variants import VARIANTS
 from fimlora.io import atomic_write_json, atomic_write_text
 
 __all__ = [
@@ -69,18 +70,41 @@ class FrontPoint:
     seeds: tuple[int, ...]
 
 
+PER_METHOD_SETTINGS: frozenset[str] = frozenset(
+    {"lr", "method_options", "compress_fractions", "variant"}
+    | {key for _, extra in VARIANTS.values() for key in extra}
+)
+"""Override keys that the protocol sets per method (its chosen learning rate and options, issue 14's
+compression, a variant's settings): part of what a method *is*, not a different configuration, so the
+report names a run by its method (or variant) alone."""
+
+
 def _ok_test_records(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The finished test-split records, each named by its variant (or method) with the per-method settings
+    (:data:`PER_METHOD_SETTINGS`) left out of its overrides, so runs of one method at its own learning rate
+    compare with another's at a different one (the harness labels a run by the overrides not shared by all).
+
+    Raises:
+        ValueError: a record evaluated on another split (a selection record in the test store).
+    """
     out = []
     for record in records:
         if record.get("status") != "ok":
             continue
-        split = record["spec"].get("overrides", {}).get("eval_split", "test")
+        overrides = dict(record["spec"].get("overrides") or {})
+        split = overrides.get("eval_split", "test")
         if split != "test":
             raise ValueError(
                 f"record {record['run_id']} was evaluated on the {split!r} split; the test report reads "
                 "test-split records only (selection records belong in their own store)"
             )
-        out.append(record)
+        name = str(overrides.get("variant", record["spec"]["method"]))
+        spec = {
+            **record["spec"],
+            "method": name,
+            "overrides": {k: v for k, v in overrides.items() if k not in PER_METHOD_SETTINGS},
+        }
+        out.append({**record, "spec": spec})
     return out
 
 

@@ -27,8 +27,17 @@ def _record(
     acc: float,
     split: str = "test",
     compress: dict | None = None,
+    overrides: dict | None = None,
 ) -> dict[str, Any]:
-    spec = RunSpec("encoder", task, "minilm", method, budget, seed, {"eval_split": split, "lr": 1e-3})
+    spec = RunSpec(
+        "encoder",
+        task,
+        "minilm",
+        method,
+        budget,
+        seed,
+        {"eval_split": split, "lr": 1e-3, **(overrides or {})},
+    )
     return make_record(
         spec,
         {"accuracy": acc / 100},
@@ -131,3 +140,31 @@ def test_compression_is_paired_with_training_at_the_equal_budget() -> None:
     assert half["compressed"] == pytest.approx(89.0) and half["diff"] == pytest.approx(89.0 - 85.0, abs=0.11)
     assert rows[("pooled", "fim", "0.25")]["diff"] == pytest.approx(88.0 - 84.0, abs=0.11)
     assert rows[("pooled", "fim", "0.25")]["pairs"] == 10 and rows[("a", "fim", "0.25")]["kept_energy"] == 0.5
+
+
+def test_methods_at_their_own_learning_rates_and_a_variant_are_named_by_method() -> None:
+    """The protocol gives each method its own learning rate (and uniform/fim r8 a compression hook): the report
+    still names runs by method, and a variant (a method with settings) by the variant's name."""
+    lr = {"uniform": 1e-3, "fim": 3e-3, "random": 1e-3, "fim-shuffled": 3e-4}
+    records = []
+    for r in _grid():
+        spec = r["spec"]
+        extra_overrides = {"lr": lr[spec["method"]]}
+        if spec["budget"] == "r8" and spec["method"] in ("uniform", "fim"):
+            extra_overrides["compress_fractions"] = [0.5, 0.25]
+        records.append(
+            _record(spec["task"], spec["method"], spec["budget"], spec["seed"], 100 * r["metrics"]["accuracy"],
+                    overrides=extra_overrides)
+        )  # fmt: skip
+    for task in ("a", "b"):
+        for seed in range(5):
+            records.append(
+                _record(task, "fim", "r8", seed, 92.0, overrides={"lr": 3e-3, "variant": "fim-kind", "normalize": "kind"})
+            )  # fmt: skip
+    verdicts = control_verdicts(records)
+    assert verdicts["informative"] == {"a": True, "b": False}  # as with one shared learning rate
+    points = {(p.task, p.method, p.budget): p for p in front_points(records)}
+    assert points[("a", "fim", "r8")].mean == pytest.approx(
+        91.0, abs=0.11
+    )  # the variant is not pooled into fim
+    assert points[("a", "fim-kind", "r8")].mean == pytest.approx(92.0)
