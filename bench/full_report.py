@@ -42,6 +42,7 @@ __all__ = [
     "front_points",
     "main",
     "pooled_front",
+    "test_split_records",
 ]
 
 CONTROLS: tuple[str, ...] = ("random", "fim-shuffled")
@@ -79,7 +80,7 @@ compression, a variant's settings): part of what a method *is*, not a different 
 report names a run by its method (or variant) alone."""
 
 
-def _ok_test_records(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+def test_split_records(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """The finished test-split records, each named by its variant (or method) with the per-method settings
     (:data:`PER_METHOD_SETTINGS`) left out of its overrides, so runs of one method at its own learning rate
     compare with another's at a different one (the harness labels a run by the overrides not shared by all).
@@ -116,7 +117,7 @@ def _lora_params(record: Mapping[str, Any]) -> int:
 def front_points(records: Iterable[Mapping[str, Any]]) -> list[FrontPoint]:
     """One point per (task, method, budget) of the finished test-split records (accuracy in %)."""
     groups: dict[tuple[str, str, str], list[Mapping[str, Any]]] = defaultdict(list)
-    for record in _ok_test_records(records):
+    for record in test_split_records(records):
         spec = record["spec"]
         groups[(spec["task"], spec["method"], spec["budget"])].append(record)
     points = []
@@ -189,7 +190,7 @@ def control_verdicts(
     Returns ``{"per_task": {task: {control: {diff, ci, p, verdict}}, ...}, "pooled": {control: {...}},
     "informative": {task: bool}}``: informative where ``method`` wins against every control.
     """
-    records = [r for r in _ok_test_records(records) if r["spec"]["budget"] == budget]
+    records = [r for r in test_split_records(records) if r["spec"]["budget"] == budget]
     per_task: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
     pooled: dict[str, dict[str, Any]] = {}
     for control in CONTROLS:
@@ -230,7 +231,7 @@ def compression_comparison(records: Iterable[Mapping[str, Any]]) -> list[dict[st
     """
     from bench.harness import paired_bootstrap_ci
 
-    records = _ok_test_records(records)
+    records = test_split_records(records)
     trained: dict[tuple[str, str, str, int], Mapping[str, Any]] = {}
     for r in records:
         spec = r["spec"]
@@ -451,7 +452,7 @@ def _plot_front(points: Sequence[FrontPoint], path: Path) -> None:
 
 def write_full_report(store: Path, out: Path, *, margin: float = 0.5) -> list[Path]:
     """Write ``test.md``, ``test.json``, ``front.png`` and ``test/`` (harness tables) into ``out``."""
-    records = _ok_test_records(ResultStore(store).records())
+    records = test_split_records(ResultStore(store).records())
     if not records:
         raise SystemExit(f"{store} holds no finished test-split records yet")
     out.mkdir(parents=True, exist_ok=True)

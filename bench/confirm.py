@@ -1,0 +1,333 @@
+"""Issue 13, last step: the chosen variant on the test split, its held-out confirmation and the target.
+
+The variant is chosen on the dev splits of three tasks (:mod:`bench.variants`); here it runs like every other
+method of the test grid (five tasks, five seeds, test split read once per run) at the r2, r4 and r8 parameter
+counts, and two reports are read from the test store:
+
+* the **confirmation** on the two held-out tasks (:data:`bench.variants.HELD_OUT_TASKS`), which took no part
+  in any choice: the variant against uniform LoRA at each budget, per task and pooled;
+* the **target** of issue 13 over all five tasks (:func:`target_verdict`): a gain of at least 1 point over
+  uniform at one budget with the pooled 95% CI above 0, or uniform r8's accuracy (within 0.5) reached at a
+  smaller budget where uniform itself is at least 1 point short; no task below uniform by more than one
+  standard deviation; better than both random-allocation controls; at least level with GoRA, EVA, AdaLoRA.
+
+Steps::
+
+    python -m bench.confirm grid --choice docs/results/full/variants.json \\
+        --selection docs/results/full/lr_selection.json --from bench/grids/full/select_lr_0.001.yaml \\
+        --out bench/grids/full/test_variant.yaml
+    bash bench/grids/full/run_test.sh            # runs test_variant.yaml too when it exists
+    python -m bench.confirm report --store bench/results/full/test \\
+        --choice docs/results/full/variants.json --out docs/results/full
+
+Torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.full_report import CONTROLS, test_split_records
+from bench.harness import ResultStore, mean_std, paired_bootstrap_ci
+from bench.selection import TEST_SEEDS, TEST_TASKS
+from bench.variants import HELD_OUT_TASKS, REFERENCES, make_variant_grids
+from fimlora.io import atomic_write_json, atomic_write_text
+
+__all__ = [
+    "CONFIRM_BUDGETS",
+    "RIVALS",
+    "confirmation_table",
+    "make_confirmation_grid",
+    "main",
+    "target_verdict",
+]
+
+CONFIRM_BUDGETS: tuple[str, ...] = ("r2", "r4", "r8")
+"""The chosen variant runs at the same parameter counts as uniform LoRA's front."""
+
+RIVALS: tuple[str, ...] = ("gora", "eva", "adalora")
+"""Published allocators the chosen variant must be at least level with (at r8's parameter count)."""
+
+GAIN_POINTS = 1.0
+"""Target (a): pooled gain over uniform at one budget, in points, with the 95% CI above 0."""
+
+MATCH_MARGIN = 0.5
+"""Target (b): within this many points of uniform r8's pooled accuracy ..."""
+
+SHORTFALL_POINTS = 1.0
+"""... at a budget where uniform itself is at least this many points below its r8 accuracy."""
+
+Cells = dict[tuple[str, str], dict[tuple[str, int], float]]
+"""(method, budget) -> (task, seed) -> test accuracy in %."""
+
+
+def make_confirmation_grid(
+    variant: str, chosen: Mapping[str, Mapping[str, Any]], selection_grid: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The chosen variant's test grid: its dev-split grid's settings, on the test split of the five tasks,
+    five seeds, at :data:`CONFIRM_BUDGETS`.
+
+    Raises:
+        ValueError: no variant chosen yet, a reference chosen, or plain ``fim`` (already in the test grid).
+    """
+    if not variant:
+        raise ValueError("no variant chosen yet: finish the variant grid and run `bench.variants report`")
+    if variant in REFERENCES or variant == "fim":
+        raise ValueError(
+            f"{variant!r} is already in the test grid (test.yaml, test_low.yaml): nothing to add"
+        )
+    grid = dict(make_variant_grids(chosen, selection_grid)[variant])
+    grid["overrides"] = {**grid["overrides"], "eval_split": "test"}
+    grid.update(tasks=list(TEST_TASKS), seeds=list(TEST_SEEDS), budgets=list(CONFIRM_BUDGETS))
+    return grid
+
+
+def _cells(records: Iterable[Mapping[str, Any]]) -> Cells:
+    cells: Cells = defaultdict(dict)
+    for record in test_split_records(records):
+        spec = record["spec"]  # named by variant (see test_split_records)
+        cells[(spec["method"], spec["budget"])][(spec["task"], int(spec["seed"]))] = 100.0 * float(
+            record["metrics"]["accuracy"]
+        )
+    return cells
+
+
+def _paired(
+    cells: Cells, a: tuple[str, str], b: tuple[str, str], tasks: Sequence[str]
+) -> dict[str, Any] | None:
+    """``a`` minus ``b`` over the (task, seed) pairs both have on ``tasks``; None with fewer than 2 pairs."""
+    keys = sorted(k for k in set(cells.get(a, {})) & set(cells.get(b, {})) if k[0] in tasks)
+    if len(keys) < 2:
+        return None
+    diff, low, high = paired_bootstrap_ci([cells[a][k] for k in keys], [cells[b][k] for k in keys])
+    return {"diff": diff, "ci": [low, high], "pairs": len(keys), "tasks": sorted({t for t, _ in keys})}
+
+
+def _pooled_mean(cells: Cells, key: tuple[str, str], tasks: Sequence[str]) -> float | None:
+    """Mean over tasks of the per-task mean over seeds; None unless every task has runs."""
+    per_task = [[v for (t, _), v in cells.get(key, {}).items() if t == task] for task in tasks]
+    if not all(per_task):
+        return None
+    return math.fsum(math.fsum(v) / len(v) for v in per_task) / len(tasks)
+
+
+def confirmation_table(
+    records: Iterable[Mapping[str, Any]], variant: str, *, tasks: Sequence[str] = HELD_OUT_TASKS
+) -> dict[str, Any]:
+    """``variant`` against uniform LoRA at each budget on ``tasks`` (default: the held-out ones): per task
+    (means, paired difference, CI) and pooled over them."""
+    cells = _cells(records)
+    out: dict[str, Any] = {}
+    for budget in CONFIRM_BUDGETS:
+        mine, ref = (variant, budget), ("uniform", budget)
+        per_task = {}
+        for task in tasks:
+            values = [v for (t, _), v in cells.get(mine, {}).items() if t == task]
+            base = [v for (t, _), v in cells.get(ref, {}).items() if t == task]
+            if not values or not base:
+                continue
+            per_task[task] = {
+                "variant": mean_std(values)[0],
+                "uniform": mean_std(base)[0],
+                "seeds": len(values),
+                "vs_uniform": _paired(cells, mine, ref, [task]),
+            }
+        out[budget] = {"per_task": per_task, "pooled": _paired(cells, mine, ref, tasks)}
+    return out
+
+
+def target_verdict(
+    records: Iterable[Mapping[str, Any]], variant: str, *, tasks: Sequence[str] = TEST_TASKS
+) -> dict[str, Any]:
+    """Issue 13's target for ``variant`` over ``tasks`` (all five by default), criterion by criterion.
+
+    Returns a dict with ``gain`` (per budget: pooled paired difference from uniform at that budget; met when
+    one is >= :data:`GAIN_POINTS` with its CI above 0), ``front`` (per smaller budget: the variant's and
+    uniform's pooled accuracy against uniform r8's; met when the variant is within :data:`MATCH_MARGIN` and
+    uniform at least :data:`SHORTFALL_POINTS` short), ``no_task_below`` (tasks and budgets where the
+    variant's mean is more than one sample standard deviation of uniform's seeds below uniform's),
+    ``controls`` (pooled at r8 against each control; met when every CI is above 0), ``rivals`` (pooled at r8
+    against GoRA, EVA, AdaLoRA; level unless the whole CI is below 0), ``complete`` (every cell the
+    criteria read has all of its tasks) and ``met`` (all criteria; False while incomplete).
+    """
+    cells = _cells(records)
+    uniform_r8 = _pooled_mean(cells, ("uniform", "r8"), tasks)
+    gain = {b: _paired(cells, (variant, b), ("uniform", b), tasks) for b in CONFIRM_BUDGETS}
+    front: dict[str, Any] = {}
+    for budget in CONFIRM_BUDGETS[:-1]:
+        mine = _pooled_mean(cells, (variant, budget), tasks)
+        base = _pooled_mean(cells, ("uniform", budget), tasks)
+        front[budget] = {"variant": mine, "uniform": base, "uniform_r8": uniform_r8}
+        front[budget]["met"] = None not in (mine, base, uniform_r8) and (
+            mine >= uniform_r8 - MATCH_MARGIN and base <= uniform_r8 - SHORTFALL_POINTS  # type: ignore[operator]
+        )
+    below = []
+    for budget in CONFIRM_BUDGETS:
+        for task in tasks:
+            values = [v for (t, _), v in cells.get((variant, budget), {}).items() if t == task]
+            base = [v for (t, _), v in cells.get(("uniform", budget), {}).items() if t == task]
+            if len(values) < 2 or len(base) < 2:
+                continue
+            (mine_mean, _), (base_mean, base_std) = mean_std(values), mean_std(base)
+            if mine_mean < base_mean - base_std:
+                below.append({"task": task, "budget": budget, "diff": mine_mean - base_mean, "std": base_std})
+    controls = {c: _paired(cells, (variant, "r8"), (c, "r8"), tasks) for c in CONTROLS}
+    rivals = {r: _paired(cells, (variant, "r8"), (r, "r8"), tasks) for r in RIVALS}
+    complete = all(
+        _pooled_mean(cells, key, tasks) is not None
+        for key in [(m, b) for m in (variant, "uniform") for b in CONFIRM_BUDGETS]
+        + [(c, "r8") for c in (*CONTROLS, *RIVALS)]
+    )
+    gain_met = any(g is not None and g["diff"] >= GAIN_POINTS and g["ci"][0] > 0 for g in gain.values())
+    front_met = any(f["met"] for f in front.values())
+    controls_met = all(c is not None and c["ci"][0] > 0 for c in controls.values())
+    rivals_met = all(r is not None and r["ci"][1] >= 0 for r in rivals.values())
+    return {
+        "variant": variant,
+        "tasks": list(tasks),
+        "gain": gain,
+        "gain_met": gain_met,
+        "front": front,
+        "front_met": front_met,
+        "no_task_below": below,
+        "controls": controls,
+        "controls_met": controls_met,
+        "rivals": rivals,
+        "rivals_met": rivals_met,
+        "complete": complete,
+        "met": complete and (gain_met or front_met) and not below and controls_met and rivals_met,
+    }
+
+
+def _fmt(d: Mapping[str, Any] | None) -> str:
+    if d is None:
+        return "–"
+    return f"{d['diff']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] ({d['pairs']} pairs)"
+
+
+def _yes(flag: bool) -> str:
+    return "**met**" if flag else "not met"
+
+
+def _markdown(
+    confirm: Mapping[str, Any], target: Mapping[str, Any], store: Path, out: Path, choice: Path
+) -> str:
+    variant = target["variant"]
+    lines = [
+        f"# Issue 13: `{variant}` on the test split",
+        "",
+        f"`{variant}` was chosen on the dev splits of the selection tasks ([variants.md](variants.md)). Test",
+        "accuracy (%), each run read once at the end; differences are paired by (task, seed) with 95% bootstrap",
+        "CIs. Both reports read the same test store; the held-out tasks took no part in any choice.",
+        "",
+        f"## Confirmation on the held-out tasks ({', '.join(HELD_OUT_TASKS)})",
+        "",
+        f"| budget | task | {variant} | uniform | difference [95% CI] |",
+        "|---|---|---:|---:|---|",
+    ]
+    for budget, row in confirm.items():
+        for task, cell in row["per_task"].items():
+            lines.append(
+                f"| {budget} | {task} | {cell['variant']:.2f} | {cell['uniform']:.2f} | {_fmt(cell['vs_uniform'])} |"
+            )
+        lines.append(f"| {budget} | **pooled** | | | {_fmt(row['pooled'])} |")
+    lines += [
+        "",
+        f"## The target, over all five tasks ({'complete' if target['complete'] else 'INCOMPLETE: runs missing'})",
+        "",
+        f"* **Gain** (≥ {GAIN_POINTS:g} point over uniform at the same budget, CI above 0): {_yes(target['gain_met'])}. "
+        + "; ".join(f"{b}: {_fmt(g)}" for b, g in target["gain"].items()),
+    ]
+    front = "; ".join(
+        f"{b}: {f['variant']:.2f} vs uniform {f['uniform']:.2f} (uniform r8 {f['uniform_r8']:.2f})"
+        if None not in (f["variant"], f["uniform"], f["uniform_r8"])
+        else f"{b}: –"
+        for b, f in target["front"].items()
+    )
+    lines.append(
+        f"* **Front** (within {MATCH_MARGIN:g} of uniform r8 at a budget where uniform is ≥ {SHORTFALL_POINTS:g} "
+        f"short): {_yes(target['front_met'])}. {front}"
+    )
+    below = ", ".join(
+        f"{b['task']} at {b['budget']} ({b['diff']:+.2f}, sd {b['std']:.2f})" for b in target["no_task_below"]
+    )
+    lines.append(
+        f"* **No task below uniform by more than one sd**: {_yes(not target['no_task_below'])}. {below}"
+    )
+    lines.append(
+        f"* **Beats both controls** (r8, CI above 0): {_yes(target['controls_met'])}. "
+        + "; ".join(f"{c}: {_fmt(d)}" for c, d in target["controls"].items())
+    )
+    lines.append(
+        f"* **At least level with GoRA, EVA, AdaLoRA** (r8, CI not wholly below 0): {_yes(target['rivals_met'])}. "
+        + "; ".join(f"{r}: {_fmt(d)}" for r, d in target["rivals"].items())
+    )
+    lines += [
+        "",
+        f"**Target {'met' if target['met'] else 'not met'}.**",
+        "",
+        f"Made with `python -m bench.confirm report --store {store} --choice {choice} --out {out}`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _report(store: Path, choice: Path, out: Path) -> None:
+    variant = json.loads(choice.read_text()).get("chosen")
+    if not variant:
+        raise SystemExit(f"{choice} names no chosen variant yet: finish the variant grid first")
+    records = list(ResultStore(store).records())
+    confirm, target = confirmation_table(records, variant), target_verdict(records, variant)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "confirmation.json", {"confirmation": confirm, "target": target})
+    atomic_write_text(out / "confirmation.md", _markdown(confirm, target, store, out, choice))
+    print(f"wrote {out / 'confirmation.md'}")
+
+
+def _write_grid(choice: Path, selection: Path, from_grid: Path, out: Path) -> None:
+    import yaml
+
+    variant = json.loads(choice.read_text()).get("chosen")
+    grid = make_confirmation_grid(
+        variant, json.loads(selection.read_text()), yaml.safe_load(from_grid.read_text())
+    )
+    header = (
+        f"# Issue 13: the chosen variant {variant!r} on the TEST split, written by\n"
+        f"#   python -m bench.confirm grid --choice {choice} --selection {selection} --from {from_grid} "
+        f"--out {out}\n# (do not edit by hand). Run: bench/grids/full/run_test.sh\n"
+    )
+    atomic_write_text(out, header + yaml.safe_dump(grid, sort_keys=False))
+    print(f"wrote {out}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.confirm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("grid", help="the chosen variant's test grid")
+    p.add_argument("--choice", required=True, type=Path, help="variants.json from `bench.variants report`")
+    p.add_argument("--selection", required=True, type=Path, help="lr_selection.json")
+    p.add_argument("--from", dest="from_grid", required=True, type=Path, help="a selection grid (settings)")
+    p.add_argument("--out", required=True, type=Path, help="the grid file to write")
+    p = sub.add_parser("report", help="held-out confirmation and the target")
+    p.add_argument("--store", required=True, type=Path, help="the test store")
+    p.add_argument("--choice", required=True, type=Path, help="variants.json")
+    p.add_argument("--out", required=True, type=Path, help="report folder")
+    args = parser.parse_args(argv)
+    try:
+        if args.what == "grid":
+            _write_grid(args.choice, args.selection, args.from_grid, args.out)
+        else:
+            _report(args.store, args.choice, args.out)
+    except ValueError as err:
+        parser.exit(2, f"error: {err}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

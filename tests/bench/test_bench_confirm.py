@@ -1,0 +1,133 @@
+"""Issue 13's last step: the chosen variant's test grid, the held-out confirmation and the target's criteria."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.confirm import CONFIRM_BUDGETS, confirmation_table, main, make_confirmation_grid, target_verdict
+from bench.harness import ExperimentGrid
+from bench.selection import TEST_SEEDS, TEST_TASKS
+from bench.variants import HELD_OUT_TASKS, VARIANTS
+
+_SELECTION_GRID = {
+    "suite": "encoder",
+    "models": ["minilm"],
+    "tasks": ["trec6", "movie_sentiment"],
+    "methods": ["uniform", "fim", "l1ra"],
+    "budgets": ["r8"],
+    "seeds": [0],
+    "overrides": {"max_train": 2000, "epochs": 4, "lr": 0.001, "eval_split": "dev"},
+}
+_CHOSEN = {"uniform": {"lr": 0.001}, "fim": {"lr": 0.003}, "l1ra": {"lr": 0.0003}}
+
+
+def test_confirmation_grid_runs_the_variant_on_every_test_task_and_budget() -> None:
+    grid = make_confirmation_grid("fim-kind", _CHOSEN, _SELECTION_GRID)
+    specs = ExperimentGrid.from_dict(grid).expand()
+    assert {s.overrides["eval_split"] for s in specs} == {"test"}
+    assert {s.task for s in specs} == set(TEST_TASKS) and {s.seed for s in specs} == set(TEST_SEEDS)
+    assert {s.budget for s in specs} == set(CONFIRM_BUDGETS)
+    assert {s.overrides["variant"] for s in specs} == {"fim-kind"}
+    assert specs[0].overrides["normalize"] == "kind" and specs[0].overrides["lr"] == 0.003
+    for not_a_new_variant in (None, "uniform", "fim"):
+        with pytest.raises(ValueError):
+            make_confirmation_grid(not_a_new_variant, _CHOSEN, _SELECTION_GRID)  # type: ignore[arg-type]
+
+
+def _record(method: str, budget: str, task: str, seed: int, acc: float, split: str = "test") -> dict:
+    variant = method if method in VARIANTS and VARIANTS[method][0] != method else None
+    base = VARIANTS[method][0] if variant else method
+    overrides = {"eval_split": split, "lr": 0.001, **({"variant": variant} if variant else {})}
+    return {
+        "run_id": f"{task}-{method}-{budget}-s{seed}",
+        "status": "ok",
+        "spec": {"method": base, "task": task, "seed": seed, "budget": budget, "overrides": overrides},
+        "metrics": {"accuracy": acc / 100},
+    }
+
+
+def _store(levels: dict[tuple[str, str], float], *, task_shift: dict[str, float] | None = None) -> list[dict]:
+    records = []
+    for (method, budget), acc in levels.items():
+        for task in TEST_TASKS:
+            for seed in TEST_SEEDS:
+                shift = (task_shift or {}).get(task, 0.0) if method == "fim-kind" else 0.0
+                jitter = 0.2 * ((seed * 5 + len(task)) % 3 - 1)  # same jitter for every method: paired
+                records.append(_record(method, budget, task, seed, acc + shift + jitter))
+    return records
+
+
+_LEVELS = {
+    ("uniform", "r2"): 85.0,
+    ("uniform", "r4"): 87.0,
+    ("uniform", "r8"): 89.0,
+    ("fim-kind", "r2"): 86.0,
+    ("fim-kind", "r4"): 88.8,
+    ("fim-kind", "r8"): 90.5,
+    ("random", "r8"): 88.0,
+    ("fim-shuffled", "r8"): 88.5,
+    ("gora", "r8"): 90.5,
+    ("eva", "r8"): 87.0,
+    ("adalora", "r8"): 89.0,
+}
+
+
+def test_target_met_by_a_gain_and_by_moving_the_front() -> None:
+    verdict = target_verdict(_store(_LEVELS), "fim-kind")
+    assert verdict["complete"] and verdict["met"]
+    assert verdict["gain"]["r8"]["diff"] == pytest.approx(1.5) and verdict["gain_met"]
+    assert verdict["front"]["r4"]["met"]  # 88.8 is within 0.5 of 89.0, uniform r4 is 2 short
+    assert not verdict["front"]["r2"]["met"]
+    assert verdict["controls_met"] and verdict["rivals_met"] and not verdict["no_task_below"]
+
+
+def test_each_criterion_can_fail() -> None:
+    # one task far below uniform: the gain may survive pooling, the per-task criterion does not
+    low_task = target_verdict(_store(_LEVELS, task_shift={"sms_spam": -6.0}), "fim-kind")
+    assert {(b["task"], b["budget"]) for b in low_task["no_task_below"]} >= {("sms_spam", "r8")}
+    assert not low_task["met"]
+    # a control as good as the variant: its score carried no information
+    levels = {**_LEVELS, ("fim-shuffled", "r8"): 90.5}
+    assert not target_verdict(_store(levels), "fim-kind")["controls_met"]
+    # a rival clearly better: not level
+    levels = {**_LEVELS, ("gora", "r8"): 93.0}
+    verdict = target_verdict(_store(levels), "fim-kind")
+    assert not verdict["rivals_met"] and not verdict["met"]
+    # a small gain and no front move: neither (a) nor (b)
+    levels = {**_LEVELS, ("fim-kind", "r8"): 89.5, ("fim-kind", "r4"): 87.5, ("fim-kind", "r2"): 85.5}
+    verdict = target_verdict(_store(levels), "fim-kind")
+    assert not verdict["gain_met"] and not verdict["front_met"] and not verdict["met"]
+    # runs missing: never met
+    partial = [r for r in _store(_LEVELS) if r["spec"]["method"] != "adalora"]
+    assert not target_verdict(partial, "fim-kind")["complete"]
+    assert not target_verdict(partial, "fim-kind")["met"]
+
+
+def test_confirmation_reads_only_the_held_out_tasks_and_refuses_dev_records() -> None:
+    records = _store(_LEVELS, task_shift={"trec6": 10.0})  # a selection task's gain must not leak in
+    table = confirmation_table(records, "fim-kind")
+    assert set(table["r8"]["per_task"]) == set(HELD_OUT_TASKS)
+    assert table["r8"]["pooled"]["diff"] == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="dev"):
+        confirmation_table([*records, _record("uniform", "r8", "trec6", 9, 50.0, split="dev")], "fim-kind")
+
+
+def test_report_command_writes_both_parts(tmp_path: Path) -> None:
+    from bench.harness import ResultStore
+
+    store = ResultStore(tmp_path / "store")
+    for record in _store(_LEVELS):
+        store.put({**record, "schema_version": 1})
+    choice = tmp_path / "variants.json"
+    choice.write_text('{"chosen": "fim-kind"}')
+    assert (
+        main(["report", "--store", str(tmp_path / "store"), "--choice", str(choice), "--out", str(tmp_path)])
+        == 0
+    )
+    text = (tmp_path / "confirmation.md").read_text()
+    assert "held-out" in text and "**Target met.**" in text
+    choice.write_text('{"chosen": null}')
+    with pytest.raises(SystemExit):
+        main(["report", "--store", str(tmp_path / "store"), "--choice", str(choice), "--out", str(tmp_path)])
