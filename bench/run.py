@@ -21,11 +21,14 @@ every grid first), so an interrupted sweep leaves whole seeds, which pair.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from bench.harness import ExperimentGrid, ResultStore, RunSpec, run_grid, write_report
+from bench.harness.record import REPO_ROOT
+from fimlora.io import git_state
 
 __all__ = ["main", "select"]
 
@@ -42,6 +45,20 @@ def select(specs: Sequence[RunSpec], only: Sequence[str]) -> list[RunSpec]:
             )
         filters.append((key, set(value.split(","))))
     return [s for s in specs if all(str(getattr(s, k)) in values for k, values in filters)]
+
+
+def pin_code_version() -> dict[str, object]:
+    """Name the code this process runs in every record it writes: the checkout's commit and dirty flag now,
+    at start, exported as ``$FIMLORA_GIT_COMMIT`` / ``$FIMLORA_GIT_DIRTY`` (which :func:`fimlora.io.git_state`
+    reads first). Without it a worker that runs for hours would stamp each record with whatever HEAD is when
+    the record is written, not the commit whose code it imported. An existing ``$FIMLORA_GIT_COMMIT`` wins."""
+    if not os.environ.get("FIMLORA_GIT_COMMIT"):
+        state = git_state(REPO_ROOT)
+        if state["commit"]:
+            os.environ["FIMLORA_GIT_COMMIT"] = str(state["commit"])
+            if state["dirty"] is not None:
+                os.environ["FIMLORA_GIT_DIRTY"] = "1" if state["dirty"] else "0"
+    return git_state(REPO_ROOT)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--seed-major", action="store_true", help="run all grids together, seed by seed (whole seeds first)"
     )
     args = parser.parse_args(argv)
+    pin_code_version()
     store = ResultStore(args.store)
     failed = 0
     batches = [(path, select(ExperimentGrid.from_file(path).expand(), args.only)) for path in args.grid]

@@ -841,3 +841,17 @@ def _has_matplotlib() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_a_worker_stamps_records_with_the_commit_it_started_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records name the code the worker imported, not the HEAD of the moment each record is written."""
+    import bench.run as bench_run
+    import fimlora.io as fimlora_io
+    from bench.harness.record import record_provenance
+
+    monkeypatch.setenv("FIMLORA_GIT_COMMIT", "")  # unset for the worker; restored after the test
+    monkeypatch.setenv("FIMLORA_GIT_DIRTY", "")
+    monkeypatch.setattr(bench_run, "git_state", lambda repo=None: {"commit": "a" * 40, "dirty": False})
+    bench_run.pin_code_version()
+    monkeypatch.setattr(fimlora_io, "_git", lambda *args: "b" * 40)  # HEAD moves on while the worker runs
+    assert record_provenance()["git"] == {"commit": "a" * 40, "dirty": False}
