@@ -41,6 +41,7 @@ __all__ = [
     "control_verdicts",
     "front_points",
     "main",
+    "majority_rates",
     "pooled_front",
     "test_split_records",
 ]
@@ -287,6 +288,60 @@ def _fmt_ci(ci: Sequence[float]) -> str:
     return f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
 
 
+def majority_rates(tasks: Iterable[str]) -> dict[str, float | None]:
+    """Task -> test accuracy (%) of always predicting the training split's most frequent class (the floor a
+    method must clearly beat); None where the data cannot be read here."""
+    import json
+    from collections import Counter
+
+    from bench.suites.data import BENCH_DATASETS, materialise_bench_dataset
+    from fimlora.data import load_builtin_dataset
+
+    out: dict[str, float | None] = {}
+    for task in tasks:
+        try:
+            if task in BENCH_DATASETS:
+                paths = materialise_bench_dataset(task, max_train=None, seed=0, eval_split="test")
+                train, test = (
+                    [json.loads(line)["label"] for line in path.read_text().splitlines() if line.strip()]
+                    for path in paths[:2]
+                )
+            else:
+                data = load_builtin_dataset(task)
+                train, test = [e["label"] for e in data.train], [e["label"] for e in data.test]
+        except (OSError, ValueError, KeyError):
+            out[task] = None
+            continue
+        top = Counter(train).most_common(1)[0][0]
+        out[task] = 100.0 * sum(label == top for label in test) / len(test)
+    return out
+
+
+def _majority_lines(points: Sequence[FrontPoint], tasks: Sequence[str]) -> list[str]:
+    floor = majority_rates(tasks)
+    lines = [
+        "",
+        "## Above the majority class?",
+        "",
+        "The majority-class rate is the test accuracy of always predicting the training split's most frequent",
+        "class. Each cell: the method's mean test accuracy at r8 minus that rate (points).",
+    ]
+    lines += ["", "| method | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    lines.append(
+        "| *majority class (%)* | "
+        + " | ".join(f"{floor[t]:.2f}" if floor.get(t) is not None else "?" for t in tasks)
+        + " |"
+    )
+    cells = {(p.task, p.method): p for p in points if p.budget == "r8"}
+    for method in dict.fromkeys(p.method for p in points if p.budget == "r8"):
+        row = []
+        for task in tasks:
+            p, base = cells.get((task, method)), floor.get(task)
+            row.append(f"{p.mean - base:+.2f}" if p is not None and base is not None else "–")
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    return lines
+
+
 def _markdown(
     records: Sequence[Mapping[str, Any]], store: Path, out: Path, margin: float
 ) -> tuple[str, dict[str, Any]]:
@@ -334,6 +389,7 @@ def _markdown(
             if pc
             else f"| {method} | {budget} | {params:,.0f} | " + " | ".join(text) + " | – |"
         )
+    lines += _majority_lines(points, tasks)
     lines += [
         "",
         "## Does FIM-LoRA's score carry information? FIM-LoRA vs the random-allocation controls (r8)",

@@ -168,3 +168,24 @@ def test_methods_at_their_own_learning_rates_and_a_variant_are_named_by_method()
         91.0, abs=0.11
     )  # the variant is not pooled into fim
     assert points[("a", "fim-kind", "r8")].mean == pytest.approx(92.0)
+
+
+def test_majority_rate_is_the_training_majority_class_on_test(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    import fimlora.data
+    from bench.full_report import majority_rates
+
+    fake = types.SimpleNamespace(
+        train=[{"label": 0}, {"label": 0}, {"label": 1}], test=[{"label": 1}, {"label": 1}, {"label": 0}]
+    )
+
+    def load(name: str) -> types.SimpleNamespace:
+        if name != "toy":
+            raise ValueError(f"unknown dataset {name}")
+        return fake
+
+    monkeypatch.setattr(fimlora.data, "load_builtin_dataset", load)
+    rates = majority_rates(["toy", "missing"])
+    assert rates["toy"] == pytest.approx(100 / 3)  # class 0 leads in train, is a third of test
+    assert rates["missing"] is None
