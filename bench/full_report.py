@@ -39,6 +39,7 @@ __all__ = [
     "budget_to_match",
     "compression_comparison",
     "control_verdicts",
+    "front_methods",
     "front_points",
     "main",
     "majority_rates",
@@ -50,7 +51,18 @@ CONTROLS: tuple[str, ...] = ("random", "fim-shuffled")
 """Random-allocation controls at FIM-LoRA's budget (see the methods of the same names)."""
 
 FRONT_METHODS: tuple[str, ...] = ("uniform", "fim")
-"""Methods run at several budgets (r2, r4, r8 parameter counts): the lines of the front."""
+"""Methods the test grid runs at several budgets (r2, r4, r8 parameter counts): the lines of the front. Any
+other method or variant found at several budgets (issue 13's chosen variant) joins them: :func:`front_methods`."""
+
+
+def front_methods(points: Iterable[FrontPoint]) -> list[str]:
+    """:data:`FRONT_METHODS` and, after them, every other method with points at two or more budgets."""
+    budgets: dict[str, set[str]] = defaultdict(set)
+    for p in points:
+        budgets[p.method].add(p.budget)
+    extra = sorted(m for m, b in budgets.items() if len(b) > 1 and m not in FRONT_METHODS)
+    return [*FRONT_METHODS, *extra]
+
 
 REFERENCE = ("uniform", "r8")
 
@@ -163,10 +175,12 @@ def pooled_front(points: Sequence[FrontPoint]) -> list[FrontPoint]:
 
 
 def budget_to_match(
-    points: Sequence[FrontPoint], *, margin: float = 0.5, methods: Sequence[str] = FRONT_METHODS
+    points: Sequence[FrontPoint], *, margin: float = 0.5, methods: Sequence[str] | None = None
 ) -> dict[str, dict[str, str | None]]:
     """Task -> method -> the smallest budget whose mean is within ``margin`` points of uniform r8's mean
-    (``None`` when no budget is). Tasks without a uniform r8 point are left out."""
+    (``None`` when no budget is), for ``methods`` (default: :func:`front_methods`). Tasks without a uniform
+    r8 point are left out."""
+    methods = front_methods(points) if methods is None else methods
     by_task: dict[str, dict[tuple[str, str], FrontPoint]] = defaultdict(dict)
     for p in points:
         by_task[p.task][(p.method, p.budget)] = p
@@ -349,7 +363,8 @@ def _markdown(
     pooled = pooled_front(points)
     table = aggregate(records)
     controls = control_verdicts(records)
-    match = budget_to_match([*points, *pooled], margin=margin)
+    lines_of_front = front_methods(points)
+    match = budget_to_match([*points, *pooled], margin=margin, methods=lines_of_front)
     lines = [
         "# Full-length encoder grid: test results",
         "",
@@ -420,11 +435,11 @@ def _markdown(
         "",
         "The smallest budget (by LoRA parameters) whose mean reaches uniform r8's mean minus the margin.",
         "",
-        "| task | " + " | ".join(FRONT_METHODS) + " |",
-        "|---|" + "---|" * len(FRONT_METHODS),
+        "| task | " + " | ".join(lines_of_front) + " |",
+        "|---|" + "---|" * len(lines_of_front),
     ]
     for task, by_method in match.items():
-        lines.append(f"| {task} | " + " | ".join(by_method.get(m) or "none" for m in FRONT_METHODS) + " |")
+        lines.append(f"| {task} | " + " | ".join(by_method.get(m) or "none" for m in lines_of_front) + " |")
     compression = compression_comparison(records)
     if compression:
         lines += [
@@ -477,6 +492,7 @@ def _plot_front(points: Sequence[FrontPoint], path: Path) -> None:
     fig = new_figure(4.2 * cols, 3.4 * rows)
     markers = "os^vD<>Pp*hX"
     methods = list(dict.fromkeys(p.method for p in sorted(points, key=_point_key)))
+    lines_of_front = front_methods(points)
     for i, task in enumerate(tasks):
         ax = fig.add_subplot(rows, cols, i + 1)
         for j, method in enumerate(methods):
@@ -485,9 +501,9 @@ def _plot_front(points: Sequence[FrontPoint], path: Path) -> None:
             )
             if not mine:
                 continue
-            style = "-" if method in FRONT_METHODS else "none"
+            style = "-" if method in lines_of_front else "none"
             # single-budget methods share one x: dodge them sideways (log axis: a factor) to keep them apart
-            dodge = 1.0 if method in FRONT_METHODS else 1.0 + 0.025 * (j - len(FRONT_METHODS) + 1)
+            dodge = 1.0 if method in lines_of_front else 1.0 + 0.025 * (j - len(lines_of_front) + 1)
             ax.errorbar(
                 [p.lora_params * dodge for p in mine],
                 [p.mean for p in mine],

@@ -189,3 +189,17 @@ def test_majority_rate_is_the_training_majority_class_on_test(monkeypatch: pytes
     rates = majority_rates(["toy", "missing"])
     assert rates["toy"] == pytest.approx(100 / 3)  # class 0 leads in train, is a third of test
     assert rates["missing"] is None
+
+
+def test_a_variant_run_at_several_budgets_joins_the_front() -> None:
+    from bench.full_report import front_methods
+
+    records = _grid() + [
+        _record(task, "fim", budget, seed, 90.0, overrides={"variant": "fim-kind", "normalize": "kind"})
+        for task in ("a", "b")
+        for budget in ("r2", "r4", "r8")
+        for seed in range(5)
+    ]
+    points = front_points(records)
+    assert front_methods(points) == ["uniform", "fim", "fim-kind"]  # random (r8 only) is a point, not a line
+    assert budget_to_match(points, margin=0.5)["a"]["fim-kind"] == "r2"
