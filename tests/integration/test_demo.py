@@ -40,8 +40,8 @@ def test_demo_two_seeds_writes_adapters_figures_and_a_self_contained_report(tmp_
     assert html.count("data:image/png;base64,") == 4 and 'src="rank' not in html
     assert all(f'<a href="{name}">' in html for name in figures)
     assert 'id="conclusion"' in html and "averaged over 2 seeds" in proc.stdout
-    # the report says how long the runs trained and why (64 examples, batch 16, the default 4 epochs)
-    assert "16 optimizer steps (4 epochs of 64 examples, batch 16)" in (out / "report.md").read_text()
+    # the report says how long the runs trained and why (64 examples, batch 16, the default 3 epochs)
+    assert "12 optimizer steps (3 epochs of 64 examples, batch 16)" in (out / "report.md").read_text()
 
     again = subprocess.run(
         [sys.executable, "-m", "fimlora.cli", "demo", "--out", str(out)],

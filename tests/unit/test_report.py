@@ -147,10 +147,11 @@ def test_demo_command_reproduces_the_config() -> None:
     assert again == DemoConfig(seeds=[0, 1, 2], max_train=64, lr=3e-3) and args.out == "out/my demo"
 
 
-def test_demo_length_is_the_benchmarks_and_the_report_says_why() -> None:
+def test_demo_length_is_past_the_plateau_and_the_report_says_why() -> None:
     from fimlora.demo import DemoConfig, _length_fact
 
     default = _length_fact(DemoConfig(), 2000)
-    assert default.startswith("500 optimizer steps (4 epochs of 2,000 examples, batch 16)")
-    assert "Why this long" in default and "docs/results/full/length.md" in default
-    assert "Shorter than the benchmark's length" in _length_fact(DemoConfig(epochs=1), 2000)
+    assert default.startswith("375 optimizer steps (3 epochs of 2,000 examples, batch 16)")
+    assert "Why this long" in default and "docs/results/full/length.md" in default and "10 minutes" in default
+    assert "may still be learning" in _length_fact(DemoConfig(epochs=1), 2000)
+    assert "the benchmark trains 500." in _length_fact(DemoConfig(epochs=4), 2000)
