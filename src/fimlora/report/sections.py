@@ -326,7 +326,8 @@ def _run_facts(runs: Sequence[RunRecord], groups: Mapping[str, list[RunRecord]])
         facts.append(("commit", shared([_commit(p) for p in prov])))
         times = sorted(str(p.get("time")) for p in prov if p.get("time"))
         if times:
-            facts.append(("date", times[0] if times[0] == times[-1] else f"{times[0]} to {times[-1]}"))
+            # each run's provenance is written when the run ends: these are finishing times, not a duration
+            facts.append(("finished", times[0] if times[0] == times[-1] else f"{times[0]} to {times[-1]}"))
     return facts
 
 
