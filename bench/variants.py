@@ -76,6 +76,9 @@ LR_OF: dict[str, str] = {"fim-spectrum": "fim"}
 
 REFERENCES: tuple[str, ...] = ("uniform",)
 
+EXPECTED_RUNS = (len(VARIANTS) * len(BUDGETS) + 1) * len(SELECTION_TASKS) * len(SEEDS)
+"""Runs of the variant grids: every variant at each budget, plus uniform at r4, on every task and seed."""
+
 
 def make_variant_grids(
     chosen: Mapping[str, Mapping[str, Any]], selection_grid: Mapping[str, Any]
@@ -143,7 +146,12 @@ def variant_table(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
             "variant": variant,
             "budget": budget,
             "per_task": per_task,
-            "pooled": math.fsum(c["mean"] for c in per_task.values()) / len(per_task),
+            # pooled only over the full set of tasks: a mean over whichever tasks have finished misleads
+            "pooled": (
+                math.fsum(c["mean"] for c in per_task.values()) / len(per_task)
+                if set(SELECTION_TASKS) <= set(per_task)
+                else None
+            ),
             "n_runs": len(cells),
         }
         for reference in ("uniform", "fim"):
@@ -193,6 +201,8 @@ def _report(store: Path, out: Path) -> None:
         "(task, seed) against uniform LoRA and FIM-LoRA at the same LoRA parameter count (95% bootstrap CI).",
         "The test split is never read here. Every variant tried is listed, not only the winner.",
         "",
+        f"Runs finished: {sum(r['n_runs'] for r in table.values())} of {EXPECTED_RUNS} (runs per cell in parentheses).",
+        "",
         "| variant | budget | " + " | ".join(tasks) + " | pooled | vs uniform | vs fim |",
         "|---|---|" + "---:|" * (len(tasks) + 1) + "---|---|",
     ]
@@ -208,7 +218,11 @@ def _report(store: Path, out: Path) -> None:
         lines.append(
             f"| {row['variant']} | {row['budget']} | "
             + " | ".join(cells)
-            + f" | {row['pooled']:.2f} | "
+            + (
+                f" | {row['pooled']:.2f} | "
+                if row["pooled"] is not None
+                else f" | – ({len(row['per_task'])} of {len(SELECTION_TASKS)} tasks) | "
+            )
             + " | ".join(diffs)
             + " |"
         )

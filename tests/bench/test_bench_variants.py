@@ -77,6 +77,7 @@ def test_table_pairs_by_task_and_seed_and_the_choice_skips_references_and_incomp
     assert table["fim-kind@r2"]["vs_uniform"]["diff"] == pytest.approx(-1.5)
     assert table["fim-kind@r8"]["vs_fim"]["diff"] == pytest.approx(1.0)
     assert table["fim-kind@r2"]["pooled"] == pytest.approx(81.55)
+    assert table["fim-spectrum@r2"]["pooled"] is None  # one task of three: no pooled mean to mislead
     assert choose_variant(table) == "fim-kind"  # uniform is higher, but the reference
     assert choose_variant(variant_table(_records({"uniform": 0.0}))) is None
 
