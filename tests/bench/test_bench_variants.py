@@ -34,6 +34,9 @@ def test_variant_grids_are_dev_only_with_their_base_methods_rate() -> None:
     assert set(grids) == set(VARIANTS) | {"uniform-r4"}
     specs = [s for g in grids.values() for s in ExperimentGrid.from_dict(g).expand()]  # valid harness grids
     assert all(s.overrides["eval_split"] == "dev" for s in specs)
+    from bench.variants import EXPECTED_RUNS
+
+    assert len(specs) == len({s.run_id for s in specs}) == EXPECTED_RUNS  # the report's "runs finished of N"
     assert {s.task for s in specs} == set(SELECTION_TASKS)
     lrs = {g["overrides"]["variant"]: g["overrides"]["lr"] for g in grids.values()}
     assert lrs["fim-spectrum"] == lrs["fim-kind"] == 0.003 and lrs["l1ra-fimstart"] == 0.0003
