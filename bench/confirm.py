@@ -293,7 +293,14 @@ def _report(store: Path, choice: Path, out: Path) -> None:
 def _write_grid(choice: Path, selection: Path, from_grid: Path, out: Path) -> None:
     import yaml
 
-    variant = json.loads(choice.read_text()).get("chosen")
+    report = json.loads(choice.read_text())
+    finished, expected = report.get("runs_finished"), report.get("expected_runs")
+    if finished is None or expected is None or finished < expected:
+        raise ValueError(
+            f"{choice}: the variant grid is not finished ({finished} of {expected} runs); a choice among "
+            "incomplete variants is no choice: finish bench/grids/full/run_variants.sh, rerun `bench.variants report`"
+        )
+    variant = report.get("chosen")
     grid = make_confirmation_grid(
         variant, json.loads(selection.read_text()), yaml.safe_load(from_grid.read_text())
     )

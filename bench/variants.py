@@ -190,8 +190,16 @@ def choose_variant(
 def _report(store: Path, out: Path) -> None:
     table = variant_table(ResultStore(store).records())
     chosen = choose_variant(table)
+    finished = sum(r["n_runs"] for r in table.values())
     atomic_write_json(
-        out / "variants.json", {"rows": table, "chosen": chosen, "selection_tasks": SELECTION_TASKS}
+        out / "variants.json",
+        {
+            "rows": table,
+            "chosen": chosen,
+            "selection_tasks": SELECTION_TASKS,
+            "runs_finished": finished,
+            "expected_runs": EXPECTED_RUNS,
+        },
     )
     tasks = sorted({t for r in table.values() for t in r["per_task"]})
     lines = [
@@ -201,7 +209,7 @@ def _report(store: Path, out: Path) -> None:
         "(task, seed) against uniform LoRA and FIM-LoRA at the same LoRA parameter count (95% bootstrap CI).",
         "The test split is never read here. Every variant tried is listed, not only the winner.",
         "",
-        f"Runs finished: {sum(r['n_runs'] for r in table.values())} of {EXPECTED_RUNS} (runs per cell in parentheses).",
+        f"Runs finished: {finished} of {EXPECTED_RUNS} (runs per cell in parentheses).",
         "",
         "| variant | budget | " + " | ".join(tasks) + " | pooled | vs uniform | vs fim |",
         "|---|---|" + "---:|" * (len(tasks) + 1) + "---|---|",

@@ -131,3 +131,22 @@ def test_report_command_writes_both_parts(tmp_path: Path) -> None:
     choice.write_text('{"chosen": null}')
     with pytest.raises(SystemExit):
         main(["report", "--store", str(tmp_path / "store"), "--choice", str(choice), "--out", str(tmp_path)])
+
+
+def test_grid_command_refuses_a_choice_made_before_the_variant_grid_finished(tmp_path: Path) -> None:
+    import json
+
+    import yaml
+
+    selection, from_grid = tmp_path / "lr.json", tmp_path / "sel.yaml"
+    selection.write_text(json.dumps(_CHOSEN))
+    from_grid.write_text(yaml.safe_dump(_SELECTION_GRID))
+    choice, out = tmp_path / "variants.json", tmp_path / "test_variant.yaml"
+    args = ["grid", "--choice", str(choice), "--selection", str(selection), "--from", str(from_grid)]
+    choice.write_text(json.dumps({"chosen": "fim-kind", "runs_finished": 113, "expected_runs": 114}))
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--out", str(out)])
+    assert exit_info.value.code == 2 and not out.exists()
+    choice.write_text(json.dumps({"chosen": "fim-kind", "runs_finished": 114, "expected_runs": 114}))
+    assert main([*args, "--out", str(out)]) == 0
+    assert yaml.safe_load(out.read_text())["overrides"]["variant"] == "fim-kind"

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The rest of the full-length protocol, unattended: two single-thread workers share one queue. Each runs
+# the variant grid (issue 13, dev split); when it finds nothing left to claim it makes the pre-declared
+# choice once every variant run exists (the highest pooled dev accuracy, `bench.variants report`), writes
+# the chosen variant's test grid (`bench.confirm grid`, which refuses a choice among unfinished variants),
+# then runs the test grids, seed by seed. A worker that reaches the test grids before the choice exists
+# runs them without the variant and goes round again once it does. Resumable: run it again after an
+# interruption. Logs: out/workers/all_<n>.log. Reports: see docs/results/full/README.md.
+set -euo pipefail
+SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+cd "$(dirname "$0")/../../.."
+mkdir -p out/workers
+PY=.venv/bin/python
+FULL=bench/grids/full
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+
+choose() {
+  # one worker at a time; both may get here, the second finds the grid written (or still refused)
+  (
+    flock 9
+    [[ -f $FULL/test_variant.yaml ]] && exit 0
+    $PY -m bench.variants report --store bench/results/full/variants --out docs/results/full
+    $PY -m bench.confirm grid --choice docs/results/full/variants.json \
+      --selection docs/results/full/lr_selection.json --from $FULL/select_lr_0.001.yaml \
+      --out $FULL/test_variant.yaml || true  # refused while a variant run is still going: retried later
+  ) 9>out/workers/choose.lock
+}
+
+worker() {
+  local variants=()
+  for g in "$FULL"/variants/*.yaml; do variants+=(--grid "$g"); done
+  while true; do
+    # (again after the first pass: a failed variant run is retried before the choice)
+    $PY -m bench.run "${variants[@]}" --store bench/results/full/variants --threads 1 --shared --seed-major || true
+    choose
+    local grids=(--grid $FULL/test.yaml --grid $FULL/test_low.yaml)
+    [[ -f $FULL/test_variant.yaml ]] && grids+=(--grid $FULL/test_variant.yaml)
+    $PY -m bench.run "${grids[@]}" --store bench/results/full/test --threads 1 --shared --seed-major || true
+    [[ -f $FULL/test_variant.yaml ]] && break
+    sleep 60  # the other worker is finishing the last variant run
+  done
+}
+
+if [[ ${1:-} == --worker ]]; then
+  worker
+  exit 0
+fi
+for n in 1 2; do
+  nohup bash "$SELF" --worker >"out/workers/all_${n}.log" 2>&1 &
+  sleep 10  # the second worker starts after the first has claimed its run
+done
+echo "two workers started; logs in out/workers/all_<n>.log"
