@@ -150,3 +150,17 @@ def test_grid_command_refuses_a_choice_made_before_the_variant_grid_finished(tmp
     choice.write_text(json.dumps({"chosen": "fim-kind", "runs_finished": 114, "expected_runs": 114}))
     assert main([*args, "--out", str(out)]) == 0
     assert yaml.safe_load(out.read_text())["overrides"]["variant"] == "fim-kind"
+
+
+def test_grid_command_adds_nothing_when_plain_fim_is_chosen(tmp_path: Path) -> None:
+    import json
+
+    import yaml
+
+    selection, from_grid = tmp_path / "lr.json", tmp_path / "sel.yaml"
+    selection.write_text(json.dumps(_CHOSEN))
+    from_grid.write_text(yaml.safe_dump(_SELECTION_GRID))
+    choice, out = tmp_path / "variants.json", tmp_path / "test_variant.yaml"
+    choice.write_text(json.dumps({"chosen": "fim", "runs_finished": 114, "expected_runs": 114}))
+    args = ["grid", "--choice", str(choice), "--selection", str(selection), "--from", str(from_grid)]
+    assert main([*args, "--out", str(out)]) == 0 and not out.exists()  # fim is in the test grid already

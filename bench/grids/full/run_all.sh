@@ -14,15 +14,18 @@ PY=.venv/bin/python
 FULL=bench/grids/full
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
+DONE=out/workers/choice.done  # exists once the choice is made and its grid (if any) written
+
 choose() {
-  # one worker at a time; both may get here, the second finds the grid written (or still refused)
+  # one worker at a time; both may get here, the second finds the choice made (or still refused)
   (
     flock 9
-    [[ -f $FULL/test_variant.yaml ]] && exit 0
+    [[ -f $DONE ]] && exit 0
     $PY -m bench.variants report --store bench/results/full/variants --out docs/results/full
+    # refused (exit 2) while a variant run is still going: retried on the next round
     $PY -m bench.confirm grid --choice docs/results/full/variants.json \
       --selection docs/results/full/lr_selection.json --from $FULL/select_lr_0.001.yaml \
-      --out $FULL/test_variant.yaml || true  # refused while a variant run is still going: retried later
+      --out $FULL/test_variant.yaml && touch $DONE
   ) 9>out/workers/choose.lock
 }
 
@@ -32,11 +35,12 @@ worker() {
   while true; do
     # (again after the first pass: a failed variant run is retried before the choice)
     $PY -m bench.run "${variants[@]}" --store bench/results/full/variants --threads 1 --shared --seed-major || true
-    choose
-    local grids=(--grid $FULL/test.yaml --grid $FULL/test_low.yaml)
+    choose || true
+    local chosen=no grids=(--grid $FULL/test.yaml --grid $FULL/test_low.yaml)
+    [[ -f $DONE ]] && chosen=yes
     [[ -f $FULL/test_variant.yaml ]] && grids+=(--grid $FULL/test_variant.yaml)
     $PY -m bench.run "${grids[@]}" --store bench/results/full/test --threads 1 --shared --seed-major || true
-    [[ -f $FULL/test_variant.yaml ]] && break
+    [[ $chosen == yes ]] && break  # this round ran the test grid with the choice in it
     sleep 60  # the other worker is finishing the last variant run
   done
 }
