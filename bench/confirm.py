@@ -302,7 +302,9 @@ def _write_grid(choice: Path, selection: Path, from_grid: Path, out: Path) -> No
         )
     variant = report.get("chosen")
     if variant == "fim":
-        print(f"the chosen variant is plain fim, already in the test grid at r2, r4 and r8: {out} not written")
+        print(
+            f"the chosen variant is plain fim, already in the test grid at r2, r4 and r8: {out} not written"
+        )
         return
     grid = make_confirmation_grid(
         variant, json.loads(selection.read_text()), yaml.safe_load(from_grid.read_text())
