@@ -109,9 +109,14 @@ def _paired(
     return {"diff": diff, "ci": [low, high], "pairs": len(keys), "tasks": sorted({t for t, _ in keys})}
 
 
+def _seed_values(cells: Cells, key: tuple[str, str], task: str) -> list[float]:
+    """The per-seed accuracies of one (method, budget) on one task."""
+    return [v for (t, _), v in cells.get(key, {}).items() if t == task]
+
+
 def _pooled_mean(cells: Cells, key: tuple[str, str], tasks: Sequence[str]) -> float | None:
     """Mean over tasks of the per-task mean over seeds; None unless every task has runs."""
-    per_task = [[v for (t, _), v in cells.get(key, {}).items() if t == task] for task in tasks]
+    per_task = [_seed_values(cells, key, task) for task in tasks]
     if not all(per_task):
         return None
     return math.fsum(math.fsum(v) / len(v) for v in per_task) / len(tasks)
@@ -128,8 +133,7 @@ def confirmation_table(
         mine, ref = (variant, budget), ("uniform", budget)
         per_task = {}
         for task in tasks:
-            values = [v for (t, _), v in cells.get(mine, {}).items() if t == task]
-            base = [v for (t, _), v in cells.get(ref, {}).items() if t == task]
+            values, base = _seed_values(cells, mine, task), _seed_values(cells, ref, task)
             if not values or not base:
                 continue
             per_task[task] = {
@@ -170,8 +174,8 @@ def target_verdict(
     below = []
     for budget in CONFIRM_BUDGETS:
         for task in tasks:
-            values = [v for (t, _), v in cells.get((variant, budget), {}).items() if t == task]
-            base = [v for (t, _), v in cells.get(("uniform", budget), {}).items() if t == task]
+            values = _seed_values(cells, (variant, budget), task)
+            base = _seed_values(cells, ("uniform", budget), task)
             if len(values) < 2 or len(base) < 2:
                 continue
             (mine_mean, _), (base_mean, base_std) = mean_std(values), mean_std(base)
