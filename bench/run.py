@@ -47,7 +47,7 @@ def select(specs: Sequence[RunSpec], only: Sequence[str]) -> list[RunSpec]:
     return [s for s in specs if all(str(getattr(s, k)) in values for k, values in filters)]
 
 
-def pin_code_version() -> dict[str, object]:
+def pin_code_version() -> None:
     """Name the code this process runs in every record it writes: the checkout's commit and dirty flag now,
     at start, exported as ``$FIMLORA_GIT_COMMIT`` / ``$FIMLORA_GIT_DIRTY`` (which :func:`fimlora.io.git_state`
     reads first). Without it a worker that runs for hours would stamp each record with whatever HEAD is when
@@ -58,7 +58,6 @@ def pin_code_version() -> dict[str, object]:
             os.environ["FIMLORA_GIT_COMMIT"] = str(state["commit"])
             if state["dirty"] is not None:
                 os.environ["FIMLORA_GIT_DIRTY"] = "1" if state["dirty"] else "0"
-    return git_state(REPO_ROOT)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
