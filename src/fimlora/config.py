@@ -111,18 +111,25 @@ class FimConfig:
         _require_int("seed", self.seed, minimum=0)
 
     def resolved_bounds(self, r: int) -> tuple[int, int]:
-        """Rank bounds for a LoRA config with rank ``r`` (defaults: [max(1, r // 2), 4 r])."""
-        r_min = self.r_min if self.r_min is not None else max(1, r // 2)
-        r_max = self.r_max if self.r_max is not None else 4 * r
-        if r_min > r_max:
-            raise ValueError(
-                f"`r_min` ({r_min}) exceeds `r_max` ({r_max}) for LoRA rank r={r}; set both explicitly"
-            )
-        return r_min, r_max
+        """Rank bounds for a LoRA config with rank ``r`` (see :func:`resolve_rank_bounds`)."""
+        return resolve_rank_bounds(r, self.r_min, self.r_max)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy of the configuration."""
         return asdict(self)
+
+
+def resolve_rank_bounds(r: int, r_min: int | None, r_max: int | None) -> tuple[int, int]:
+    """``(r_min, r_max)`` for a LoRA config of rank ``r``; an unset bound defaults to ``max(1, r // 2)`` or ``4 r``.
+
+    Raises:
+        ValueError: the resolved bounds are crossed (the message says to set both).
+    """
+    low = r_min if r_min is not None else max(1, r // 2)
+    high = r_max if r_max is not None else 4 * r
+    if low > high:
+        raise ValueError(f"`r_min` ({low}) exceeds `r_max` ({high}) for LoRA rank r={r}; set both explicitly")
+    return low, high
 
 
 def _require_int(name: str, value: object, *, minimum: int) -> None:

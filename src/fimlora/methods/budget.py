@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fimlora.allocate import allocate_ranks
-from fimlora.config import BudgetUnit
+from fimlora.config import BudgetUnit, resolve_rank_bounds
 
 __all__ = [
     "BudgetBoundsOptions",
@@ -178,16 +178,8 @@ class BudgetBoundsOptions:
         check_int("seed", self.seed, minimum=0)
 
     def bounds(self, r: int) -> tuple[int, int]:
-        """``(r_min, r_max)`` for a LoRA config of rank ``r`` (defaults: ``[max(1, r // 2), 4 r]``).
-
-        Raises:
-            ValueError: the resolved bounds are crossed (the message says to set both).
-        """
-        low = self.r_min if self.r_min is not None else max(1, r // 2)
-        high = self.r_max if self.r_max is not None else 4 * r
-        if low > high:
-            raise ValueError(f"`r_min` ({low}) exceeds `r_max` ({high}) for LoRA rank r={r}; set both")
-        return low, high
+        """``(r_min, r_max)`` for a LoRA config of rank ``r`` (see :func:`fimlora.config.resolve_rank_bounds`)."""
+        return resolve_rank_bounds(r, self.r_min, self.r_max)
 
 
 # ---- option checks (each error names the field) -------------------------------------------------------
