@@ -9,7 +9,8 @@ square different gradients: :class:`~fimlora.calibration.batch.BatchAccumulator`
 
 Shared by both: :class:`LazyFlags` (device-side check flags read once, at the end),
 :func:`raise_if_nonfinite`, :func:`all_reduce_sums` (one collective for all sums and counters),
-:func:`on_one_device` and :class:`HookHandles`.
+:func:`on_one_device` and :class:`HookHandles`; by the two per-batch estimators (``.grad`` and layer
+gradients), :class:`BatchSums`.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from typing import Any, Protocol
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from fimlora.calibration.stats import ModuleStat
+from fimlora.calibration.stats import ModuleStat, batch_module_stats
 from fimlora.errors import CalibrationError
 
 __all__ = [
+    "BatchSums",
     "GradientAccumulator",
     "HookHandles",
     "LazyFlags",
@@ -179,3 +181,64 @@ class HookHandles:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+class BatchSums:
+    """fp32 sums of each calibration batch's gradient ``g_t`` and of ``g_t**2``, per module, and what a
+    per-batch accumulator does with them: add, check, all-reduce, reduce.
+
+    A subclass takes the gradients (hooks, ``.grad`` or layer gradients) and hands each backward's to
+    :meth:`add_gradients` from its ``flush``; the device-side non-finite flags are read once, in
+    :meth:`finish`.
+
+    Args:
+        zeros: module name -> fp32 zeros of B's shape ``(out, r)`` on the device its sums live on.
+
+    Attributes:
+        sum_g: module name -> ``sum_t g_t``, fp32, shape ``(out, r)``.
+        sum_g2: module name -> ``sum_t g_t**2``, fp32, shape ``(out, r)``.
+        counts: module name -> backward passes that reached it.
+    """
+
+    def __init__(self, zeros: dict[str, torch.Tensor]) -> None:
+        self.sum_g = zeros
+        self.sum_g2 = {n: torch.zeros_like(s) for n, s in zeros.items()}
+        self.counts = dict.fromkeys(zeros, 0)
+        self.nonfinite = LazyFlags()
+        self._one_device = len({s.device for s in zeros.values()}) <= 1
+
+    def flush(self) -> None:
+        """Add the gradients taken and not yet added (the subclass's)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def add_gradients(self, keys: list[tuple[int, str]], grads: list[torch.Tensor]) -> None:
+        """Add one backward's fp32 gradients, ``keys[i] = (batch index, module)`` for ``grads[i]``, to the
+        sums with a few multi-tensor kernels (each module at most once, so no aliasing)."""
+        names = [n for _, n in keys]
+        torch._foreach_add_([self.sum_g[n] for n in names], grads)
+        torch._foreach_addcmul_([self.sum_g2[n] for n in names], grads, grads)
+        # ||g|| is inf or NaN exactly when g holds an inf or a NaN (or overflows, which g^2 would too).
+        norms = on_one_device(torch._foreach_norm(grads), already=self._one_device)
+        self.nonfinite.add(keys, ~torch.isfinite(torch.stack(norms)))
+
+    def finish(self) -> None:
+        """Add what is pending and raise on any non-finite gradient (one device synchronisation)."""
+        self.flush()
+        raise_if_nonfinite(self.nonfinite)
+
+    def all_reduce(self) -> int:
+        """Sum the statistics over processes; returns the world size (1 when not distributed)."""
+        return all_reduce_sums([*self.sum_g.values(), *self.sum_g2.values()], [self.counts])
+
+    def reduce(self, shapes: Mapping[str, tuple[int, int]]) -> Reduction:
+        """Per-module statistics; batches where a module got no gradient count as zero gradient."""
+        num_batches = max(self.counts.values(), default=0)
+        modules = batch_module_stats(self.sum_g, self.sum_g2, num_batches, shapes)
+        return Reduction(
+            modules, num_batches, num_samples=num_batches, sample_unit="batches", metadata=self._metadata()
+        )
+
+    def _metadata(self) -> dict[str, Any]:
+        """Entries this estimator adds to the statistics' metadata (none by default)."""
+        return {}

@@ -18,20 +18,12 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from fimlora.calibration.base import (
-    HookHandles,
-    LazyFlags,
-    Reduction,
-    all_reduce_sums,
-    on_one_device,
-    raise_if_nonfinite,
-)
-from fimlora.calibration.stats import batch_module_stats
+from fimlora.calibration.base import BatchSums, HookHandles
 
 __all__ = ["BatchAccumulator"]
 
 
-class BatchAccumulator:
+class BatchAccumulator(BatchSums):
     """fp32 running sums of g and g^2 for every LoRA-B weight (a :class:`GradientAccumulator`).
 
     Hooks run on autograd's backward thread, where every kernel launch and every line of Python delays
@@ -54,14 +46,10 @@ class BatchAccumulator:
 
     def __init__(self, b_params: Mapping[str, torch.Tensor]) -> None:
         self.params = dict(b_params)
-        self.sum_g = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
-        self.sum_g2 = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
-        self.counts = dict.fromkeys(self.params, 0)
-        self.nonfinite = LazyFlags()
+        super().__init__({n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()})
         # Gradients taken (by the hooks or after_backward) and not yet added: module -> (batch index, g).
         self._taken: dict[str, tuple[int, torch.Tensor]] = {}
         self._hooks = HookHandles()
-        self._one_device = len({p.device for p in self.params.values()}) <= 1
 
     def attach(self, *, own_loop: bool = False) -> None:
         """Hook every B weight, unless ``own_loop`` (then :meth:`after_backward` reads ``.grad``)."""
@@ -101,31 +89,10 @@ class BatchAccumulator:
                 self.counts[name] += 1
         self.flush()
 
-    @torch.no_grad()
     def flush(self) -> None:
         """Add the pending gradients to the sums (each module at most once, so no aliasing)."""
         if not self._taken:
             return
         taken, self._taken = self._taken, {}
-        names = list(taken)
         grads = [g if g.dtype == torch.float32 else g.float() for _, g in taken.values()]
-        torch._foreach_add_([self.sum_g[n] for n in names], grads)
-        torch._foreach_addcmul_([self.sum_g2[n] for n in names], grads, grads)
-        # ||g|| is inf or NaN exactly when g holds an inf or a NaN (or overflows, which g^2 would too).
-        norms = on_one_device(torch._foreach_norm(grads), already=self._one_device)
-        self.nonfinite.add([(i, n) for n, (i, _) in taken.items()], ~torch.isfinite(torch.stack(norms)))
-
-    def finish(self) -> None:
-        """Add what is pending and raise on any non-finite gradient (one device synchronisation)."""
-        self.flush()
-        raise_if_nonfinite(self.nonfinite)
-
-    def all_reduce(self) -> int:
-        """Sum the statistics over processes; returns the world size (1 when not distributed)."""
-        return all_reduce_sums([*self.sum_g.values(), *self.sum_g2.values()], [self.counts])
-
-    def reduce(self, shapes: Mapping[str, tuple[int, int]]) -> Reduction:
-        """Per-module statistics; batches where a module got no gradient count as zero gradient."""
-        num_batches = max(self.counts.values(), default=0)
-        modules = batch_module_stats(self.sum_g, self.sum_g2, num_batches, shapes)
-        return Reduction(modules, num_batches, num_samples=num_batches, sample_unit="batches")
+        self.add_gradients([(i, n) for n, (i, _) in taken.items()], grads)

@@ -32,15 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fimlora.calibration.base import (
-    HookHandles,
-    LazyFlags,
-    Reduction,
-    all_reduce_sums,
-    on_one_device,
-    raise_if_nonfinite,
-)
-from fimlora.calibration.stats import batch_module_stats
+from fimlora.calibration.base import BatchSums, HookHandles
 
 __all__ = ["LayerGradientAccumulator", "layer_weight_grad"]
 
@@ -66,7 +58,7 @@ def layer_weight_grad(h: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return d2.t().mm(h2)
 
 
-class LayerGradientAccumulator:
+class LayerGradientAccumulator(BatchSums):
     """fp32 running sums of g and g^2 per LoRA-B weight, g formed from its layer's input and output
     gradient (a :class:`GradientAccumulator`; see the module docstring).
 
@@ -82,15 +74,11 @@ class LayerGradientAccumulator:
 
     def __init__(self, b_layers: Mapping[str, nn.Linear]) -> None:
         self.layers = dict(b_layers)
-        self.sum_g = {n: self._zeros(layer) for n, layer in self.layers.items()}
-        self.sum_g2 = {n: torch.zeros_like(s) for n, s in self.sum_g.items()}
-        self.counts = dict.fromkeys(self.layers, 0)
-        self.nonfinite = LazyFlags()
+        super().__init__({n: self._zeros(layer) for n, layer in self.layers.items()})
         # This backward's gradient per module (summed over the layer's calls), not yet added to the sums.
         self._current: dict[str, torch.Tensor] = {}
         self._queued = False
         self._hooks = HookHandles()
-        self._one_device = len({s.device for s in self.sum_g.values()}) <= 1
 
     @staticmethod
     def _zeros(layer: nn.Linear) -> torch.Tensor:
@@ -142,27 +130,9 @@ class LayerGradientAccumulator:
             g if g.device == self.sum_g[n].device else g.to(self.sum_g[n].device)
             for n, g in zip(names, grads, strict=True)
         ]
-        torch._foreach_add_([self.sum_g[n] for n in names], grads)
-        torch._foreach_addcmul_([self.sum_g2[n] for n in names], grads, grads)
-        norms = on_one_device(torch._foreach_norm(grads), already=self._one_device)
-        self.nonfinite.add([(self.counts[n], n) for n in names], ~torch.isfinite(torch.stack(norms)))
+        self.add_gradients([(self.counts[n], n) for n in names], grads)
         for n in names:
             self.counts[n] += 1
 
-    def finish(self) -> None:
-        """Add what is pending and raise on any non-finite gradient (one device synchronisation)."""
-        self.flush()
-        raise_if_nonfinite(self.nonfinite)
-
-    def all_reduce(self) -> int:
-        """Sum the statistics over processes; returns the world size (1 when not distributed)."""
-        return all_reduce_sums([*self.sum_g.values(), *self.sum_g2.values()], [self.counts])
-
-    def reduce(self, shapes: Mapping[str, tuple[int, int]]) -> Reduction:
-        """Per-module statistics; batches where a module got no gradient count as zero gradient."""
-        num_batches = max(self.counts.values(), default=0)
-        modules = batch_module_stats(self.sum_g, self.sum_g2, num_batches, shapes)
-        metadata = {"gradients": "layer"}
-        return Reduction(
-            modules, num_batches, num_samples=num_batches, sample_unit="batches", metadata=metadata
-        )
+    def _metadata(self) -> dict[str, Any]:
+        return {"gradients": "layer"}
