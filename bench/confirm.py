@@ -11,6 +11,10 @@ counts, and two reports are read from the test store:
   smaller budget where uniform itself is at least 1 point short; no task below uniform by more than one
   standard deviation; better than both random-allocation controls; at least level with GoRA, EVA, AdaLoRA.
 
+The random-allocation controls of the test grid are ``random`` and ``fim-shuffled`` (FIM's map permuted among
+same-shape modules). A variant with a map of its own gets its own shuffle too (:func:`shuffled_control`:
+``fim-shuffled`` on the variant's map, at r8), and the target asks it to beat all three.
+
 Steps::
 
     python -m bench.confirm grid --choice docs/results/full/variants.json \\
@@ -36,7 +40,7 @@ from typing import Any
 from bench.full_report import CONTROLS, test_split_records
 from bench.harness import ResultStore, mean_std, paired_bootstrap_ci
 from bench.selection import TEST_SEEDS, TEST_TASKS
-from bench.variants import HELD_OUT_TASKS, REFERENCES, make_variant_grids
+from bench.variants import HELD_OUT_TASKS, REFERENCES, VARIANTS, make_variant_grids
 from fimlora.io import atomic_write_json, atomic_write_text
 
 __all__ = [
@@ -44,7 +48,10 @@ __all__ = [
     "RIVALS",
     "confirmation_table",
     "make_confirmation_grid",
+    "make_shuffled_control_grid",
     "main",
+    "shuffled_control",
+    "shuffled_grid_path",
     "target_verdict",
 ]
 
@@ -86,6 +93,44 @@ def make_confirmation_grid(
     grid["overrides"] = {**grid["overrides"], "eval_split": "test"}
     grid.update(tasks=list(TEST_TASKS), seeds=list(TEST_SEEDS), budgets=list(CONFIRM_BUDGETS))
     return grid
+
+
+def shuffled_control(variant: str) -> tuple[str, dict[str, Any]] | None:
+    """The variant's own shuffle control: ``(name, spec overrides)`` of a ``fim-shuffled`` run that permutes
+    the variant's map among same-shape modules (same budget and bounds, assignment destroyed).
+
+    None where the test grid's ``fim-shuffled`` already is that control (``fim``; ``fim-ginit``, whose map is
+    fim's), where the ranks are not fixed before training (``l1ra-fimstart``), and for the references.
+
+    Raises:
+        KeyError: not a variant of :data:`bench.variants.VARIANTS`.
+    """
+    method, extra = VARIANTS[variant]
+    name = f"{variant}-shuffled"
+    if method == "fim" and extra and "method_options" not in extra:
+        return name, dict(extra)  # FimConfig / LoRA fields: fim-shuffled allocates with them, then permutes
+    if method == "fim-spectrum":
+        options = dict(extra.get("method_options", {}))
+        rest = {k: v for k, v in extra.items() if k != "method_options"}
+        return name, {**rest, "method_options": {"source": "fim-spectrum", "source_options": options}}
+    return None
+
+
+def make_shuffled_control_grid(
+    variant: str, chosen: Mapping[str, Mapping[str, Any]], selection_grid: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """The test grid of the variant's own shuffle control (:func:`shuffled_control`): the variant's test grid
+    at r8 only (as the other controls), method ``fim-shuffled`` at its own chosen learning rate; None where
+    the variant has none."""
+    control = shuffled_control(variant)
+    if control is None:
+        return None
+    name, extra = control
+    grid = make_confirmation_grid(variant, chosen, selection_grid)
+    _, variant_extra = VARIANTS[variant]
+    overrides = {k: v for k, v in grid["overrides"].items() if k not in variant_extra}
+    overrides.update(extra, variant=name, lr=float(chosen["fim-shuffled"]["lr"]))
+    return {**grid, "methods": ["fim-shuffled"], "budgets": ["r8"], "overrides": overrides}
 
 
 def _cells(records: Iterable[Mapping[str, Any]]) -> Cells:
@@ -156,7 +201,8 @@ def target_verdict(
     uniform's pooled accuracy against uniform r8's; met when the variant is within :data:`MATCH_MARGIN` and
     uniform at least :data:`SHORTFALL_POINTS` short), ``no_task_below`` (tasks and budgets where the
     variant's mean is more than one sample standard deviation of uniform's seeds below uniform's),
-    ``controls`` (pooled at r8 against each control; met when every CI is above 0), ``rivals`` (pooled at r8
+    ``controls`` (pooled at r8 against ``random``, ``fim-shuffled`` and the variant's own
+    shuffle where it has one; met when every CI is above 0), ``rivals`` (pooled at r8
     against GoRA, EVA, AdaLoRA; level unless the whole CI is below 0), ``complete`` (every cell the
     criteria read has all of its tasks) and ``met`` (all criteria; False while incomplete).
     """
@@ -181,12 +227,14 @@ def target_verdict(
             (mine_mean, _), (base_mean, base_std) = mean_std(values), mean_std(base)
             if mine_mean < base_mean - base_std:
                 below.append({"task": task, "budget": budget, "diff": mine_mean - base_mean, "std": base_std})
-    controls = {c: _paired(cells, (variant, "r8"), (c, "r8"), tasks) for c in CONTROLS}
+    own = shuffled_control(variant) if variant in VARIANTS else None
+    control_names = (*CONTROLS, own[0]) if own is not None else CONTROLS
+    controls = {c: _paired(cells, (variant, "r8"), (c, "r8"), tasks) for c in control_names}
     rivals = {r: _paired(cells, (variant, "r8"), (r, "r8"), tasks) for r in RIVALS}
     complete = all(
         _pooled_mean(cells, key, tasks) is not None
         for key in [(m, b) for m in (variant, "uniform") for b in CONFIRM_BUDGETS]
-        + [(c, "r8") for c in (*CONTROLS, *RIVALS)]
+        + [(c, "r8") for c in (*control_names, *RIVALS)]
     )
     gain_met = any(g is not None and g["diff"] >= GAIN_POINTS and g["ci"][0] > 0 for g in gain.values())
     front_met = any(f["met"] for f in front.values())
@@ -265,7 +313,7 @@ def _markdown(
         f"* **No task below uniform by more than one sd**: {_yes(not target['no_task_below'])}. {below}"
     )
     lines.append(
-        f"* **Beats both controls** (r8, CI above 0): {_yes(target['controls_met'])}. "
+        f"* **Beats the random-allocation controls** (r8, CI above 0): {_yes(target['controls_met'])}. "
         + "; ".join(f"{c}: {_fmt(d)}" for c, d in target["controls"].items())
     )
     lines.append(
@@ -310,16 +358,28 @@ def _write_grid(choice: Path, selection: Path, from_grid: Path, out: Path) -> No
             f"the chosen variant is plain fim, already in the test grid at r2, r4 and r8: {out} not written"
         )
         return
-    grid = make_confirmation_grid(
-        variant, json.loads(selection.read_text()), yaml.safe_load(from_grid.read_text())
-    )
-    header = (
-        f"# Issue 13: the chosen variant {variant!r} on the TEST split, written by\n"
+    chosen, settings = json.loads(selection.read_text()), yaml.safe_load(from_grid.read_text())
+    command = (
         f"#   python -m bench.confirm grid --choice {choice} --selection {selection} --from {from_grid} "
         f"--out {out}\n# (do not edit by hand). Run: bench/grids/full/run_test.sh\n"
     )
-    atomic_write_text(out, header + yaml.safe_dump(grid, sort_keys=False))
+    grid = make_confirmation_grid(variant, chosen, settings)
+    control = make_shuffled_control_grid(variant, chosen, settings)
+    shuffled_out = shuffled_grid_path(out)
+    if control is not None:  # written first: a grid file found without its control would be a half choice
+        header = (
+            f"# Issue 13: the own shuffle control of the chosen variant {variant!r}, TEST split, written by\n"
+        )
+        atomic_write_text(shuffled_out, header + command + yaml.safe_dump(control, sort_keys=False))
+        print(f"wrote {shuffled_out}")
+    header = f"# Issue 13: the chosen variant {variant!r} on the TEST split, written by\n"
+    atomic_write_text(out, header + command + yaml.safe_dump(grid, sort_keys=False))
     print(f"wrote {out}")
+
+
+def shuffled_grid_path(variant_grid: Path) -> Path:
+    """Where ``grid`` writes the variant's own shuffle control: beside its grid, ``<stem>_shuffled.yaml``."""
+    return variant_grid.with_name(f"{variant_grid.stem}_shuffled{variant_grid.suffix}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -91,6 +91,9 @@ def method_settings(
                 fim[key] = overrides[key]
         if method == "fim-variance" and overrides.get("score", "variance") != "variance":
             raise ValueError("fim-variance fixes score='variance'; use method 'fim' for other scores")
+        if method == "fim-shuffled" and options.get("source", "fim") in PARAM_BUDGET_OPTION_METHODS:
+            # a shuffle of another method's map: that method holds the budget through its own options
+            options["source_options"] = {"budget_unit": "params", **dict(options.get("source_options") or {})}
     elif method in PARAM_BUDGET_OPTION_METHODS:
         options.setdefault("budget_unit", "params")
     elif method != "uniform":

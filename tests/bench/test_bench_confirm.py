@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from bench.confirm import CONFIRM_BUDGETS, confirmation_table, main, make_confirmation_grid, target_verdict
+from bench.confirm import (
+    CONFIRM_BUDGETS,
+    confirmation_table,
+    main,
+    make_confirmation_grid,
+    make_shuffled_control_grid,
+    shuffled_control,
+    shuffled_grid_path,
+    target_verdict,
+)
 from bench.harness import ExperimentGrid
 from bench.selection import TEST_SEEDS, TEST_TASKS
 from bench.variants import HELD_OUT_TASKS, VARIANTS
@@ -20,7 +29,12 @@ _SELECTION_GRID = {
     "seeds": [0],
     "overrides": {"max_train": 2000, "epochs": 4, "lr": 0.001, "eval_split": "dev"},
 }
-_CHOSEN = {"uniform": {"lr": 0.001}, "fim": {"lr": 0.003}, "l1ra": {"lr": 0.0003}}
+_CHOSEN = {
+    "uniform": {"lr": 0.001},
+    "fim": {"lr": 0.003},
+    "l1ra": {"lr": 0.0003},
+    "fim-shuffled": {"lr": 0.002},
+}
 
 
 def test_confirmation_grid_runs_the_variant_on_every_test_task_and_budget() -> None:
@@ -39,6 +53,8 @@ def test_confirmation_grid_runs_the_variant_on_every_test_task_and_budget() -> N
 def _record(method: str, budget: str, task: str, seed: int, acc: float, split: str = "test") -> dict:
     variant = method if method in VARIANTS and VARIANTS[method][0] != method else None
     base = VARIANTS[method][0] if variant else method
+    if method.endswith("-shuffled") and method != "fim-shuffled":  # a variant's own control
+        variant, base = method, "fim-shuffled"
     overrides = {"eval_split": split, "lr": 0.001, **({"variant": variant} if variant else {})}
     return {
         "run_id": f"{task}-{method}-{budget}-s{seed}",
@@ -68,6 +84,7 @@ _LEVELS = {
     ("fim-kind", "r8"): 90.5,
     ("random", "r8"): 88.0,
     ("fim-shuffled", "r8"): 88.5,
+    ("fim-kind-shuffled", "r8"): 88.7,
     ("gora", "r8"): 90.5,
     ("eva", "r8"): 87.0,
     ("adalora", "r8"): 89.0,
@@ -91,6 +108,11 @@ def test_each_criterion_can_fail() -> None:
     # a control as good as the variant: its score carried no information
     levels = {**_LEVELS, ("fim-shuffled", "r8"): 90.5}
     assert not target_verdict(_store(levels), "fim-kind")["controls_met"]
+    # the variant's own shuffle as good as the variant: its own map carried no information
+    levels = {**_LEVELS, ("fim-kind-shuffled", "r8"): 90.5}
+    verdict = target_verdict(_store(levels), "fim-kind")
+    assert set(verdict["controls"]) == {"random", "fim-shuffled", "fim-kind-shuffled"}
+    assert not verdict["controls_met"] and not verdict["met"]
     # a rival clearly better: not level
     levels = {**_LEVELS, ("gora", "r8"): 93.0}
     verdict = target_verdict(_store(levels), "fim-kind")
@@ -103,6 +125,10 @@ def test_each_criterion_can_fail() -> None:
     partial = [r for r in _store(_LEVELS) if r["spec"]["method"] != "adalora"]
     assert not target_verdict(partial, "fim-kind")["complete"]
     assert not target_verdict(partial, "fim-kind")["met"]
+    no_own_control = [
+        r for r in _store(_LEVELS) if r["spec"]["overrides"].get("variant") != "fim-kind-shuffled"
+    ]
+    assert not target_verdict(no_own_control, "fim-kind")["complete"]
 
 
 def test_confirmation_reads_only_the_held_out_tasks_and_refuses_dev_records() -> None:
@@ -150,6 +176,9 @@ def test_grid_command_refuses_a_choice_made_before_the_variant_grid_finished(tmp
     choice.write_text(json.dumps({"chosen": "fim-kind", "runs_finished": 114, "expected_runs": 114}))
     assert main([*args, "--out", str(out)]) == 0
     assert yaml.safe_load(out.read_text())["overrides"]["variant"] == "fim-kind"
+    control = yaml.safe_load(shuffled_grid_path(out).read_text())
+    assert shuffled_grid_path(out).name == "test_variant_shuffled.yaml"
+    assert control["methods"] == ["fim-shuffled"] and control["overrides"]["variant"] == "fim-kind-shuffled"
 
 
 def test_grid_command_adds_nothing_when_plain_fim_is_chosen(tmp_path: Path) -> None:
@@ -164,3 +193,55 @@ def test_grid_command_adds_nothing_when_plain_fim_is_chosen(tmp_path: Path) -> N
     choice.write_text(json.dumps({"chosen": "fim", "runs_finished": 114, "expected_runs": 114}))
     args = ["grid", "--choice", str(choice), "--selection", str(selection), "--from", str(from_grid)]
     assert main([*args, "--out", str(out)]) == 0 and not out.exists()  # fim is in the test grid already
+
+
+# ---- the variant's own shuffle control ------------------------------------------------------------------
+
+
+def test_own_shuffle_control_exists_only_for_a_map_of_the_variants_own() -> None:
+    for same_map_as_fim_or_none in ("uniform", "fim", "fim-ginit", "l1ra-fimstart"):
+        assert shuffled_control(same_map_as_fim_or_none) is None
+    assert shuffled_control("fim-kind") == ("fim-kind-shuffled", {"normalize": "kind"})
+    assert shuffled_control("fim-rslora") == (
+        "fim-rslora-shuffled",
+        {"use_rslora": True, "adjust_scaling_factors": False},
+    )
+    name, extra = shuffled_control("fim-spectrum-raw")  # type: ignore[misc]
+    assert name == "fim-spectrum-raw-shuffled"
+    assert extra == {"method_options": {"source": "fim-spectrum", "source_options": {"normalize": False}}}
+    assert set(VARIANTS) >= {"fim-kind", "fim-rslora", "fim-spectrum-raw"}
+
+
+@pytest.mark.parametrize(
+    "variant", ["fim-kind", "fim-power0.5", "fim-rslora", "fim-spectrum", "fim-spectrum-raw"]
+)
+def test_own_shuffle_control_grid_builds_runnable_fim_shuffled_runs_at_r8(variant: str) -> None:
+    from bench.suites.encoder import run_config_for
+    from fimlora.recipes import make_method
+
+    grid = make_shuffled_control_grid(variant, _CHOSEN, _SELECTION_GRID)
+    assert grid is not None
+    specs = ExperimentGrid.from_dict(grid).expand()
+    assert {s.method for s in specs} == {"fim-shuffled"} and {s.budget for s in specs} == {"r8"}
+    assert {s.task for s in specs} == set(TEST_TASKS) and {s.seed for s in specs} == set(TEST_SEEDS)
+    assert {s.overrides["variant"] for s in specs} == {f"{variant}-shuffled"}
+    assert {s.overrides["eval_split"] for s in specs} == {"test"} and specs[0].overrides["lr"] == 0.002
+    spec = next(s for s in specs if s.task == "trec6")
+    run = run_config_for("encoder", spec.task, "minilm", spec.method, spec.budget, spec.seed, spec.overrides)
+    method = make_method(run)
+    variant_spec = next(
+        s
+        for s in ExperimentGrid.from_dict(make_confirmation_grid(variant, _CHOSEN, _SELECTION_GRID)).expand()
+        if s.task == "trec6" and s.budget == "r8"
+    )
+    variant_run = run_config_for(
+        "encoder", "trec6", "minilm", variant_spec.method, "r8", spec.seed, variant_spec.overrides
+    )
+    # the control allocates as the variant does: same LoRA settings, same FimConfig / source options
+    assert run.lora == variant_run.lora
+    if VARIANTS[variant][0] == "fim":
+        assert method.source == "fim" and method.fim_config == make_method(variant_run).fim_config
+    else:
+        assert method.source == "fim-spectrum"
+        assert method.source_options == dict(variant_run.method_options)
+    assert make_shuffled_control_grid("fim-ginit", _CHOSEN, _SELECTION_GRID) is None

@@ -181,6 +181,49 @@ def test_fim_shuffled_needs_calibration_batches() -> None:
         get_method("fim-shuffled").prepare(build(0), LoraConfig(r=R, **kwargs))
 
 
+def test_fim_shuffled_shuffles_the_map_its_fim_config_makes() -> None:
+    # FimConfig fields reach the source, so a variant's own control shuffles the variant's map.
+    shapes = _shapes("llama")
+    _, plain = _prepare("fim", "llama", **FIM)
+    _, tempered = _prepare("fim", "llama", score_power=0.25, **FIM)
+    assert dict(tempered) != dict(plain), "the tempered map must differ for this test"
+    _, shuffled = _prepare("fim-shuffled", "llama", seed=1, score_power=0.25, **FIM)
+    assert shuffled.metadata["fim_ranks"] == dict(tempered) and shuffled.metadata["source"] == "fim"
+    assert _by_shape(shuffled, shapes) == _by_shape(tempered, shapes)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_fim_shuffled_shuffles_the_spectrum_map(arch: str) -> None:
+    shapes = _shapes(arch)
+    spectrum_options = {"calibration_batches": 2, "normalize": False}
+    _, spectrum = _prepare("fim-spectrum", arch, **spectrum_options)
+    _, shuffled = _prepare(
+        "fim-shuffled", arch, seed=1, source="fim-spectrum", source_options=spectrum_options
+    )
+    assert shuffled.metadata["source"] == "fim-spectrum"
+    assert shuffled.metadata["fim_ranks"] == dict(spectrum)
+    assert _by_shape(shuffled, shapes) == _by_shape(spectrum, shapes)
+    assert sum(shuffled.values()) == sum(spectrum.values())
+
+
+def test_fim_shuffled_source_is_checked_before_any_model() -> None:
+    with pytest.raises(ValueError, match="`source` must be one of fim, fim-spectrum, got 'gora'"):
+        get_method("fim-shuffled", source="gora")
+    with pytest.raises(ValueError, match="`gradient_init` cannot be shuffled"):
+        get_method("fim-shuffled", source_options={"gradient_init": True})
+    with pytest.raises(ValueError, match="not taken by source 'fim'"):
+        get_method("fim-shuffled", source_options={"normalize": False})
+    with pytest.raises(TypeError):
+        get_method("fim-shuffled", source="fim-spectrum", source_options={"not_an_option": 1})
+    with pytest.raises(ValueError, match="`normalize`"):
+        get_method("fim-shuffled", source="fim-spectrum", source_options={"normalize": "no"})
+    options = {"source": "fim-spectrum", "source_options": {"normalize": False}}
+    method = make_method(RunConfig(method="fim-shuffled", seed=3, method_options=options))
+    assert method.source == "fim-spectrum" and method.seed == 3
+    with pytest.raises(UsageError, match="invalid options for method 'fim-shuffled'.*source"):
+        make_method(RunConfig(method="fim-shuffled", method_options={"source": "eva"}))
+
+
 # ---- both: options, the run's config and seed, plain PEFT ------------------------------------------------
 
 

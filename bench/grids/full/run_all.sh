@@ -38,7 +38,8 @@ worker() {
     choose || true
     local chosen=no grids=(--grid $FULL/test.yaml --grid $FULL/test_low.yaml)
     [[ -f $DONE ]] && chosen=yes
-    [[ -f $FULL/test_variant.yaml ]] && grids+=(--grid $FULL/test_variant.yaml)
+    # the chosen variant's grid and, where it has one, its own shuffle control (test_variant_shuffled.yaml)
+    for g in "$FULL"/test_variant*.yaml; do [[ -f $g ]] && grids+=(--grid "$g"); done
     $PY -m bench.run "${grids[@]}" --store bench/results/full/test --threads 1 --shared --seed-major || true
     [[ $chosen == yes ]] && break  # this round ran the test grid with the choice in it
     sleep 60  # the other worker is finishing the last variant run

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/../../.."
 mkdir -p out/workers
 grids=(--grid bench/grids/full/test.yaml --grid bench/grids/full/test_low.yaml)
 # Issue 13's chosen variant (python -m bench.confirm grid ...), once it has been chosen.
-[[ -f bench/grids/full/test_variant.yaml ]] && grids+=(--grid bench/grids/full/test_variant.yaml)
+for g in bench/grids/full/test_variant*.yaml; do [[ -f $g ]] && grids+=(--grid "$g"); done
 for worker in 1 2; do
   OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nohup .venv/bin/python -m bench.run "${grids[@]}" \
     --store bench/results/full/test --threads 1 --shared --seed-major >"out/workers/test_${worker}.log" 2>&1 &

@@ -11,6 +11,12 @@ assignment of ranks to modules carries information, beyond the shape of the rank
 The permutation is uniform over all permutations of each group (not a derangement): it is the null
 hypothesis "rank independent of which module of that shape it is". Groups are visited in their order of
 first appearance in the model, so a seed gives the same map on every platform.
+
+``source`` names the map to shuffle: ``fim`` (default, with the run's :class:`~fimlora.config.FimConfig`, so
+that tempered or kind-normalised scores are shuffled as they are allocated) or ``fim-spectrum`` (its map from
+a wide calibration adapter, with ``source_options`` as that method's options). This makes a variant's own
+control: the same map, assignment destroyed. A source's own initialisation of B (``gradient_init``) is
+refused: the resized modules would start from zero and the rest from the gradient, a mix of two methods.
 """
 
 from __future__ import annotations
@@ -26,10 +32,14 @@ from fimlora.config import FimConfig
 from fimlora.methods.base import StaticRanksMethod, register_method
 from fimlora.methods.budget import check_int
 from fimlora.methods.fim import FimMethod, fim_config_with
+from fimlora.methods.fim_spectrum import FimSpectrumMethod
 from fimlora.peft_glue import apply_rank_map, lora_modules, module_shapes
 from fimlora.rankmap import RankMap
 
-__all__ = ["FimShuffledMethod", "shuffle_within_shapes"]
+__all__ = ["SHUFFLE_SOURCES", "FimShuffledMethod", "shuffle_within_shapes"]
+
+SHUFFLE_SOURCES: tuple[str, ...] = ("fim", "fim-spectrum")
+"""Methods whose maps this control can shuffle (static ranks, B = 0 at the start of training)."""
 
 
 def shuffle_within_shapes(
@@ -64,17 +74,51 @@ class FimShuffledMethod(StaticRanksMethod):
 
     name = "fim-shuffled"
 
-    def __init__(self, fim_config: FimConfig | None = None, *, seed: int = 0, **overrides: Any) -> None:
+    def __init__(
+        self,
+        fim_config: FimConfig | None = None,
+        *,
+        seed: int = 0,
+        source: str = "fim",
+        source_options: Mapping[str, Any] | None = None,
+        **overrides: Any,
+    ) -> None:
         """
         Args:
             fim_config: calibration, budget and bounds, as for ``fim`` (``fimlora train`` passes the run's).
             seed: seeds the permutation (``fimlora train`` passes the run's seed); LoRA-A's init after
-                resizing is seeded by ``fim_config.seed``, as for ``fim``.
+                resizing is seeded by the source's seed (``fim_config.seed`` for ``fim``), as in the source.
+            source: the method whose map is shuffled, one of :data:`SHUFFLE_SOURCES`.
+            source_options: options of the source method (``fim-spectrum``: its :class:`SpectrumOptions`
+                fields; ``fim``: none, its settings are ``fim_config``'s).
             **overrides: :class:`FimConfig` fields, applied on top of ``fim_config``.
+
+        Raises:
+            ValueError: an unknown source, options it does not take, or ``gradient_init``.
         """
         check_int("seed", seed, minimum=0)
+        if source not in SHUFFLE_SOURCES:
+            raise ValueError(f"`source` must be one of {', '.join(SHUFFLE_SOURCES)}, got {source!r}")
+        options = dict(source_options or {})
+        if "gradient_init" in options:
+            raise ValueError(
+                "`gradient_init` cannot be shuffled: resized modules would start from B = 0, the rest from "
+                "the gradient; shuffle the plain map instead"
+            )
+        if source == "fim" and options:
+            raise ValueError(
+                f"`source_options` {sorted(options)} are not taken by source 'fim': set FimConfig fields"
+            )
         self.fim_config = fim_config_with(fim_config, overrides)
         self.seed = seed
+        self.source = source
+        self.source_options = options
+        self._source_method()  # checks the options now, before any model is touched
+
+    def _source_method(self) -> FimMethod | FimSpectrumMethod:
+        if self.source == "fim":
+            return FimMethod(self.fim_config)
+        return FimSpectrumMethod(**self.source_options)
 
     def prepare(
         self,
@@ -85,40 +129,44 @@ class FimShuffledMethod(StaticRanksMethod):
         total_steps: int | None = None,
         loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     ) -> nn.Module:
-        """Calibrate and allocate as ``fim``, then rebuild every module at its shuffled rank.
+        """Calibrate and allocate as the source (``fim`` by default), then rebuild every module at its
+        shuffled rank.
 
         Raises:
-            ValueError: no calibration batches, or bounds or budget infeasible for this model (as for ``fim``).
+            ValueError: no calibration batches, or bounds or budget infeasible for this model (as for the
+                source).
         """
         if calibration_batches is None:
             raise ValueError(
                 f"the {self.name!r} method needs calibration batches (the first T training batches)"
             )
-        fim = FimMethod(self.fim_config)
-        model = fim.prepare(
+        src = self._source_method()
+        model = src.prepare(
             base_model,
             lora_config,
             calibration_batches=calibration_batches,
             total_steps=total_steps,
             loss_fn=loss_fn,
         )
-        assert fim.rank_map is not None  # set by FimMethod.prepare
-        fim_ranks = dict(fim.rank_map)
+        assert src.rank_map is not None  # set by every source's prepare
+        source_ranks = dict(src.rank_map)
         shapes = module_shapes(lora_modules(model))
-        ranks = shuffle_within_shapes(fim_ranks, shapes, self.seed)
+        ranks = shuffle_within_shapes(source_ranks, shapes, self.seed)
         meta = {
-            **fim.rank_map.metadata,
+            **src.rank_map.metadata,
             "method": self.name,
             "control": "fim-shuffled",
+            "source": self.source,
             "seed": self.seed,
-            "fim_ranks": fim_ranks,
-            "moved_modules": sum(ranks[n] != fim_ranks[n] for n in ranks),
+            "fim_ranks": source_ranks,
+            "moved_modules": sum(ranks[n] != source_ranks[n] for n in ranks),
         }
         self.rank_map = RankMap(ranks, metadata=meta)
+        settings = src.fim_config if isinstance(src, FimMethod) else src.options
         apply_rank_map(
             model,
             self.rank_map,
-            adjust_scaling_factors=self.fim_config.adjust_scaling_factors,
-            seed=self.fim_config.seed,
+            adjust_scaling_factors=settings.adjust_scaling_factors,
+            seed=settings.seed,
         )
         return model
