@@ -47,13 +47,19 @@ def select(specs: Sequence[RunSpec], only: Sequence[str]) -> list[RunSpec]:
     return [s for s in specs if all(str(getattr(s, k)) in values for k, values in filters)]
 
 
+CODE_PATHS: tuple[str, ...] = ("src", "bench", "pyproject.toml")
+"""What a record's "dirty" flag is about: code, not the reports and notes edited while a grid runs (a
+published table rewritten in the working tree says nothing about the code that trained a run)."""
+
+
 def pin_code_version() -> None:
-    """Name the code this process runs in every record it writes: the checkout's commit and dirty flag now,
+    """Name the code this process runs in every record it writes: the checkout's commit and dirty flag (of
+    :data:`CODE_PATHS`) now,
     at start, exported as ``$FIMLORA_GIT_COMMIT`` / ``$FIMLORA_GIT_DIRTY`` (which :func:`fimlora.io.git_state`
     reads first). Without it a worker that runs for hours would stamp each record with whatever HEAD is when
     the record is written, not the commit whose code it imported. An existing ``$FIMLORA_GIT_COMMIT`` wins."""
     if not os.environ.get("FIMLORA_GIT_COMMIT"):
-        state = git_state(REPO_ROOT)
+        state = git_state(REPO_ROOT, paths=CODE_PATHS)
         if state["commit"]:
             os.environ["FIMLORA_GIT_COMMIT"] = str(state["commit"])
             if state["dirty"] is not None:

@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -243,7 +243,7 @@ def _git(repo: Path, *args: str) -> str | None:
     return done.stdout.strip()
 
 
-def git_state(repo: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+def git_state(repo: str | os.PathLike[str] | None = None, *, paths: Sequence[str] = ()) -> dict[str, Any]:
     """``{"commit": sha | None, "dirty": bool | None}`` of the checkout fimlora is imported from.
 
     ``$FIMLORA_GIT_COMMIT`` / ``$FIMLORA_GIT_DIRTY`` (``1``/``0``) win over git: a tree copied to another
@@ -252,6 +252,8 @@ def git_state(repo: str | os.PathLike[str] | None = None) -> dict[str, Any]:
 
     Args:
         repo: a directory inside the checkout (default: fimlora's own source directory).
+        paths: with paths (relative to ``repo``), "dirty" means a tracked file under them differs from the
+            commit; without, any tracked file. Untracked files never count.
     """
     env_commit = os.environ.get("FIMLORA_GIT_COMMIT")
     if env_commit:
@@ -261,7 +263,7 @@ def git_state(repo: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     commit = _git(where, "rev-parse", "HEAD")
     if not commit:
         return {"commit": None, "dirty": None}
-    status = _git(where, "status", "--porcelain", "--untracked-files=no")
+    status = _git(where, "status", "--porcelain", "--untracked-files=no", *(["--", *paths] if paths else []))
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 

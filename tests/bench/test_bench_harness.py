@@ -851,7 +851,34 @@ def test_a_worker_stamps_records_with_the_commit_it_started_from(monkeypatch: py
 
     monkeypatch.setenv("FIMLORA_GIT_COMMIT", "")  # unset for the worker; restored after the test
     monkeypatch.setenv("FIMLORA_GIT_DIRTY", "")
-    monkeypatch.setattr(bench_run, "git_state", lambda repo=None: {"commit": "a" * 40, "dirty": False})
+    monkeypatch.setattr(bench_run, "git_state", lambda repo=None, **_: {"commit": "a" * 40, "dirty": False})
     bench_run.pin_code_version()
     monkeypatch.setattr(fimlora_io, "_git", lambda *args: "b" * 40)  # HEAD moves on while the worker runs
     assert record_provenance()["git"] == {"commit": "a" * 40, "dirty": False}
+
+
+def test_the_pinned_dirty_flag_is_about_code_not_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A report rewritten in the working tree while a grid runs does not mark its records dirty; code does."""
+    import subprocess
+
+    import bench.run as bench_run
+    from fimlora.io import git_state
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    for name in ("src/a.py", "docs/r.md", "bench/b.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    monkeypatch.delenv("FIMLORA_GIT_COMMIT", raising=False)
+    (tmp_path / "docs/r.md").write_text("rewritten\n")
+    (tmp_path / "src/new_untracked.py").write_text("y\n")
+    assert git_state(tmp_path)["dirty"] is True  # the whole tree: the report counts
+    assert git_state(tmp_path, paths=bench_run.CODE_PATHS)["dirty"] is False
+    (tmp_path / "bench/b.py").write_text("changed\n")
+    assert git_state(tmp_path, paths=bench_run.CODE_PATHS)["dirty"] is True

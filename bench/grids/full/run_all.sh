@@ -21,9 +21,12 @@ choose() {
   (
     flock 9
     [[ -f $DONE ]] && exit 0
-    $PY -m bench.variants report --store bench/results/full/variants --out docs/results/full
+    # The choice is written under out/ (untracked), not over the committed docs/results/full/variants.*: a
+    # modified tracked file would mark every test record "dirty". Same command, same store, same choice:
+    # rerun it with --out docs/results/full to publish.
+    $PY -m bench.variants report --store bench/results/full/variants --out out/workers/choice
     # refused (exit 2) while a variant run is still going: retried on the next round
-    $PY -m bench.confirm grid --choice docs/results/full/variants.json \
+    $PY -m bench.confirm grid --choice out/workers/choice/variants.json \
       --selection docs/results/full/lr_selection.json --from $FULL/select_lr_0.001.yaml \
       --out $FULL/test_variant.yaml && touch $DONE
   ) 9>out/workers/choose.lock
