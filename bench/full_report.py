@@ -174,6 +174,23 @@ def pooled_front(points: Sequence[FrontPoint]) -> list[FrontPoint]:
     return sorted(out, key=_point_key)
 
 
+BUDGET_TOLERANCE = 0.01
+"""Issue 12: every method holds uniform LoRA's parameter count at the same budget within 1%."""
+
+
+def budget_ratios(points: Iterable[FrontPoint]) -> dict[tuple[str, str], tuple[float, float]]:
+    """(method, budget) -> the smallest and largest ratio, over tasks, of its mean LoRA parameter count to
+    uniform LoRA's at the same budget on the same task (1.0 is the budget held exactly)."""
+    points = list(points)
+    uniform = {(p.task, p.budget): p.lora_params for p in points if p.method == "uniform"}
+    ratios: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for p in points:
+        base = uniform.get((p.task, p.budget))
+        if base:
+            ratios[(p.method, p.budget)].append(p.lora_params / base)
+    return {key: (min(r), max(r)) for key, r in ratios.items()}
+
+
 def budget_to_match(
     points: Sequence[FrontPoint], *, margin: float = 0.5, methods: Sequence[str] | None = None
 ) -> dict[str, dict[str, str | None]]:
@@ -389,20 +406,27 @@ def _markdown(
         "",
         "## Per task: mean ± sample std over seeds (seeds)",
         "",
-        "| method | budget | LoRA params | " + " | ".join(tasks) + " | mean of tasks |",
-        "|---|---|---:|" + "---:|" * (len(tasks) + 1),
+        "LoRA params: the first task's mean; × uniform: the range over tasks of the method's parameter count over",
+        f"uniform LoRA's at the same budget (the protocol holds it within {BUDGET_TOLERANCE:.0%}; a ✗ marks a miss).",
+        "",
+        "| method | budget | LoRA params | × uniform | " + " | ".join(tasks) + " | mean of tasks |",
+        "|---|---|---:|---|" + "---:|" * (len(tasks) + 1),
     ]
     cells = {(p.task, p.method, p.budget): p for p in points}
     pooled_cells = {(p.method, p.budget): p for p in pooled}
+    ratios = budget_ratios(points)
     for method, budget in dict.fromkeys((p.method, p.budget) for p in points):
         row = [cells.get((t, method, budget)) for t in tasks]
         params = next(p.lora_params for p in row if p is not None)
         text = [f"{p.mean:.2f} ± {p.std:.2f} ({len(p.seeds)})" if p else "–" for p in row]
         pc = pooled_cells.get((method, budget))
+        low, high = ratios.get((method, budget), (math.nan, math.nan))
+        held = "" if max(abs(low - 1), abs(high - 1)) <= BUDGET_TOLERANCE else " ✗"
+        ratio = f"{low:.3f}–{high:.3f}{held}" if not math.isnan(low) else "–"
         lines.append(
-            f"| {method} | {budget} | {params:,.0f} | " + " | ".join(text) + f" | {pc.mean:.2f} |"
-            if pc
-            else f"| {method} | {budget} | {params:,.0f} | " + " | ".join(text) + " | – |"
+            f"| {method} | {budget} | {params:,.0f} | {ratio} | "
+            + " | ".join(text)
+            + (f" | {pc.mean:.2f} |" if pc else " | – |")
         )
     lines += _majority_lines(points, tasks)
     lines += [
@@ -474,6 +498,7 @@ def _markdown(
         "points": [asdict(p) for p in [*points, *pooled]],
         "controls": controls,
         "budget_to_match": match,
+        "budget_ratios": {f"{m}@{b}": list(r) for (m, b), r in budget_ratios(points).items()},
         "compression": compression,
         "margin_points": margin,
         "n_records": len(records),

@@ -203,3 +203,21 @@ def test_a_variant_run_at_several_budgets_joins_the_front() -> None:
     points = front_points(records)
     assert front_methods(points) == ["uniform", "fim", "fim-kind"]  # random (r8 only) is a point, not a line
     assert budget_to_match(points, margin=0.5)["a"]["fim-kind"] == "r2"
+
+
+def test_budget_ratios_show_a_method_that_misses_uniforms_parameter_count(tmp_path: Path) -> None:
+    from bench.full_report import budget_ratios
+
+    records = _grid()
+    assert set(budget_ratios(front_points(records)).values()) == {(1.0, 1.0)}
+    for record in records:
+        if record["spec"]["method"] == "random" and record["spec"]["task"] == "b":
+            record["extra"]["lora_params"] = 3900  # 2.5% under uniform r8's 4000
+    assert budget_ratios(front_points(records))[("random", "r8")] == (pytest.approx(0.975), 1.0)
+    store = ResultStore(tmp_path / "store")
+    for record in records:
+        store.put(record)
+    write_full_report(tmp_path / "store", tmp_path / "out")
+    rows = [line for line in (tmp_path / "out" / "test.md").read_text().splitlines() if line.startswith("| ")]
+    assert any(line.startswith("| random | r8 |") and "0.975–1.000 ✗" in line for line in rows)
+    assert any(line.startswith("| fim | r8 |") and "1.000–1.000 |" in line for line in rows)
