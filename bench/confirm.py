@@ -19,8 +19,8 @@ Steps::
 
     python -m bench.confirm grid --choice docs/results/full/variants.json \\
         --selection docs/results/full/lr_selection.json --from bench/grids/full/select_lr_0.001.yaml \\
-        --out bench/grids/full/test_variant.yaml
-    bash bench/grids/full/run_test.sh            # runs test_variant.yaml too when it exists
+        --out bench/grids/full/test_variant.yaml      # + test_variant_low.yaml, test_variant_shuffled.yaml
+    bash bench/grids/full/run_test.sh            # runs every test_variant*.yaml too
     python -m bench.confirm report --store bench/results/full/test \\
         --choice docs/results/full/variants.json --out docs/results/full
 
@@ -39,7 +39,7 @@ from typing import Any
 
 from bench.full_report import CONTROLS, test_split_records
 from bench.harness import ResultStore, mean_std, paired_bootstrap_ci
-from bench.selection import TEST_SEEDS, TEST_TASKS
+from bench.selection import COMPRESS_FRACTIONS, TEST_SEEDS, TEST_TASKS
 from bench.variants import HELD_OUT_TASKS, REFERENCES, VARIANTS, make_variant_grids
 from fimlora.io import atomic_write_json, atomic_write_text
 
@@ -48,10 +48,10 @@ __all__ = [
     "RIVALS",
     "confirmation_table",
     "make_confirmation_grid",
+    "make_confirmation_grids",
     "make_shuffled_control_grid",
     "main",
     "shuffled_control",
-    "shuffled_grid_path",
     "target_verdict",
 ]
 
@@ -93,6 +93,34 @@ def make_confirmation_grid(
     grid["overrides"] = {**grid["overrides"], "eval_split": "test"}
     grid.update(tasks=list(TEST_TASKS), seeds=list(TEST_SEEDS), budgets=list(CONFIRM_BUDGETS))
     return grid
+
+
+def make_confirmation_grids(
+    variant: str, chosen: Mapping[str, Mapping[str, Any]], selection_grid: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """The grid files ``grid`` writes, by the suffix of their name: ``""`` the variant at r8, its adapters also
+    compressed to :data:`bench.selection.COMPRESS_FRACTIONS` as uniform's and fim's are (issue 14's table then
+    covers the new default too; compressing an r2 or r4 adapter is compared with nothing, so only r8);
+    ``"_low"`` the variant at the smaller budgets; ``"_shuffled"`` its own shuffle control, where it has one.
+    Together: :func:`make_confirmation_grid`'s runs plus the control.
+
+    Raises:
+        ValueError: as :func:`make_confirmation_grid`.
+    """
+    grid = make_confirmation_grid(variant, chosen, selection_grid)
+    top = CONFIRM_BUDGETS[-1]
+    grids = {
+        "": {
+            **grid,
+            "budgets": [top],
+            "overrides": {**grid["overrides"], "compress_fractions": list(COMPRESS_FRACTIONS)},
+        },
+        "_low": {**grid, "budgets": [b for b in CONFIRM_BUDGETS if b != top]},
+    }
+    control = make_shuffled_control_grid(variant, chosen, selection_grid)
+    if control is not None:
+        grids["_shuffled"] = control
+    return grids
 
 
 def shuffled_control(variant: str) -> tuple[str, dict[str, Any]] | None:
@@ -363,23 +391,15 @@ def _write_grid(choice: Path, selection: Path, from_grid: Path, out: Path) -> No
         f"#   python -m bench.confirm grid --choice {choice} --selection {selection} --from {from_grid} "
         f"--out {out}\n# (do not edit by hand). Run: bench/grids/full/run_test.sh\n"
     )
-    grid = make_confirmation_grid(variant, chosen, settings)
-    control = make_shuffled_control_grid(variant, chosen, settings)
-    shuffled_out = shuffled_grid_path(out)
-    if control is not None:  # written first: a grid file found without its control would be a half choice
-        header = (
-            f"# Issue 13: the own shuffle control of the chosen variant {variant!r}, TEST split, written by\n"
-        )
-        atomic_write_text(shuffled_out, header + command + yaml.safe_dump(control, sort_keys=False))
-        print(f"wrote {shuffled_out}")
-    header = f"# Issue 13: the chosen variant {variant!r} on the TEST split, written by\n"
-    atomic_write_text(out, header + command + yaml.safe_dump(grid, sort_keys=False))
-    print(f"wrote {out}")
-
-
-def shuffled_grid_path(variant_grid: Path) -> Path:
-    """Where ``grid`` writes the variant's own shuffle control: beside its grid, ``<stem>_shuffled.yaml``."""
-    return variant_grid.with_name(f"{variant_grid.stem}_shuffled{variant_grid.suffix}")
+    grids = make_confirmation_grids(variant, chosen, settings)
+    # the main file last: run_all.sh and run_test.sh pick up test_variant*.yaml, and the main file's presence
+    # says that the rest are written
+    for suffix in sorted(grids, key=lambda k: k == ""):
+        path = out.with_name(f"{out.stem}{suffix}{out.suffix}")
+        what = {"": "at r8", "_low": "at the smaller budgets", "_shuffled": "its own shuffle control"}[suffix]
+        header = f"# Issue 13: the chosen variant {variant!r}, {what}, on the TEST split, written by\n"
+        atomic_write_text(path, header + command + yaml.safe_dump(grids[suffix], sort_keys=False))
+        print(f"wrote {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,9 +11,9 @@ from bench.confirm import (
     confirmation_table,
     main,
     make_confirmation_grid,
+    make_confirmation_grids,
     make_shuffled_control_grid,
     shuffled_control,
-    shuffled_grid_path,
     target_verdict,
 )
 from bench.harness import ExperimentGrid
@@ -48,6 +48,22 @@ def test_confirmation_grid_runs_the_variant_on_every_test_task_and_budget() -> N
     for not_a_new_variant in (None, "uniform", "fim"):
         with pytest.raises(ValueError):
             make_confirmation_grid(not_a_new_variant, _CHOSEN, _SELECTION_GRID)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("variant", ["fim-kind", "fim-ginit"])
+def test_confirmation_files_split_the_grid_and_compress_the_r8_adapters(variant: str) -> None:
+    def cells(grid: dict) -> set[tuple]:
+        return {(s.task, s.seed, s.budget) for s in ExperimentGrid.from_dict(grid).expand()}
+
+    grids = make_confirmation_grids(variant, _CHOSEN, _SELECTION_GRID)
+    assert set(grids) == ({"", "_low", "_shuffled"} if variant == "fim-kind" else {"", "_low"})
+    assert cells(grids[""]) | cells(grids["_low"]) == cells(
+        make_confirmation_grid(variant, _CHOSEN, _SELECTION_GRID)
+    )
+    assert grids[""]["budgets"] == ["r8"] and grids[""]["overrides"]["compress_fractions"] == [0.5, 0.25]
+    assert "compress_fractions" not in grids["_low"]["overrides"]  # nothing to compare a compressed r2 with
+    for grid in (grids[""], grids["_low"]):
+        assert grid["overrides"]["variant"] == variant and grid["overrides"]["eval_split"] == "test"
 
 
 def _record(method: str, budget: str, task: str, seed: int, acc: float, split: str = "test") -> dict:
@@ -176,8 +192,12 @@ def test_grid_command_refuses_a_choice_made_before_the_variant_grid_finished(tmp
     choice.write_text(json.dumps({"chosen": "fim-kind", "runs_finished": 114, "expected_runs": 114}))
     assert main([*args, "--out", str(out)]) == 0
     assert yaml.safe_load(out.read_text())["overrides"]["variant"] == "fim-kind"
-    control = yaml.safe_load(shuffled_grid_path(out).read_text())
-    assert shuffled_grid_path(out).name == "test_variant_shuffled.yaml"
+    assert sorted(p.name for p in tmp_path.glob("test_variant*.yaml")) == [
+        "test_variant.yaml",
+        "test_variant_low.yaml",
+        "test_variant_shuffled.yaml",
+    ]
+    control = yaml.safe_load((tmp_path / "test_variant_shuffled.yaml").read_text())
     assert control["methods"] == ["fim-shuffled"] and control["overrides"]["variant"] == "fim-kind-shuffled"
 
 
