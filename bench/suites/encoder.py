@@ -15,10 +15,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from fimlora import FimConfig
+from fimlora.demo import DEMO_TARGET_MODULES
 from fimlora.run_config import DataSpec, LoraSpec, RunConfig
 from fimlora.training import TrainConfig
 
-from .budget import budget_rank, method_settings
+from .budget import FIM_KEYS, budget_rank, method_settings
 from .compress import check_compress_fractions
 from .data import BENCH_DATASETS, materialise_bench_dataset
 
@@ -34,14 +35,8 @@ ENCODER_TASKS: dict[str, str] = {
 }
 """Task name -> data source (``builtin:`` = fimlora builtin, ``bench:`` = :mod:`bench.suites.data`)."""
 
-ENCODER_TARGET_MODULES: list[str] = [
-    "query",
-    "key",
-    "value",
-    "attention.output.dense",
-    "intermediate.dense",
-    "output.dense",
-]
+ENCODER_TARGET_MODULES: list[str] = list(DEMO_TARGET_MODULES)
+"""Every linear layer of a BERT encoder block, as in `fimlora demo`."""
 
 DEFAULTS: dict[str, Any] = {
     "max_train": 1000,
@@ -69,15 +64,7 @@ is unchanged; with ``adjust_scaling_factors: false`` each FIM module's scale fol
 the final evaluation, also compress the trained adapter to each of these fractions of its LoRA parameters and
 evaluate each (``extra.compress``, :mod:`bench.suites.compress`)."""
 
-_KNOWN_KEYS = set(DEFAULTS) | {
-    "score",
-    "aggregation",
-    "r_min",
-    "r_max",
-    "adjust_scaling_factors",
-    "score_power",
-    "normalize",
-    "estimator",
+_KNOWN_KEYS = set(DEFAULTS) | set(FIM_KEYS) | {
     "use_rslora",
     "variant",  # a label only (bench.variants): names the variant in records and reports
     "method_options",
