@@ -33,12 +33,14 @@ from typing import Any
 from bench.harness import ResultStore, mean_std, paired_bootstrap_ci
 from bench.selection import check_dev_only
 from fimlora.io import atomic_write_json, atomic_write_text
+from fimlora.module_names import split_module_name
 
 __all__ = [
     "HELD_OUT_TASKS",
     "SELECTION_TASKS",
     "VARIANTS",
     "choose_variant",
+    "layer_shares",
     "main",
     "make_variant_grids",
     "variant_table",
@@ -164,6 +166,31 @@ def variant_table(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     return rows
 
 
+def layer_shares(records: Iterable[Mapping[str, Any]], budget: str = "r8") -> dict[str, dict[str, float]]:
+    """Where each variant puts its rank: variant -> layer -> the share of its rank sum in that layer, averaged
+    over its runs at ``budget`` (the rank map a run ended with; modules outside numbered layers count as
+    ``"other"``). Uniform LoRA spreads its rank evenly; FIM-LoRA's maps were top-heavy, which several variants
+    set out to change: this shows whether they did."""
+    shares: dict[str, list[dict[str, float]]] = defaultdict(list)
+    for record in check_dev_only(records):
+        ranks = (record.get("extra") or {}).get("rank_map") or {}
+        if record["spec"]["budget"] != budget or not ranks:
+            continue
+        total = math.fsum(ranks.values())
+        per_layer: dict[str, float] = defaultdict(float)
+        for name, rank in ranks.items():
+            layer = split_module_name(name)[0]
+            per_layer["other" if layer is None else str(layer)] += rank / total
+        shares[_variant(record)].append(per_layer)
+    out = {}
+    for variant, runs in sorted(shares.items()):
+        layers = sorted(
+            {k for run in runs for k in run}, key=lambda k: (k == "other", int(k) if k.isdigit() else 0)
+        )
+        out[variant] = {k: math.fsum(run.get(k, 0.0) for run in runs) / len(runs) for k in layers}
+    return out
+
+
 def choose_variant(
     table: Mapping[str, Mapping[str, Any]], *, tasks: Sequence[str] = SELECTION_TASKS
 ) -> str | None:
@@ -188,7 +215,9 @@ def choose_variant(
 
 
 def _report(store: Path, out: Path) -> None:
-    table = variant_table(ResultStore(store).records())
+    records = list(ResultStore(store).records())
+    table = variant_table(records)
+    shares = layer_shares(records)
     chosen = choose_variant(table)
     finished = sum(r["n_runs"] for r in table.values())
     atomic_write_json(
@@ -199,6 +228,7 @@ def _report(store: Path, out: Path) -> None:
             "selection_tasks": SELECTION_TASKS,
             "runs_finished": finished,
             "expected_runs": EXPECTED_RUNS,
+            "layer_shares_r8": shares,
         },
     )
     tasks = sorted({t for r in table.values() for t in r["per_task"]})
@@ -234,6 +264,26 @@ def _report(store: Path, out: Path) -> None:
             + " | ".join(diffs)
             + " |"
         )
+    layers = list(dict.fromkeys(k for row in shares.values() for k in row))
+    if shares:
+        lines += [
+            "",
+            "## Where the rank goes (r8)",
+            "",
+            "Share of each variant's rank sum per layer (%, mean over its runs; the final map for L1RA). The",
+            "last two layers are nearest the classifier head.",
+            "",
+            "| variant | " + " | ".join(f"layer {k}" for k in layers) + " | last two |",
+            "|---|" + "---:|" * (len(layers) + 1),
+        ]
+        numbered = [k for k in layers if k.isdigit()]
+        for variant, row in shares.items():
+            last_two = math.fsum(row.get(k, 0.0) for k in numbered[-2:])
+            lines.append(
+                f"| {variant} | "
+                + " | ".join(f"{100 * row.get(k, 0.0):.1f}" for k in layers)
+                + f" | {100 * last_two:.1f} |"
+            )
     lines += [
         "",
         f"Chosen (highest pooled dev accuracy over both budgets among fimlora's variants): **{chosen or 'not yet'}**.",

@@ -12,6 +12,7 @@ from bench.variants import (
     SELECTION_TASKS,
     VARIANTS,
     choose_variant,
+    layer_shares,
     make_variant_grids,
     variant_table,
 )
@@ -88,3 +89,44 @@ def test_table_pairs_by_task_and_seed_and_the_choice_skips_references_and_incomp
 def test_variant_selection_never_reads_the_test_split() -> None:
     with pytest.raises(TestSplitInSelection):
         variant_table([*_records({"fim": 0.0}), _record("fim", "trec6", 0, "r2", 80.0, split="test")])
+
+
+def test_layer_shares_say_where_each_variant_puts_its_rank() -> None:
+    def with_map(variant: str, seed: int, budget: str, ranks: dict[str, int]) -> dict:
+        record = _record(variant, "trec6", seed, budget, 80.0)
+        return {**record, "extra": {"rank_map": ranks}}
+
+    layer = "bert.encoder.layer.{}.attention.self.query"
+    even = {layer.format(i): 8 for i in range(3)}
+    records = [
+        with_map("uniform", 0, "r8", even),
+        with_map("fim", 0, "r8", {layer.format(0): 4, layer.format(1): 4, layer.format(2): 16}),
+        with_map(
+            "fim", 1, "r8", {layer.format(0): 2, layer.format(1): 6, layer.format(2): 16, "classifier": 8}
+        ),
+        with_map("fim", 0, "r2", {layer.format(0): 1, layer.format(1): 1, layer.format(2): 10}),  # not r8
+        _record("fim-kind", "trec6", 0, "r8", 80.0),  # no map recorded: left out
+    ]
+    shares = layer_shares(records)
+    assert set(shares) == {"uniform", "fim"}
+    assert shares["uniform"] == pytest.approx({"0": 1 / 3, "1": 1 / 3, "2": 1 / 3})
+    # per run, then the mean over runs: (1/6 + 1/16) / 2 for layer 0; "other" (the head) listed last
+    assert list(shares["fim"]) == ["0", "1", "2", "other"]
+    assert shares["fim"] == pytest.approx(
+        {
+            "0": (4 / 24 + 2 / 32) / 2,
+            "1": (4 / 24 + 6 / 32) / 2,
+            "2": (16 / 24 + 16 / 32) / 2,
+            "other": 8 / 32 / 2,
+        }
+    )
+    with pytest.raises(TestSplitInSelection):
+        layer_shares(
+            [
+                *records,
+                {
+                    **with_map("fim", 2, "r8", even),
+                    "spec": {**records[0]["spec"], "overrides": {"eval_split": "test"}},
+                },
+            ]
+        )
