@@ -64,19 +64,23 @@ is unchanged; with ``adjust_scaling_factors: false`` each FIM module's scale fol
 the final evaluation, also compress the trained adapter to each of these fractions of its LoRA parameters and
 evaluate each (``extra.compress``, :mod:`bench.suites.compress`)."""
 
-_KNOWN_KEYS = set(DEFAULTS) | set(FIM_KEYS) | {
-    "use_rslora",
-    "variant",  # a label only (bench.variants): names the variant in records and reports
-    "method_options",
-    "train",
-    "eval",
-    "text_column",
-    "text_pair_column",
-    "label_column",
-    "label_names",
-    "target_modules",
-    "progress",
-}
+_KNOWN_KEYS = (
+    set(DEFAULTS)
+    | set(FIM_KEYS)
+    | {
+        "use_rslora",
+        "variant",  # a label only (bench.variants): names the variant in records and reports
+        "method_options",
+        "train",
+        "eval",
+        "text_column",
+        "text_pair_column",
+        "label_column",
+        "label_names",
+        "target_modules",
+        "progress",
+    }
+)
 
 
 def run_config_for(
