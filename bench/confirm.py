@@ -46,6 +46,7 @@ from fimlora.io import atomic_write_json, atomic_write_text
 __all__ = [
     "CONFIRM_BUDGETS",
     "RIVALS",
+    "TOP_BUDGET",
     "confirmation_table",
     "make_confirmation_grid",
     "make_confirmation_grids",
@@ -57,6 +58,10 @@ __all__ = [
 
 CONFIRM_BUDGETS: tuple[str, ...] = ("r2", "r4", "r8")
 """The chosen variant runs at the same parameter counts as uniform LoRA's front."""
+
+TOP_BUDGET = CONFIRM_BUDGETS[-1]
+"""The reference budget (uniform r8's parameter count): the controls and rivals run only here, the adapters
+compressed for issue 14 are trained here, and target (b) measures the front against uniform at it."""
 
 RIVALS: tuple[str, ...] = ("gora", "eva", "adalora")
 """Published allocators the chosen variant must be at least level with (at r8's parameter count)."""
@@ -108,14 +113,13 @@ def make_confirmation_grids(
         ValueError: as :func:`make_confirmation_grid`.
     """
     grid = make_confirmation_grid(variant, chosen, selection_grid)
-    top = CONFIRM_BUDGETS[-1]
     grids = {
         "": {
             **grid,
-            "budgets": [top],
+            "budgets": [TOP_BUDGET],
             "overrides": {**grid["overrides"], "compress_fractions": list(COMPRESS_FRACTIONS)},
         },
-        "_low": {**grid, "budgets": [b for b in CONFIRM_BUDGETS if b != top]},
+        "_low": {**grid, "budgets": [b for b in CONFIRM_BUDGETS if b != TOP_BUDGET]},
     }
     control = make_shuffled_control_grid(variant, chosen, selection_grid)
     if control is not None:
@@ -158,7 +162,7 @@ def make_shuffled_control_grid(
     _, variant_extra = VARIANTS[variant]
     overrides = {k: v for k, v in grid["overrides"].items() if k not in variant_extra}
     overrides.update(extra, variant=name, lr=float(chosen["fim-shuffled"]["lr"]))
-    return {**grid, "methods": ["fim-shuffled"], "budgets": ["r8"], "overrides": overrides}
+    return {**grid, "methods": ["fim-shuffled"], "budgets": [TOP_BUDGET], "overrides": overrides}
 
 
 def _cells(records: Iterable[Mapping[str, Any]]) -> Cells:
@@ -235,10 +239,12 @@ def target_verdict(
     criteria read has all of its tasks) and ``met`` (all criteria; False while incomplete).
     """
     cells = _cells(records)
-    uniform_r8 = _pooled_mean(cells, ("uniform", "r8"), tasks)
+    uniform_r8 = _pooled_mean(cells, ("uniform", TOP_BUDGET), tasks)
     gain = {b: _paired(cells, (variant, b), ("uniform", b), tasks) for b in CONFIRM_BUDGETS}
     front: dict[str, Any] = {}
-    for budget in CONFIRM_BUDGETS[:-1]:
+    for budget in CONFIRM_BUDGETS:
+        if budget == TOP_BUDGET:
+            continue
         mine = _pooled_mean(cells, (variant, budget), tasks)
         base = _pooled_mean(cells, ("uniform", budget), tasks)
         front[budget] = {"variant": mine, "uniform": base, "uniform_r8": uniform_r8}
@@ -257,12 +263,13 @@ def target_verdict(
                 below.append({"task": task, "budget": budget, "diff": mine_mean - base_mean, "std": base_std})
     own = shuffled_control(variant) if variant in VARIANTS else None
     control_names = (*CONTROLS, own[0]) if own is not None else CONTROLS
-    controls = {c: _paired(cells, (variant, "r8"), (c, "r8"), tasks) for c in control_names}
-    rivals = {r: _paired(cells, (variant, "r8"), (r, "r8"), tasks) for r in RIVALS}
+    top = (variant, TOP_BUDGET)
+    controls = {c: _paired(cells, top, (c, TOP_BUDGET), tasks) for c in control_names}
+    rivals = {r: _paired(cells, top, (r, TOP_BUDGET), tasks) for r in RIVALS}
     complete = all(
         _pooled_mean(cells, key, tasks) is not None
         for key in [(m, b) for m in (variant, "uniform") for b in CONFIRM_BUDGETS]
-        + [(c, "r8") for c in (*control_names, *RIVALS)]
+        + [(c, TOP_BUDGET) for c in (*control_names, *RIVALS)]
     )
     gain_met = any(g is not None and g["diff"] >= GAIN_POINTS and g["ci"][0] > 0 for g in gain.values())
     front_met = any(f["met"] for f in front.values())

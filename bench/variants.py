@@ -218,13 +218,16 @@ def _report(store: Path, out: Path) -> None:
     records = list(ResultStore(store).records())
     table = variant_table(records)
     shares = layer_shares(records)
-    chosen = choose_variant(table)
     finished = sum(r["n_runs"] for r in table.values())
+    # the rule picks among every variant: while runs are missing, the leader is no choice (null in the JSON)
+    leading = choose_variant(table)
+    chosen = leading if finished >= EXPECTED_RUNS else None
     atomic_write_json(
         out / "variants.json",
         {
             "rows": table,
             "chosen": chosen,
+            "leading": leading,
             "selection_tasks": SELECTION_TASKS,
             "runs_finished": finished,
             "expected_runs": EXPECTED_RUNS,
@@ -286,7 +289,12 @@ def _report(store: Path, out: Path) -> None:
             )
     lines += [
         "",
-        f"Chosen (highest pooled dev accuracy over both budgets among fimlora's variants): **{chosen or 'not yet'}**.",
+        (
+            f"Chosen (highest pooled dev accuracy over both budgets among fimlora's variants): **{chosen}**."
+            if chosen
+            else f"No choice yet: {EXPECTED_RUNS - finished} of {EXPECTED_RUNS} runs missing. Leading among the variants with "
+            f"every run so far: {leading or 'none'} (interim, not a choice)."
+        ),
         "",
         f"Made with `python -m bench.variants report --store {store} --out {out}`.",
         "",

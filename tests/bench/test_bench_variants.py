@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
-from bench.harness import ExperimentGrid
+from bench.harness import ExperimentGrid, ResultStore
 from bench.selection import TestSplitInSelection
 from bench.variants import (
     BUDGETS,
+    EXPECTED_RUNS,
     SEEDS,
     SELECTION_TASKS,
     VARIANTS,
     choose_variant,
     layer_shares,
+    main,
     make_variant_grids,
     variant_table,
 )
@@ -84,6 +89,27 @@ def test_table_pairs_by_task_and_seed_and_the_choice_skips_references_and_incomp
     assert table["fim-spectrum@r2"]["pooled"] is None  # one task of three: no pooled mean to mislead
     assert choose_variant(table) == "fim-kind"  # uniform is higher, but the reference
     assert choose_variant(variant_table(_records({"uniform": 0.0}))) is None
+
+
+def test_the_report_makes_no_choice_while_runs_are_missing(tmp_path: Path) -> None:
+    gains = {name: float(i) for i, name in enumerate(VARIANTS)}  # the last variant leads
+    records = _records(gains)
+    records += [_record("uniform", task, seed, "r4", 80.0) for task in SELECTION_TASKS for seed in SEEDS]
+    assert len(records) == EXPECTED_RUNS
+    store = ResultStore(tmp_path / "store")
+    for record in records[1:]:  # one run missing (the first variant's)
+        store.put(record)
+    out = tmp_path / "out"
+    main(["report", "--store", str(store.root), "--out", str(out)])
+    report = json.loads((out / "variants.json").read_text())
+    leader = list(VARIANTS)[-1]
+    assert report["chosen"] is None and report["leading"] == leader
+    assert f"No choice yet: 1 of {EXPECTED_RUNS} runs missing" in (out / "variants.md").read_text()
+    store.put(records[0])
+    main(["report", "--store", str(store.root), "--out", str(out)])
+    report = json.loads((out / "variants.json").read_text())
+    assert report["chosen"] == leader and report["runs_finished"] == EXPECTED_RUNS
+    assert f"**{leader}**" in (out / "variants.md").read_text()
 
 
 def test_variant_selection_never_reads_the_test_split() -> None:

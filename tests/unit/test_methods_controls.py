@@ -213,7 +213,7 @@ def test_fim_shuffled_source_is_checked_before_any_model() -> None:
         get_method("fim-shuffled", source_options={"gradient_init": True})
     with pytest.raises(ValueError, match="not taken by source 'fim'"):
         get_method("fim-shuffled", source_options={"normalize": False})
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match=r"unknown `source_options` \['not_an_option'\].*valid: .*normalize"):
         get_method("fim-shuffled", source="fim-spectrum", source_options={"not_an_option": 1})
     with pytest.raises(ValueError, match="`normalize`"):
         get_method("fim-shuffled", source="fim-spectrum", source_options={"normalize": "no"})

@@ -21,6 +21,7 @@ refused: the resized modules would start from zero and the rest from the gradien
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -32,7 +33,7 @@ from fimlora.config import FimConfig
 from fimlora.methods.base import StaticRanksMethod, register_method
 from fimlora.methods.budget import check_int
 from fimlora.methods.fim import FimMethod, fim_config_with
-from fimlora.methods.fim_spectrum import FimSpectrumMethod
+from fimlora.methods.fim_spectrum import FimSpectrumMethod, SpectrumOptions
 from fimlora.peft_glue import apply_rank_map, lora_modules, module_shapes
 from fimlora.rankmap import RankMap
 
@@ -108,6 +109,12 @@ class FimShuffledMethod(StaticRanksMethod):
         if source == "fim" and options:
             raise ValueError(
                 f"`source_options` {sorted(options)} are not taken by source 'fim': set FimConfig fields"
+            )
+        valid = {f.name for f in dataclasses.fields(SpectrumOptions)}
+        if source == "fim-spectrum" and set(options) - valid:
+            raise ValueError(
+                f"unknown `source_options` {sorted(set(options) - valid)} for source 'fim-spectrum'; "
+                f"valid: {', '.join(sorted(valid))}"
             )
         self.fim_config = fim_config_with(fim_config, overrides)
         self.seed = seed
