@@ -27,7 +27,14 @@ from typing import Any
 
 from bench.harness import check_methods
 
-__all__ = ["FIM_KEYS", "PARAM_BUDGET_OPTION_METHODS", "budget_rank", "method_settings"]
+__all__ = [
+    "FIM_KEYS",
+    "PARAM_BUDGET_OPTION_METHODS",
+    "PROTOCOL_FIM",
+    "PROTOCOL_OPTIONS",
+    "budget_rank",
+    "method_settings",
+]
 
 _BUDGET = re.compile(r"r(\d+)")
 
@@ -43,6 +50,26 @@ FIM_KEYS = (
     "estimator",
 )
 """Spec overrides that are passed to :class:`fimlora.FimConfig` (fim / fim-variance only)."""
+
+PROTOCOL_FIM: dict[str, Any] = {
+    "calibration_batches": 8,
+    "aggregation": "mean",
+    "score_power": 1.0,
+    "normalize": "none",
+    "estimator": "batch",
+    "adjust_scaling_factors": True,
+}
+"""FimConfig's allocation settings as the benchmark protocol fixed them (fimlora's defaults when the grids were
+written), set explicitly for ``fim`` and its controls. A later change of a library default (issue 13 makes the
+chosen variant the default) then cannot change what an existing spec runs: ``fim`` in a grid stays plain
+FIM-LoRA, and a variant says what it changes in its overrides."""
+
+PROTOCOL_OPTIONS: dict[str, dict[str, Any]] = {
+    "fim": {"gradient_init": False},
+    "fim-spectrum": {"normalize": True},
+    "l1ra": {"start": "uniform"},
+}
+"""Method options fixed the same way: the knobs that the allocation variants of issue 13 turn."""
 
 PARAM_BUDGET_OPTION_METHODS: tuple[str, ...] = ("l1ra", "lrlora", "adalora", "eva", "gora", "fim-spectrum")
 """Training-time methods whose options take ``budget_unit``; the bench sets it to ``"params"``. A
@@ -79,12 +106,14 @@ def method_settings(
     check_methods([method], "method")
     check_methods(PARAM_BUDGET_OPTION_METHODS, "PARAM_BUDGET_OPTION_METHODS")
     fim: dict[str, Any] = {}
-    options: dict[str, Any] = dict(overrides.get("method_options") or {})
-    name = method
+    name = "fim" if method == "fim-variance" else method
+    options: dict[str, Any] = {
+        **PROTOCOL_OPTIONS.get(name, {}),
+        **dict(overrides.get("method_options") or {}),
+    }
     if method in ("fim", "fim-variance", "random", "fim-shuffled"):
         # The controls take fim's FimConfig (same bounds and budget); only fim-variance is renamed.
-        name = "fim" if method == "fim-variance" else method
-        fim = {"budget_unit": "params", "show_progress": show_progress}
+        fim = {**PROTOCOL_FIM, "budget_unit": "params", "show_progress": show_progress}
         fim["score"] = "variance" if method == "fim-variance" else "fisher"
         for key in FIM_KEYS:
             if key in overrides:
@@ -93,7 +122,8 @@ def method_settings(
             raise ValueError("fim-variance fixes score='variance'; use method 'fim' for other scores")
         if method == "fim-shuffled" and options.get("source", "fim") in PARAM_BUDGET_OPTION_METHODS:
             # a shuffle of another method's map: that method holds the budget through its own options
-            options["source_options"] = {"budget_unit": "params", **dict(options.get("source_options") or {})}
+            source_options = {**PROTOCOL_OPTIONS.get(options["source"], {}), "budget_unit": "params"}
+            options["source_options"] = {**source_options, **dict(options.get("source_options") or {})}
     elif method in PARAM_BUDGET_OPTION_METHODS:
         options.setdefault("budget_unit", "params")
     elif method != "uniform":

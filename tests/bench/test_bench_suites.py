@@ -10,6 +10,7 @@ from helpers.tiny_models import make_tiny_bert
 
 from bench.harness import ExperimentGrid, ResultStore, aggregate, run_grid
 from bench.suites import budget_rank, method_settings, run_config_for, run_spec
+from bench.suites.budget import PROTOCOL_FIM, PROTOCOL_OPTIONS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,13 +32,37 @@ def test_fim_methods_use_a_parameter_budget(method: str, name: str, score: str) 
     assert got_name == name
     assert fim["budget_unit"] == "params" and fim["score"] == score
     assert fim["calibration_batches"] == 4 and fim["r_min"] == 2
-    assert options == {}
+    assert options == {"gradient_init": False}
+
+
+def test_the_protocol_fixes_the_knobs_a_library_default_could_move() -> None:
+    """A later default (issue 13's chosen variant) must not change what an existing spec runs."""
+    _, fim, options = method_settings("fim", {})
+    assert {k: fim[k] for k in PROTOCOL_FIM} == PROTOCOL_FIM
+    assert fim["score_power"] == 1.0 and fim["normalize"] == "none" and options == {"gradient_init": False}
+    for control in ("random", "fim-shuffled"):
+        assert {k: method_settings(control, {})[1][k] for k in PROTOCOL_FIM} == PROTOCOL_FIM
+    assert method_settings("fim-spectrum", {})[2] == {"normalize": True, "budget_unit": "params"}
+    assert method_settings("l1ra", {})[2] == {"start": "uniform", "budget_unit": "params"}
+    # a variant's overrides win over the protocol's values
+    _, fim, options = method_settings(
+        "fim", {"normalize": "kind", "score_power": 0.5, "method_options": {"gradient_init": True}}
+    )
+    assert (fim["normalize"], fim["score_power"], options) == ("kind", 0.5, {"gradient_init": True})
+    assert method_settings("fim-spectrum", {"method_options": {"normalize": False}})[2]["normalize"] is False
+    assert method_settings("l1ra", {"method_options": {"start": "fim"}})[2]["start"] == "fim"
+    shuffled = {"method_options": {"source": "fim-spectrum", "source_options": {"normalize": False}}}
+    source_options = method_settings("fim-shuffled", shuffled)[2]["source_options"]
+    assert source_options == {"normalize": False, "budget_unit": "params"}
+    plain_source = method_settings("fim-shuffled", {"method_options": {"source": "fim-spectrum"}})[2]
+    assert plain_source["source_options"] == {"normalize": True, "budget_unit": "params"}
 
 
 @pytest.mark.parametrize("method", ["l1ra", "lrlora", "adalora", "eva"])
 def test_training_time_methods_hold_parameters(method: str) -> None:
     name, fim, options = method_settings(method, {})
-    assert (name, fim, options) == (method, {}, {"budget_unit": "params"})
+    expected = {**PROTOCOL_OPTIONS.get(method, {}), "budget_unit": "params"}
+    assert (name, fim, options) == (method, {}, expected)
 
 
 def test_peft_methods_options_and_unknown() -> None:
