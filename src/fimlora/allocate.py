@@ -134,7 +134,8 @@ def normalize_scores(scores: Mapping[str, float], by: str) -> dict[str, float]:
     ``by="kind"`` groups modules of the same kind (``attention.self.query``, ``mlp.down_proj``...) over all
     layers: the bias between kinds goes, the profile over depth within a kind stays. ``by="layer"`` groups
     the modules of one layer: the depth profile goes, the kinds' profile within a layer stays. A group whose
-    scores are all 0 stays 0; ``by="none"`` returns the scores unchanged.
+    scores are all 0 stays 0; ``by="none"`` returns the scores unchanged. Where every module is alone in its
+    group (no repeated layers), every score becomes 1: warned, since the map is then uniform.
 
     Raises:
         ValueError: an unknown ``by``.
@@ -147,6 +148,12 @@ def normalize_scores(scores: Mapping[str, float], by: str) -> dict[str, float]:
     groups: dict[object, list[float]] = {}
     for name, value in scores.items():
         groups.setdefault(split_module_name(name)[index], []).append(float(value))
+    if len(scores) > 1 and all(len(values) == 1 for values in groups.values()):
+        warnings.warn(
+            f"normalize={by!r}: every module is alone in its group, so every score becomes 1 and the map is "
+            "uniform; set normalize='none' to allocate by the raw scores",
+            stacklevel=2,
+        )
     means = {key: math.fsum(values) / len(values) for key, values in groups.items()}
     out = {}
     for name, value in scores.items():

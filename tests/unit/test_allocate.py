@@ -373,17 +373,19 @@ def test_bounds_and_costs_must_be_positive_ints(bad: object) -> None:
 
 # -- plan_rank_map ---------------------------------------------------------------------------------------
 SHAPES = {"a": (64, 32), "b": (128, 128), "c": (16, 256)}  # full ranks 32, 128, 16
+# Names without layers: normalize="kind" (the default) would make every score 1, so the plans below take the
+# raw scores (the warning for that case is tested in test_fim_core.py).
 
 
 def test_plan_default_rank_budget_is_r_times_modules() -> None:
-    rm = plan_rank_map({"a": 1.0, "b": 2.0, "c": 3.0}, SHAPES, FimConfig(), r=8)
+    rm = plan_rank_map({"a": 1.0, "b": 2.0, "c": 3.0}, SHAPES, FimConfig(normalize="none"), r=8)
     assert rm.total_rank == 8 * 3
     assert rm.metadata["lora_r"] == 8
     assert all(4 <= v <= 32 for v in rm.values())  # default bounds [r // 2, 4 r]
 
 
 def test_plan_default_param_budget_is_r_times_total_cost() -> None:
-    cfg = FimConfig(budget_unit="params")
+    cfg = FimConfig(budget_unit="params", normalize="none")
     rm = plan_rank_map({"a": 1.0, "b": 2.0, "c": 3.0}, SHAPES, cfg, r=8)
     costs = {n: i + o for n, (i, o) in SHAPES.items()}
     budget = 8 * sum(costs.values())
@@ -396,13 +398,15 @@ def test_plan_default_param_budget_is_r_times_total_cost() -> None:
 
 
 def test_plan_explicit_budget_is_used() -> None:
-    rm = plan_rank_map({"a": 1.0, "b": 2.0, "c": 3.0}, SHAPES, FimConfig(budget_ranks=30), r=8)
+    rm = plan_rank_map(
+        {"a": 1.0, "b": 2.0, "c": 3.0}, SHAPES, FimConfig(budget_ranks=30, normalize="none"), r=8
+    )
     assert rm.total_rank == 30
 
 
 def test_plan_default_r_max_is_capped_at_full_rank() -> None:
     # c dominates the scores but its full rank is 16 < 4 r = 32: it is capped, not an error.
-    rm = plan_rank_map({"a": 1e-6, "b": 1e-6, "c": 1.0}, SHAPES, FimConfig(), r=8)
+    rm = plan_rank_map({"a": 1e-6, "b": 1e-6, "c": 1.0}, SHAPES, FimConfig(normalize="none"), r=8)
     assert rm["c"] == 16
     assert rm.total_rank == 24
 
@@ -413,7 +417,7 @@ def test_plan_explicit_r_max_above_full_rank_names_module_and_limit() -> None:
 
 
 def test_plan_explicit_r_max_at_full_rank_is_fine() -> None:
-    rm = plan_rank_map({"a": 1.0, "b": 1.0, "c": 100.0}, SHAPES, FimConfig(r_max=16), r=8)
+    rm = plan_rank_map({"a": 1.0, "b": 1.0, "c": 100.0}, SHAPES, FimConfig(r_max=16, normalize="none"), r=8)
     assert rm["c"] == 16
 
 

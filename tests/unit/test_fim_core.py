@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -28,7 +29,7 @@ def _quiet(**kw):
 @pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_rank_budget_exact_bounds_and_shapes(arch: str) -> None:
     model = peft_model(arch, r=4)
-    cfg = _quiet(r_min=2, r_max=12)
+    cfg = _quiet(r_min=2, r_max=12, normalize="none")  # raw scores: two layers of a kind may tie after "kind"
     rank_map = initialize_lora_fim_ranks(model, batches(arch), cfg)
     mods = lora_modules(model)
     assert set(rank_map) == set(mods)
@@ -227,7 +228,7 @@ def test_score_power_flattens_the_map_towards_uniform() -> None:
     shapes = {n: (64, 64) for n in scores}
 
     def spread(power: float) -> int:
-        cfg = _quiet(score_power=power, r_min=1, r_max=32)
+        cfg = _quiet(score_power=power, normalize="none", r_min=1, r_max=32)  # names without layers
         ranks = dict(plan_rank_map(scores, shapes, cfg, r=8))
         assert sum(ranks.values()) == 8 * len(scores)
         return max(ranks.values()) - min(ranks.values())
@@ -259,12 +260,37 @@ def test_normalize_by_kind_removes_the_bias_between_kinds_and_keeps_depth() -> N
     assert by_layer["enc.layer.0.attn.query"] == pytest.approx(10 * by_layer["enc.layer.0.attn.value"])
     assert normalize_scores({**scores, "x.layer.0.zero": 0.0}, "kind")["x.layer.0.zero"] == 0.0
     shapes = {n: (64, 64) for n in scores}
-    plain = dict(plan_rank_map(scores, shapes, _quiet(r_min=1, r_max=32), r=8))
+    plain = dict(plan_rank_map(scores, shapes, _quiet(normalize="none", r_min=1, r_max=32), r=8))
     kind = plan_rank_map(scores, shapes, _quiet(normalize="kind", r_min=1, r_max=32), r=8)
     assert sum(dict(kind).values()) == sum(plain.values())  # same budget
     assert plain["enc.layer.3.attn.query"] > plain["enc.layer.3.attn.value"]
     assert kind["enc.layer.3.attn.query"] == kind["enc.layer.3.attn.value"]
     assert kind["enc.layer.3.attn.value"] > kind["enc.layer.0.attn.value"]
     assert kind.metadata["raw_scores"]["enc.layer.0.attn.query"] == 10.0
+    assert dict(plan_rank_map(scores, shapes, _quiet(r_min=1, r_max=32), r=8)) == dict(kind)  # the default
     with pytest.raises(ValueError, match="normalize"):
         FimConfig(normalize="depth")  # type: ignore[arg-type]
+
+
+def test_normalize_warns_where_every_module_is_alone_in_its_group() -> None:
+    """Without repeated layers, "kind" makes every score 1: the map is uniform, and the user is told."""
+    from fimlora.allocate import normalize_scores
+    from fimlora.initialize import plan_rank_map
+
+    scores = {"encoder.query": 1.0, "encoder.value": 9.0}
+    with pytest.warns(UserWarning, match="alone in its group.*normalize='none'"):
+        assert normalize_scores(scores, "kind") == {"encoder.query": 1.0, "encoder.value": 1.0}
+    with pytest.warns(UserWarning, match="alone in its group"):
+        flat = plan_rank_map(scores, {n: (64, 64) for n in scores}, _quiet(r_min=1, r_max=32), r=8)
+    assert set(dict(flat).values()) == {8}
+    raw = plan_rank_map(
+        scores, {n: (64, 64) for n in scores}, _quiet(normalize="none", r_min=1, r_max=32), r=8
+    )
+    assert raw["encoder.value"] > raw["encoder.query"]
+    two_layers = {"l.0.query": 1.0, "l.1.query": 3.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert normalize_scores(two_layers, "kind") == {"l.0.query": 0.5, "l.1.query": 1.5}
+        assert normalize_scores({"only.module": 2.0}, "kind") == {
+            "only.module": 1.0
+        }  # one module: no warning

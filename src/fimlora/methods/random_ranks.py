@@ -6,7 +6,8 @@ the same planner FIM-LoRA uses (:func:`fimlora.initialize.plan_rank_map`, hence 
 :func:`fimlora.allocate.allocate_ranks`): the rank budget is met exactly, a parameter budget with slack
 under one rank of the cheapest module that can still grow, exactly as for ``fim`` with the same
 :class:`~fimlora.config.FimConfig` (its ``score_power`` applies to the random scores too; its calibration
-options are unused).
+options are unused). Its ``normalize`` does not apply: i.i.d. draws have no bias between module kinds or
+layers to remove, and dividing them by their group's mean would only pull the map toward uniform.
 
 The scores are i.i.d. Exp(1). Proportional allocation turns scores into rank shares ``s_m / sum_j s_j``,
 and normalised i.i.d. exponentials are exactly a uniform draw from the simplex (Dirichlet(1, ..., 1)):
@@ -20,6 +21,7 @@ the same map on every platform and torch version.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -96,6 +98,7 @@ class RandomRanksMethod(StaticRanksMethod):
             "seed": self.seed,
             "score_distribution": "exponential(1)",
         }
-        self.rank_map = plan_rank_map(scores, shapes, cfg, r=int(lora_config.r), metadata=meta)
+        plan = dataclasses.replace(cfg, normalize="none")  # see the module docstring
+        self.rank_map = plan_rank_map(scores, shapes, plan, r=int(lora_config.r), metadata=meta)
         apply_rank_map(model, self.rank_map, adjust_scaling_factors=cfg.adjust_scaling_factors, seed=cfg.seed)
         return model
