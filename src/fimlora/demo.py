@@ -247,12 +247,19 @@ def _setup_facts(cfg: DemoConfig, summary: dict[str, Any]) -> list[tuple[str, st
         f". Training: {summary['train_examples']:,} examples (a label-stratified subsample of train). "
         f"Test: all {summary['test_examples']:,} test examples, evaluated once at the end; dev is not used."
     )
+    normalize = _run_config(cfg, "fim", cfg.seeds[0]).fim.normalize
+    scores = {
+        "kind": " in proportion to the scores, each first divided by the mean score of its module kind (query, "
+        "key, ... over the 6 layers): FimConfig's default normalize='kind', chosen on dev accuracy among "
+        "eight allocation variants (docs/results/full/variants.md)",
+        "layer": " in proportion to the scores, each first divided by the mean score of its layer",
+    }.get(normalize, " in proportion to the scores")
     methods = (
         f"uniform LoRA: r = {cfg.r} on every linear layer of the encoder ({', '.join(DEMO_TARGET_MODULES[:5])}"
         f" and output.dense in each of the 6 layers). FIM-LoRA (Fisher-information LoRA): {cfg.calibration_batches}"
         " calibration batches (the first training batches) give each module a score, the mean squared gradient "
         "of its LoRA-B matrix (the diagonal of the empirical Fisher information); uniform LoRA's parameter "
-        "budget is then redistributed in proportion to the scores. Per seed both get the same head init, "
+        f"budget is then redistributed{scores}. Per seed both get the same head init, "
         "LoRA-A init, data order, dropout stream and hyper-parameters; they differ only in ranks."
     )
     return [

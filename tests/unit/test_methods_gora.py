@@ -75,6 +75,11 @@ def test_parameters_follow_importance() -> None:
     same = {"a": (8, 8), "b": (8, 8)}
     ranks = plan_gora_ranks({"a": 3.0, "b": 1.0}, same, GoraOptions(), r=4)
     assert dict(ranks) == {"a": 6, "b": 2}
+    # GoRA's importances are allocated as they are, not through FIM-LoRA's default normalisation
+    assert GoraOptions().allocation_config().normalize == "none"
+    layered = {"h.0.q": 10.0, "h.1.q": 20.0, "h.0.v": 1.0, "h.1.v": 2.0}  # per kind, h.0.q would tie h.0.v
+    ranks = plan_gora_ranks(layered, dict.fromkeys(layered, (8, 8)), GoraOptions(r_min=1, r_max=8), r=4)
+    assert ranks["h.1.q"] >= ranks["h.0.q"] > ranks["h.1.v"] >= ranks["h.0.v"]
     # Different shapes: GoRA gives each module a parameter count proportional to its importance, so the
     # allocator's score is I / (in + out); here that is 1/16 = 2/32 and the ranks are equal.
     shapes = {"a": (8, 8), "b": (8, 24)}

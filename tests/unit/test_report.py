@@ -155,3 +155,12 @@ def test_demo_length_is_past_the_plateau_and_the_report_says_why() -> None:
     assert "Why this long" in default and "docs/results/full/length.md" in default and "10 minutes" in default
     assert "may still be learning" in _length_fact(DemoConfig(epochs=1), 2000)
     assert "the benchmark trains 500." in _length_fact(DemoConfig(epochs=4), 2000)
+
+
+def test_demo_says_how_its_fim_lora_shares_the_budget() -> None:
+    """The report's description of FIM-LoRA follows FimConfig's normalisation (the default: "kind")."""
+    from fimlora.demo import DemoConfig, _setup_facts
+
+    summary = {"wall_seconds": 1.0, "train_examples": 2000, "test_examples": 1026}
+    methods = dict(_setup_facts(DemoConfig(), summary))["methods"]
+    assert "divided by the mean score of its module kind" in methods and "normalize='kind'" in methods

@@ -83,8 +83,12 @@ class GoraOptions(BudgetBoundsOptions):
         self.allocation_config()  # FimConfig's own checks of the same fields
 
     def allocation_config(self) -> FimConfig:
-        """Budget and bounds as a :class:`FimConfig`, the form :func:`plan_rank_map` reads."""
+        """Budget and bounds as a :class:`FimConfig`, the form :func:`plan_rank_map` reads; GoRA's
+        importances are allocated as they are (``normalize="none"``, ``score_power=1``), whatever FIM-LoRA's
+        defaults."""
         return FimConfig(
+            normalize="none",
+            score_power=1.0,
             calibration_batches=self.calibration_batches,
             budget_unit=self.budget_unit,
             budget_ranks=self.budget_ranks,
