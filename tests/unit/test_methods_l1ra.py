@@ -264,7 +264,10 @@ def test_fim_start_begins_at_fims_map_within_the_budget(arch: str, unit: str) ->
     stats = estimate_module_scores(ref, data, FimConfig(calibration_batches=4, show_progress=False))
     shapes = module_shapes(lora_modules(ref))
     planned = plan_rank_map(
-        stats.scores(), shapes, FimConfig(budget_unit=unit, r_min=2, r_max=12, show_progress=False), r=4
+        stats.scores(),
+        shapes,
+        FimConfig(budget_unit=unit, r_min=2, r_max=12, normalize="none", show_progress=False),
+        r=4,
     )
     assert ranks == dict(planned)
     assert all(float(g.detach().min()) == 1.0 for g in method.gates.values())  # gates start open

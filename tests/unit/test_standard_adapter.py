@@ -84,7 +84,10 @@ def _fim_model(arch: str, tmp: Path):
     base.save_pretrained(base_dir)  # saved before wrapping: PEFT injects layers in place
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, **kwargs))
     rank_map = initialize_lora_fim_ranks(
-        model, batches(arch), FimConfig(show_progress=False, r_min=1, r_max=12)
+        # raw scores: on a two-layer model "kind" can leave every rank at r, and this wants mixed ranks
+        model,
+        batches(arch),
+        FimConfig(show_progress=False, r_min=1, r_max=12, normalize="none"),
     )
     _train_a_few_steps(model, arch)
     return model, rank_map, base_dir

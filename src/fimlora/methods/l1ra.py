@@ -282,7 +282,8 @@ class L1raMethod:
         loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None,
         r: int,
     ) -> dict[str, int]:
-        """FIM-LoRA's map (Fisher, mean over B's elements) under L1RA's budget, within [max(r_min, r/2), r_max]."""
+        """FIM-LoRA's map from the raw scores (Fisher, mean over B's elements; no normalisation, as measured
+        in the variant grid) under L1RA's budget, within [max(r_min, r/2), r_max]."""
         from fimlora.calibration import estimate_module_scores
         from fimlora.config import FimConfig
 
