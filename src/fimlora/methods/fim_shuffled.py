@@ -110,12 +110,13 @@ class FimShuffledMethod(StaticRanksMethod):
             raise ValueError(
                 f"`source_options` {sorted(options)} are not taken by source 'fim': set FimConfig fields"
             )
-        valid = {f.name for f in dataclasses.fields(SpectrumOptions)}
-        if source == "fim-spectrum" and set(options) - valid:
-            raise ValueError(
-                f"unknown `source_options` {sorted(set(options) - valid)} for source 'fim-spectrum'; "
-                f"valid: {', '.join(sorted(valid))}"
-            )
+        if source == "fim-spectrum":
+            valid = {f.name for f in dataclasses.fields(SpectrumOptions)}
+            if unknown := sorted(set(options) - valid):
+                raise ValueError(
+                    f"unknown `source_options` {unknown} for source 'fim-spectrum'; "
+                    f"valid: {', '.join(sorted(valid))}"
+                )
         self.fim_config = fim_config_with(fim_config, overrides)
         self.seed = seed
         self.source = source
