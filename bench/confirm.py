@@ -236,7 +236,8 @@ def target_verdict(
     ``controls`` (pooled at r8 against ``random``, ``fim-shuffled`` and the variant's own
     shuffle where it has one; met when every CI is above 0), ``rivals`` (pooled at r8
     against GoRA, EVA, AdaLoRA; level unless the whole CI is below 0), ``complete`` (every cell the
-    criteria read has all of its tasks) and ``met`` (all criteria; False while incomplete).
+    criteria read has all of its tasks and seeds) and ``met`` (all criteria). While runs are missing every verdict
+    (``*_met``, ``met``) is None, pending: a partial store shows the numbers but decides nothing.
     """
     cells = _cells(records)
     uniform_r8 = _pooled_mean(cells, ("uniform", TOP_BUDGET), tasks)
@@ -267,7 +268,7 @@ def target_verdict(
     controls = {c: _paired(cells, top, (c, TOP_BUDGET), tasks) for c in control_names}
     rivals = {r: _paired(cells, top, (r, TOP_BUDGET), tasks) for r in RIVALS}
     complete = all(
-        _pooled_mean(cells, key, tasks) is not None
+        all((task, seed) in cells.get(key, {}) for task in tasks for seed in TEST_SEEDS)
         for key in [(m, b) for m in (variant, "uniform") for b in CONFIRM_BUDGETS]
         + [(c, TOP_BUDGET) for c in (*control_names, *RIVALS)]
     )
@@ -275,20 +276,26 @@ def target_verdict(
     front_met = any(f["met"] for f in front.values())
     controls_met = all(c is not None and c["ci"][0] > 0 for c in controls.values())
     rivals_met = all(r is not None and r["ci"][1] >= 0 for r in rivals.values())
+    met = (gain_met or front_met) and not below and controls_met and rivals_met
+
+    def decided(flag: bool) -> bool | None:
+        return flag if complete else None
+
     return {
         "variant": variant,
         "tasks": list(tasks),
         "gain": gain,
-        "gain_met": gain_met,
+        "gain_met": decided(gain_met),
         "front": front,
-        "front_met": front_met,
+        "front_met": decided(front_met),
         "no_task_below": below,
+        "no_task_below_met": decided(not below),
         "controls": controls,
-        "controls_met": controls_met,
+        "controls_met": decided(controls_met),
         "rivals": rivals,
-        "rivals_met": rivals_met,
+        "rivals_met": decided(rivals_met),
         "complete": complete,
-        "met": complete and (gain_met or front_met) and not below and controls_met and rivals_met,
+        "met": decided(met),
     }
 
 
@@ -298,7 +305,9 @@ def _fmt(d: Mapping[str, Any] | None) -> str:
     return f"{d['diff']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] ({d['pairs']} pairs)"
 
 
-def _yes(flag: bool) -> str:
+def _yes(flag: bool | None) -> str:
+    if flag is None:
+        return "pending (runs missing)"
     return "**met**" if flag else "not met"
 
 
@@ -345,7 +354,7 @@ def _markdown(
         f"{b['task']} at {b['budget']} ({b['diff']:+.2f}, sd {b['std']:.2f})" for b in target["no_task_below"]
     )
     lines.append(
-        f"* **No task below uniform by more than one sd**: {_yes(not target['no_task_below'])}. {below}"
+        f"* **No task below uniform by more than one sd**: {_yes(target['no_task_below_met'])}. {below}"
     )
     lines.append(
         f"* **Beats the random-allocation controls** (r8, CI above 0): {_yes(target['controls_met'])}. "
@@ -357,7 +366,9 @@ def _markdown(
     )
     lines += [
         "",
-        f"**Target {'met' if target['met'] else 'not met'}.**",
+        "**Target pending: runs missing.**"
+        if target["met"] is None
+        else f"**Target {'met' if target['met'] else 'not met'}.**",
         "",
         f"Made with `python -m bench.confirm report --store {store} --choice {choice} --out {out}`.",
         "",

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import METHOD_ORDER, ResultStore, aggregate, mean_std, write_report
-from bench.harness.tables import natural_key
+from bench.harness.tables import NO_VERDICT, natural_key
 from bench.variants import VARIANTS
 from fimlora.io import atomic_write_json, atomic_write_text
 
@@ -196,7 +196,8 @@ def budget_to_match(
 ) -> dict[str, dict[str, str | None]]:
     """Task -> method -> the smallest budget whose mean is within ``margin`` points of uniform r8's mean
     (``None`` when no budget is), for ``methods`` (default: :func:`front_methods`). Tasks without a uniform
-    r8 point are left out."""
+    r8 point are left out. ``"incomplete"`` where no budget reaches it yet but the method lacks one of the
+    budgets uniform has on the task: a missing run, not a verdict."""
     methods = front_methods(points) if methods is None else methods
     by_task: dict[str, dict[tuple[str, str], FrontPoint]] = defaultdict(dict)
     for p in points:
@@ -210,6 +211,9 @@ def budget_to_match(
         for method in methods:
             mine = sorted((p for (m, _), p in cell.items() if m == method), key=lambda p: p.lora_params)
             hit = next((p.budget for p in mine if p.mean >= target), None)
+            uniform_budgets = {b for (m, b) in cell if m == REFERENCE[0]}
+            if hit is None and not uniform_budgets <= {p.budget for p in mine}:
+                hit = "incomplete"
             out[task][method] = hit
     return out
 
@@ -220,7 +224,8 @@ def control_verdicts(
     """``method`` against each control, per task and pooled, paired by seed (the harness's statistics).
 
     Returns ``{"per_task": {task: {control: {diff, ci, p, verdict}}, ...}, "pooled": {control: {...}},
-    "informative": {task: bool}}``: informative where ``method`` wins against every control.
+    "informative": {task: bool | None}}``: informative where ``method`` wins against every control; None
+    (undecided) where a control is missing or has too few seed pairs for a verdict.
     """
     records = [r for r in test_split_records(records) if r["spec"]["budget"] == budget]
     per_task: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
@@ -248,9 +253,10 @@ def control_verdicts(
                     "ci": [100 * pc.ci_low, 100 * pc.ci_high],
                     "p": pc.p_value,
                 }
-    informative = {
-        task: all(cmp.get(c, {}).get("verdict") == "win" for c in CONTROLS) for task, cmp in per_task.items()
-    }
+    informative: dict[str, bool | None] = {}
+    for task, cmp in per_task.items():
+        verdicts = [cmp.get(c, {}).get("verdict", NO_VERDICT) for c in CONTROLS]
+        informative[task] = None if NO_VERDICT in verdicts else all(v == "win" for v in verdicts)
     return {"per_task": dict(per_task), "pooled": pooled, "informative": informative}
 
 
@@ -316,6 +322,8 @@ def compression_comparison(records: Iterable[Mapping[str, Any]]) -> list[dict[st
 
 
 def _fmt_ci(ci: Sequence[float]) -> str:
+    if any(math.isnan(x) for x in ci):  # one seed pair: no interval
+        return "[no CI]"
     return f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
 
 
@@ -373,6 +381,14 @@ def _majority_lines(points: Sequence[FrontPoint], tasks: Sequence[str]) -> list[
     return lines
 
 
+def _fmt_mean(p: FrontPoint) -> str:
+    spread = "" if math.isnan(p.std) else f" ± {p.std:.2f}"  # one seed has no sample std
+    return f"{p.mean:.2f}{spread} ({len(p.seeds)})"
+
+
+_INFORMATIVE = {True: "yes", False: "no", None: "n/a (too few seeds)"}
+
+
 def _markdown(
     records: Sequence[Mapping[str, Any]], store: Path, out: Path, margin: float
 ) -> tuple[str, dict[str, Any]]:
@@ -418,7 +434,7 @@ def _markdown(
     for method, budget in dict.fromkeys((p.method, p.budget) for p in points):
         row = [cells.get((t, method, budget)) for t in tasks]
         params = next(p.lora_params for p in row if p is not None)
-        text = [f"{p.mean:.2f} ± {p.std:.2f} ({len(p.seeds)})" if p else "–" for p in row]
+        text = [_fmt_mean(p) if p else "–" for p in row]
         pc = pooled_cells.get((method, budget))
         low, high = ratios.get((method, budget), (math.nan, math.nan))
         held = "" if max(abs(low - 1), abs(high - 1)) <= BUDGET_TOLERANCE else " ✗"
@@ -446,7 +462,7 @@ def _markdown(
             c = cmp.get(control)
             cols.append(f"{c['diff']:+.2f} {_fmt_ci(c['ci'])} {c['verdict']}" if c else "–")
         lines.append(
-            f"| {task} | " + " | ".join(cols) + f" | {'yes' if controls['informative'][task] else 'no'} |"
+            f"| {task} | " + " | ".join(cols) + f" | {_INFORMATIVE[controls['informative'][task]]} |"
         )
     for control, c in controls["pooled"].items():
         lines.append(

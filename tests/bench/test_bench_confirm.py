@@ -137,14 +137,18 @@ def test_each_criterion_can_fail() -> None:
     levels = {**_LEVELS, ("fim-kind", "r8"): 89.5, ("fim-kind", "r4"): 87.5, ("fim-kind", "r2"): 85.5}
     verdict = target_verdict(_store(levels), "fim-kind")
     assert not verdict["gain_met"] and not verdict["front_met"] and not verdict["met"]
-    # runs missing: never met
-    partial = [r for r in _store(_LEVELS) if r["spec"]["method"] != "adalora"]
-    assert not target_verdict(partial, "fim-kind")["complete"]
-    assert not target_verdict(partial, "fim-kind")["met"]
+    # runs missing: nothing is decided, not even what the numbers so far would meet or fail
+    partial = target_verdict([r for r in _store(_LEVELS) if r["spec"]["method"] != "adalora"], "fim-kind")
+    assert not partial["complete"] and partial["gain"]["r8"]["diff"] == pytest.approx(1.5)
+    flags = ("gain_met", "front_met", "no_task_below_met", "controls_met", "rivals_met", "met")
+    assert [partial[f] for f in flags] == [None] * len(flags)
     no_own_control = [
         r for r in _store(_LEVELS) if r["spec"]["overrides"].get("variant") != "fim-kind-shuffled"
     ]
     assert not target_verdict(no_own_control, "fim-kind")["complete"]
+    # every task present but a seed missing: still incomplete
+    one_seed_short = [r for r in _store(_LEVELS) if (r["spec"]["method"], r["spec"]["seed"]) != ("eva", 4)]
+    assert target_verdict(one_seed_short, "fim-kind")["met"] is None
 
 
 def test_confirmation_reads_only_the_held_out_tasks_and_refuses_dev_records() -> None:
@@ -170,6 +174,29 @@ def test_report_command_writes_both_parts(tmp_path: Path) -> None:
     )
     text = (tmp_path / "confirmation.md").read_text()
     assert "held-out" in text and "**Target met.**" in text
+    # one seed only: the numbers are shown, one pair has no CI, and no verdict is printed
+    one_seed = ResultStore(tmp_path / "one_seed")
+    for record in _store(_LEVELS):
+        if record["spec"]["seed"] == 0:
+            one_seed.put({**record, "schema_version": 1})
+    partial_out = tmp_path / "partial"
+    assert (
+        main(
+            [
+                "report",
+                "--store",
+                str(tmp_path / "one_seed"),
+                "--choice",
+                str(choice),
+                "--out",
+                str(partial_out),
+            ]
+        )
+        == 0
+    )
+    text = (partial_out / "confirmation.md").read_text()
+    assert "**Target pending: runs missing.**" in text and "pending (runs missing)" in text
+    assert "met**" not in text and "nan" not in text
     choice.write_text('{"chosen": null}')
     with pytest.raises(SystemExit):
         main(["report", "--store", str(tmp_path / "store"), "--choice", str(choice), "--out", str(tmp_path)])

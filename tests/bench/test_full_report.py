@@ -221,3 +221,28 @@ def test_budget_ratios_show_a_method_that_misses_uniforms_parameter_count(tmp_pa
     rows = [line for line in (tmp_path / "out" / "test.md").read_text().splitlines() if line.startswith("| ")]
     assert any(line.startswith("| random | r8 |") and "0.975–1.000 ✗" in line for line in rows)
     assert any(line.startswith("| fim | r8 |") and "1.000–1.000 |" in line for line in rows)
+
+
+def test_a_partial_store_reports_numbers_but_no_verdicts(tmp_path: Path) -> None:
+    # the first records of a seed-major grid: one seed, fim only at r8
+    records = [
+        r
+        for r in _grid()
+        if r["spec"]["seed"] == 0
+        and (r["spec"]["method"], r["spec"]["budget"]) != ("fim", "r2")
+        and (r["spec"]["method"], r["spec"]["budget"]) != ("fim", "r4")
+    ]
+    verdicts = control_verdicts(records)
+    assert verdicts["per_task"]["a"]["random"]["verdict"] == "n/a"
+    assert verdicts["informative"] == {"a": None, "b": None}  # undecided, not "no"
+    match = budget_to_match(front_points(records), margin=0.5)
+    assert match["a"] == {"uniform": "r8", "fim": "r8"}  # reached at r8 with what there is
+    below = [r for r in records if not (r["spec"]["method"] == "fim" and r["spec"]["task"] == "b")]
+    below.append(_record("b", "fim", "r8", 0, 70.0))
+    assert budget_to_match(front_points(below), margin=0.5)["b"]["fim"] == "incomplete"  # r2, r4 not run
+    store = ResultStore(tmp_path / "store")
+    for record in records:
+        store.put(record)
+    write_full_report(tmp_path / "store", tmp_path / "out")
+    text = (tmp_path / "out" / "test.md").read_text()
+    assert "nan" not in text and "[no CI]" in text and "n/a (too few seeds)" in text
