@@ -327,9 +327,9 @@ def _fmt_ci(ci: Sequence[float]) -> str:
     return f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
 
 
-def majority_rates(tasks: Iterable[str]) -> dict[str, float | None]:
-    """Task -> test accuracy (%) of always predicting the training split's most frequent class (the floor a
-    method must clearly beat); None where the data cannot be read here."""
+def majority_rates(tasks: Iterable[str], split: str = "test") -> dict[str, float | None]:
+    """Task -> accuracy (%) on ``split`` (``"test"`` or ``"dev"``) of always predicting the training split's
+    most frequent class (the floor a method must clearly beat); None where the data cannot be read here."""
     import json
     from collections import Counter
 
@@ -340,14 +340,14 @@ def majority_rates(tasks: Iterable[str]) -> dict[str, float | None]:
     for task in tasks:
         try:
             if task in BENCH_DATASETS:
-                paths = materialise_bench_dataset(task, max_train=None, seed=0, eval_split="test")
+                paths = materialise_bench_dataset(task, max_train=None, seed=0, eval_split=split)
                 train, test = (
                     [json.loads(line)["label"] for line in path.read_text().splitlines() if line.strip()]
                     for path in paths[:2]
                 )
             else:
                 data = load_builtin_dataset(task)
-                train, test = [e["label"] for e in data.train], [e["label"] for e in data.test]
+                train, test = [e["label"] for e in data.train], [e["label"] for e in getattr(data, split)]
         except (OSError, ValueError, KeyError):
             out[task] = None
             continue

@@ -247,7 +247,11 @@ def _length_report(store: Path, out: Path, tolerance: float) -> None:
 
 
 def _lr_report(store: Path, out: Path) -> None:
-    chosen = select_learning_rates(ResultStore(store).records())
+    from bench.full_report import majority_rates  # (full_report imports this module's neighbours)
+
+    records = ResultStore(store).records()
+    chosen = select_learning_rates(records)
+    tasks = sorted({str(r["spec"]["task"]) for r in check_dev_only(records)})
     atomic_write_json(out / "lr_selection.json", chosen)
     lrs = sorted({lr for c in chosen.values() for lr in c["mean_dev_accuracy"]}, key=float)
     lines = [
@@ -268,7 +272,18 @@ def _lr_report(store: Path, out: Path) -> None:
             text = f"{c['mean_dev_accuracy'][lr]:.2f} ({c['runs'][lr]})"
             cells.append(f"**{text}**" if math.isclose(float(lr), c["lr"]) else text)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", f"Made with `python -m bench.selection lr --store {store} --out {out}`.", ""]
+    floor = majority_rates(tasks, split="dev")
+    lines += [
+        "",
+        "The floor, always predicting the training split's most frequent class, on the dev split: "
+        + ", ".join(
+            f"{t} {v:.2f} %" if v is not None else f"{t} (data not readable here)" for t, v in floor.items()
+        )
+        + ".",
+        "",
+        f"Made with `python -m bench.selection lr --store {store} --out {out}`.",
+        "",
+    ]
     atomic_write_text(out / "lr_selection.md", "\n".join(lines))
 
 

@@ -167,3 +167,21 @@ def test_committed_test_grids_match_the_committed_choices() -> None:
     )
     for name, grid in expected.items():
         assert yaml.safe_load((grids_dir / f"{name}.yaml").read_text()) == grid, name
+
+
+def test_lr_report_states_the_dev_majority_floor(tmp_path) -> None:
+    from collections import Counter
+
+    from bench.harness import ResultStore
+    from bench.selection import main
+    from fimlora.data import load_builtin_dataset
+
+    store = ResultStore(tmp_path / "store")
+    for lr, acc in ((1e-3, 0.9), (3e-3, 0.5)):
+        store.put({**_record("uniform", "trec6", 0, lr, acc), "schema_version": 1})
+    assert main(["lr", "--store", str(tmp_path / "store"), "--out", str(tmp_path)]) == 0
+    data = load_builtin_dataset("trec6")
+    top = Counter(e["label"] for e in data.train).most_common(1)[0][0]
+    floor = 100 * sum(e["label"] == top for e in data.dev) / len(data.dev)
+    text = (tmp_path / "lr_selection.md").read_text()
+    assert f"trec6 {floor:.2f} %" in text and 10 < floor < 40  # six classes: well above 1/6, far below half
