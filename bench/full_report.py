@@ -73,7 +73,8 @@ this budget directly (r4 and r2 have half and a quarter of r8's parameters)."""
 
 @dataclass(frozen=True)
 class FrontPoint:
-    """Mean test accuracy (%) of one (task, method, budget) over its seeds, at its mean LoRA parameter count."""
+    """Mean test accuracy (%) of one (task, method, budget) over its seeds, at its mean LoRA parameter count;
+    ``values`` are the per-seed accuracies in the order of ``seeds``."""
 
     task: str
     method: str
@@ -82,6 +83,7 @@ class FrontPoint:
     mean: float
     std: float
     seeds: tuple[int, ...]
+    values: tuple[float, ...] = ()
 
 
 PER_METHOD_SETTINGS: frozenset[str] = frozenset(
@@ -135,6 +137,7 @@ def front_points(records: Iterable[Mapping[str, Any]]) -> list[FrontPoint]:
         groups[(spec["task"], spec["method"], spec["budget"])].append(record)
     points = []
     for (task, method, budget), group in groups.items():
+        group = sorted(group, key=lambda r: int(r["spec"]["seed"]))
         accs = [100.0 * float(r["metrics"]["accuracy"]) for r in group]
         mean, std = mean_std(accs)
         points.append(
@@ -145,7 +148,8 @@ def front_points(records: Iterable[Mapping[str, Any]]) -> list[FrontPoint]:
                 math.fsum(_lora_params(r) for r in group) / len(group),
                 mean,
                 std,
-                tuple(sorted(int(r["spec"]["seed"]) for r in group)),
+                tuple(int(r["spec"]["seed"]) for r in group),
+                tuple(accs),
             )
         )
     return sorted(points, key=_point_key)
@@ -158,7 +162,9 @@ def _point_key(p: FrontPoint) -> tuple[Any, ...]:
 
 def pooled_front(points: Sequence[FrontPoint]) -> list[FrontPoint]:
     """The mean over tasks of each (method, budget) that every task has, with the same seeds everywhere
-    (so pooled points compare like with like); task ``"pooled"``, std over the task means."""
+    (so pooled points compare like with like); task ``"pooled"``. Its ``values`` are the per-seed means over
+    tasks and its ``std`` is their spread over seeds (not the spread between tasks, which is their
+    difficulty)."""
     tasks = sorted({p.task for p in points})
     by_key: dict[tuple[str, str], dict[str, FrontPoint]] = defaultdict(dict)
     for p in points:
@@ -167,10 +173,13 @@ def pooled_front(points: Sequence[FrontPoint]) -> list[FrontPoint]:
     for (method, budget), per_task in by_key.items():
         if sorted(per_task) != tasks or len({p.seeds for p in per_task.values()}) != 1:
             continue
-        means = [per_task[t].mean for t in tasks]
-        mean, std = mean_std(means)
+        seeds = per_task[tasks[0]].seeds
+        per_seed = tuple(
+            math.fsum(per_task[t].values[i] for t in tasks) / len(tasks) for i in range(len(seeds))
+        )
+        mean, std = mean_std(per_seed)
         params = math.fsum(per_task[t].lora_params for t in tasks) / len(tasks)
-        out.append(FrontPoint("pooled", method, budget, params, mean, std, per_task[tasks[0]].seeds))
+        out.append(FrontPoint("pooled", method, budget, params, mean, std, seeds, per_seed))
     return sorted(out, key=_point_key)
 
 
@@ -534,6 +543,7 @@ def _plot_front(points: Sequence[FrontPoint], path: Path) -> None:
     markers = "os^vD<>Pp*hX"
     methods = list(dict.fromkeys(p.method for p in sorted(points, key=_point_key)))
     lines_of_front = front_methods(points)
+    handles: dict[str, Any] = {}
     for i, task in enumerate(tasks):
         ax = fig.add_subplot(rows, cols, i + 1)
         for j, method in enumerate(methods):
@@ -545,7 +555,7 @@ def _plot_front(points: Sequence[FrontPoint], path: Path) -> None:
             style = "-" if method in lines_of_front else "none"
             # single-budget methods share one x: dodge them sideways (log axis: a factor) to keep them apart
             dodge = 1.0 if method in lines_of_front else 1.0 + 0.025 * (j - len(lines_of_front) + 1)
-            ax.errorbar(
+            handles[method] = ax.errorbar(
                 [p.lora_params * dodge for p in mine],
                 [p.mean for p in mine],
                 yerr=[0.0 if math.isnan(p.std) else p.std for p in mine],
@@ -555,11 +565,16 @@ def _plot_front(points: Sequence[FrontPoint], path: Path) -> None:
                 label=method,
             )
         ax.set_xscale("log", base=2)
-        ax.set_title(task if task != "pooled" else "pooled (mean of tasks)")
+        # ticks at uniform LoRA's budgets (a log axis over one budget would have none)
+        ticks = sorted((p.lora_params, p.budget) for p in points if p.task == task and p.method == "uniform")
+        if ticks:
+            ax.set_xticks([x for x, _ in ticks], [f"{b}\n{x / 1000:,.0f}k" for x, b in ticks])
+            ax.minorticks_off()
+        ax.set_title(task if task != "pooled" else "pooled: mean of tasks (bars: sd over seeds)")
         ax.set_xlabel("LoRA parameters")
         ax.set_ylabel("test accuracy (%)")
-        if i == 0:
-            ax.legend(fontsize=7)
+    # one legend for every method of every panel (a method may be missing from the first)
+    fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=7)
     save_figure(fig, path)
 
 

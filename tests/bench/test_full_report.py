@@ -81,6 +81,12 @@ def test_front_points_use_lora_params_and_percent_and_pool_over_tasks() -> None:
     assert uni8.mean == pytest.approx(90.0, abs=0.11) and uni8.seeds == (0, 1, 2, 3, 4)
     pooled = {(p.method, p.budget): p for p in pooled_front(points)}
     assert pooled[("fim-shuffled", "r8")].mean == pytest.approx((88.5 + 91.0) / 2, abs=0.11)
+    # the pooled spread is over seeds (the jitter, < 0.2), not between the tasks' levels (88.5 vs 91.0)
+    shuffled = pooled[("fim-shuffled", "r8")]
+    assert shuffled.std < 0.2 and len(shuffled.values) == 5
+    assert shuffled.values[0] == pytest.approx(
+        sum(p.values[0] for p in points if (p.method, p.budget) == ("fim-shuffled", "r8")) / 2
+    )
     # a (method, budget) missing on one task is not pooled
     partial = [p for p in points if not (p.task == "b" and p.method == "random")]
     assert ("random", "r8") not in {(p.method, p.budget) for p in pooled_front(partial)}
