@@ -14,7 +14,11 @@ and writes into ``--out``:
 
 Usage::
 
-    python -m bench.full_report --store bench/results/full/test --out docs/results/full
+    python -m bench.full_report --store bench/results/full/test --out docs/results/full \
+        --grid bench/grids/full/test*.yaml
+
+With ``--grid`` (the grids that fill the store) the report opens with how many of their runs exist, seed by
+seed, so an interim report says what it is.
 
 Torch-free: records are plain JSON; matplotlib is imported for the figure only.
 """
@@ -41,6 +45,7 @@ __all__ = [
     "control_verdicts",
     "front_methods",
     "front_points",
+    "grid_progress",
     "main",
     "majority_rates",
     "pooled_front",
@@ -578,13 +583,61 @@ def _plot_front(points: Sequence[FrontPoint], path: Path) -> None:
     save_figure(fig, path)
 
 
-def write_full_report(store: Path, out: Path, *, margin: float = 0.5) -> list[Path]:
-    """Write ``test.md``, ``test.json``, ``front.png`` and ``test/`` (harness tables) into ``out``."""
-    records = test_split_records(ResultStore(store).records())
+def grid_progress(records: Iterable[Mapping[str, Any]], grids: Sequence[Path]) -> dict[str, Any]:
+    """How many of the runs that ``grids`` expand to have a finished record: overall and per seed.
+
+    Returns ``{"present": n, "expected": m, "per_seed": {seed: [present, expected]}, "grids": [...]}``.
+    """
+    from bench.harness import ExperimentGrid
+
+    done = {str(r["run_id"]) for r in records if r.get("status") == "ok"}
+    specs = {spec.run_id: spec for path in grids for spec in ExperimentGrid.from_file(path).expand()}
+    per_seed: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+    for run_id, spec in specs.items():
+        per_seed[spec.seed][1] += 1
+        per_seed[spec.seed][0] += run_id in done
+    return {
+        "present": sum(p for p, _ in per_seed.values()),
+        "expected": len(specs),
+        "per_seed": {seed: per_seed[seed] for seed in sorted(per_seed)},
+        "grids": [str(g) for g in grids],
+    }
+
+
+def _progress_lines(progress: Mapping[str, Any]) -> list[str]:
+    seeds = "; ".join(f"seed {s}: {p} of {e}" for s, (p, e) in progress["per_seed"].items())
+    complete = progress["present"] == progress["expected"]
+    head = "Complete" if complete else "**Interim**"
+    return [
+        f"{head}: {progress['present']} of {progress['expected']} runs of the test grids ({seeds}).",
+        *(
+            []
+            if complete
+            else [
+                "Cells show how many seeds they hold; verdicts need all of them (see the protocol).",
+            ]
+        ),
+        "",
+    ]
+
+
+def write_full_report(
+    store: Path, out: Path, *, margin: float = 0.5, grids: Sequence[Path] = ()
+) -> list[Path]:
+    """Write ``test.md``, ``test.json``, ``front.png`` and ``test/`` (harness tables) into ``out``; with
+    ``grids``, the report opens with their progress (:func:`grid_progress`)."""
+    all_records = ResultStore(store).records()
+    records = test_split_records(all_records)
     if not records:
         raise SystemExit(f"{store} holds no finished test-split records yet")
     out.mkdir(parents=True, exist_ok=True)
     text, data = _markdown(records, store, out, margin)
+    if grids:
+        progress = grid_progress(all_records, grids)
+        data["progress"] = progress
+        title, rest = text.split("\n", 1)
+        text = "\n".join([title, "", *_progress_lines(progress)]) + rest
+        text = text.replace(f"--out {out}`.", f"--out {out} --grid {' '.join(str(g) for g in grids)}`.")
     written = [atomic_write_text(out / "test.md", text), atomic_write_json(out / "test.json", data)]
     written += write_report(records, out / "test", scale=100.0, digits=2)
     try:
@@ -602,8 +655,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--margin", type=float, default=0.5, help="points below uniform r8 that count as matching"
     )
+    parser.add_argument(
+        "--grid",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="the grids that fill the store: report their progress",
+    )
     args = parser.parse_args(argv)
-    for path in write_full_report(args.store, args.out, margin=args.margin):
+    for path in write_full_report(args.store, args.out, margin=args.margin, grids=args.grid):
         print(f"wrote {path}")
     return 0
 

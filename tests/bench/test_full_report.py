@@ -252,3 +252,40 @@ def test_a_partial_store_reports_numbers_but_no_verdicts(tmp_path: Path) -> None
     write_full_report(tmp_path / "store", tmp_path / "out")
     text = (tmp_path / "out" / "test.md").read_text()
     assert "nan" not in text and "[no CI]" in text and "n/a (too few seeds)" in text
+
+
+def test_progress_counts_the_grids_runs_seed_by_seed(tmp_path: Path) -> None:
+    import json
+
+    from bench.full_report import grid_progress
+
+    grid = tmp_path / "grid.json"
+    grid.write_text(
+        json.dumps(
+            {
+                "suite": "encoder",
+                "models": ["minilm"],
+                "tasks": ["a", "b"],
+                "methods": ["uniform", "fim"],
+                "budgets": ["r8"],
+                "seeds": [0, 1],
+                "overrides": {"eval_split": "test", "lr": 1e-3},
+            }
+        )
+    )
+    records = [
+        r
+        for r in _grid()
+        if r["spec"]["budget"] == "r8" and r["spec"]["method"] in ("uniform", "fim") and r["spec"]["seed"] < 2
+    ]
+    records = [r for r in records if (r["spec"]["seed"], r["spec"]["task"]) != (1, "b")]  # seed 1 half done
+    progress = grid_progress(records, [grid])
+    assert progress["expected"] == 8 and progress["present"] == 6
+    assert progress["per_seed"] == {0: [4, 4], 1: [2, 4]}
+    store = ResultStore(tmp_path / "store")
+    for record in records:
+        store.put(record)
+    write_full_report(tmp_path / "store", tmp_path / "out", grids=[grid])
+    text = (tmp_path / "out" / "test.md").read_text()
+    assert "**Interim**: 6 of 8 runs of the test grids (seed 0: 4 of 4; seed 1: 2 of 4)" in text
+    assert f"--grid {grid}`" in text

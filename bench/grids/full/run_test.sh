@@ -2,7 +2,7 @@
 # Full-length protocol, step 3: run the test grids (written by `python -m bench.selection test-grid`) with two
 # single-thread workers that share one queue (run claims) and go seed by seed, in the background.
 # Resumable: run it again after an interruption; finished runs are skipped, a killed worker's claim is stale.
-# Logs: out/workers/test_<n>.log. Report: python -m bench.full_report --store bench/results/full/test --out docs/results/full
+# Logs: out/workers/test_<n>.log. Report: python -m bench.full_report --store bench/results/full/test --out docs/results/full --grid bench/grids/full/test*.yaml
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 mkdir -p out/workers
