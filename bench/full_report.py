@@ -404,7 +404,11 @@ _INFORMATIVE = {True: "yes", False: "no", None: "n/a (too few seeds)"}
 
 
 def _markdown(
-    records: Sequence[Mapping[str, Any]], store: Path, out: Path, margin: float
+    records: Sequence[Mapping[str, Any]],
+    store: Path,
+    out: Path,
+    margin: float,
+    progress: Mapping[str, Any] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     points = front_points(records)
     pooled = pooled_front(points)
@@ -415,6 +419,7 @@ def _markdown(
     lines = [
         "# Full-length encoder grid: test results",
         "",
+        *(_progress_lines(progress) if progress else []),
         "Test accuracy (%), each run evaluated once, at the end, on the task's full test split; learning rates",
         "and every other choice were made on the dev split beforehand ([protocol](README.md)). Differences are",
         "against uniform LoRA at the same LoRA parameter count, paired by seed (95% paired-bootstrap CI,",
@@ -514,6 +519,7 @@ def _markdown(
                 f"{c['pairs']} | {100 * c['kept_energy']:.1f}% |"
             )
     commits = sorted({str((r.get("provenance") or {}).get("git", {}).get("commit")) for r in records})
+    grid_args = f" --grid {' '.join(progress['grids'])}" if progress else ""
     lines += [
         "",
         "![accuracy vs LoRA parameters](front.png)",
@@ -521,7 +527,7 @@ def _markdown(
         f"{len(records)} records from `{store}`; commits {', '.join(c[:10] for c in commits)}. Full tables: "
         "[test/results.md](test/results.md).",
         "",
-        f"Made with `python -m bench.full_report --store {store} --out {out}`.",
+        f"Made with `python -m bench.full_report --store {store} --out {out}{grid_args}`.",
         "",
     ]
     data = {
@@ -532,6 +538,7 @@ def _markdown(
         "compression": compression,
         "margin_points": margin,
         "n_records": len(records),
+        **({"progress": progress} if progress else {}),
     }
     return "\n".join(lines), data
 
@@ -606,17 +613,12 @@ def grid_progress(records: Iterable[Mapping[str, Any]], grids: Sequence[Path]) -
 
 def _progress_lines(progress: Mapping[str, Any]) -> list[str]:
     seeds = "; ".join(f"seed {s}: {p} of {e}" for s, (p, e) in progress["per_seed"].items())
-    complete = progress["present"] == progress["expected"]
-    head = "Complete" if complete else "**Interim**"
+    line = f"{progress['present']} of {progress['expected']} runs of the test grids ({seeds})."
+    if progress["present"] == progress["expected"]:
+        return [f"Complete: {line}", ""]
     return [
-        f"{head}: {progress['present']} of {progress['expected']} runs of the test grids ({seeds}).",
-        *(
-            []
-            if complete
-            else [
-                "Cells show how many seeds they hold; verdicts need all of them (see the protocol).",
-            ]
-        ),
+        f"**Interim**: {line}",
+        "Cells show how many seeds they hold; verdicts need all of them (see the protocol).",
         "",
     ]
 
@@ -631,13 +633,8 @@ def write_full_report(
     if not records:
         raise SystemExit(f"{store} holds no finished test-split records yet")
     out.mkdir(parents=True, exist_ok=True)
-    text, data = _markdown(records, store, out, margin)
-    if grids:
-        progress = grid_progress(all_records, grids)
-        data["progress"] = progress
-        title, rest = text.split("\n", 1)
-        text = "\n".join([title, "", *_progress_lines(progress)]) + rest
-        text = text.replace(f"--out {out}`.", f"--out {out} --grid {' '.join(str(g) for g in grids)}`.")
+    progress = grid_progress(all_records, grids) if grids else None
+    text, data = _markdown(records, store, out, margin, progress)
     written = [atomic_write_text(out / "test.md", text), atomic_write_json(out / "test.json", data)]
     written += write_report(records, out / "test", scale=100.0, digits=2)
     try:
