@@ -247,7 +247,7 @@ def _length_report(store: Path, out: Path, tolerance: float) -> None:
 
 
 def _lr_report(store: Path, out: Path) -> None:
-    from bench.full_report import majority_rates  # (full_report imports this module's neighbours)
+    from bench.full_report import majority_rates  # here, not at the top: full_report -> variants -> selection
 
     records = ResultStore(store).records()
     chosen = select_learning_rates(records)
