@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The full-length grids (run_all.sh) on pinned code, so that the library can move on in this checkout while
+# the test grid, which takes many sessions, keeps running one version of it: every test record must come
+# from the same code. The pin is the commit named in bench/grids/full/PIN.
+#
+#   bash bench/grids/full/run_pinned.sh        start: a git worktree of the pin under out/pinned, this
+#                                              checkout's records copied into it, the pin's own run_all.sh
+#                                              run there with the pin's src first on PYTHONPATH
+#   bash bench/grids/full/run_pinned.sh sync   copy finished records back here (before committing them)
+#
+# Records stamp the pin (the worktree's HEAD). Copies never overwrite an existing record. Logs:
+# out/pinned/out/workers/all_<n>.log.
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+ROOT=$PWD
+WT=$ROOT/out/pinned
+PIN=$(git rev-parse --verify "$(tr -d '[:space:]' <bench/grids/full/PIN)^{commit}")
+STORES=(bench/results/full/test bench/results/full/variants)
+
+copy_records() {  # copy_records FROM TO: finished records only (claims stay where they are)
+  local s f
+  for s in "${STORES[@]}"; do
+    mkdir -p "$2/$s/runs"
+    for f in "$1/$s/runs"/*.json; do
+      [[ -e $f ]] && cp -n "$f" "$2/$s/runs/"
+    done
+  done
+}
+
+case "${1:-start}" in
+  start)
+    if pgrep -f "$WT/bench/grids/full/run_all.sh" >/dev/null; then
+      echo "error: pinned workers are already running (pgrep -f $WT); stop them first" >&2
+      exit 2
+    fi
+    git worktree prune
+    [[ -d $WT ]] || git worktree add --detach "$WT" "$PIN" >/dev/null
+    if [[ $(git -C "$WT" rev-parse HEAD) != "$PIN" ]]; then
+      echo "error: $WT is not at the pin $PIN; remove it (git worktree remove --force $WT) and start again" >&2
+      exit 2
+    fi
+    ln -sfn "$ROOT/.venv" "$WT/.venv"  # untracked: the pin's tree stays clean
+    copy_records "$ROOT" "$WT"
+    where=$(cd "$WT" && PYTHONPATH="$WT/src" .venv/bin/python -c 'import fimlora; print(fimlora.__file__)')
+    if [[ $where != "$WT/src/"* ]]; then
+      echo "error: the pinned run would import fimlora from $where, not $WT/src" >&2
+      exit 2
+    fi
+    PYTHONPATH="$WT/src" bash "$WT/bench/grids/full/run_all.sh"
+    echo "pinned at $PIN; sync records back with: bash bench/grids/full/run_pinned.sh sync"
+    ;;
+  sync)
+    copy_records "$WT" "$ROOT"
+    ;;
+  *)
+    echo "usage: bash bench/grids/full/run_pinned.sh [start|sync]" >&2
+    exit 2
+    ;;
+esac
