@@ -46,7 +46,8 @@ def allocate_ranks(
         budget_ranks: total rank (sum of r_i) to hand out exactly.
         budget_params: total parameter budget; needs ``costs``.
         costs: module name -> parameters per unit of rank (``in + out`` for a LoRA pair).
-        r_min: smallest rank, one value for all modules or per module.
+        r_min: smallest rank, one value for all modules or per module; 0 lets a module be dropped (a rank
+            map entry of 0: no LoRA layer there).
         r_max: largest rank, one value for all modules or per module.
         metadata: extra JSON-serialisable data stored in the returned map.
 
@@ -61,8 +62,8 @@ def allocate_ranks(
     if not names:
         raise ValueError("no modules to allocate ranks to: `scores` is empty")
     s = [_check_score(n, scores[n]) for n in names]
-    lo = _bounds("r_min", r_min, names)
-    hi = _bounds("r_max", r_max, names)
+    lo = _bounds("r_min", r_min, names, minimum=0)
+    hi = _bounds("r_max", r_max, names, minimum=1)
     for n, a, b in zip(names, lo, hi, strict=True):
         if a > b:
             raise ValueError(f"r_min ({a}) > r_max ({b}) for module {n!r}")
@@ -285,22 +286,27 @@ def _check_score(name: str, value: float) -> float:
     return v
 
 
-def _bounds(field: str, value: int | Mapping[str, int], names: list[str]) -> list[int]:
+def _bounds(field: str, value: int | Mapping[str, int], names: list[str], *, minimum: int) -> list[int]:
     if isinstance(value, Mapping):
         out = []
         for n in names:
             if n not in value:
                 raise ValueError(f"`{field}` has no entry for module {n!r}")
-            _require_positive_int(f"{field}[{n!r}]", value[n])
+            _require_int(f"{field}[{n!r}]", value[n], minimum)
             out.append(int(value[n]))
         return out
-    _require_positive_int(field, value)
+    _require_int(field, value, minimum)
     return [int(value)] * len(names)
 
 
 def _require_positive_int(field: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{field}` must be a positive integer, got {value!r}")
+    _require_int(field, value, 1)
+
+
+def _require_int(field: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"`{field}` must be {what}, got {value!r}")
 
 
 def select_within_budget(scores: Sequence[float], costs: Sequence[int], budget: int) -> list[bool]:

@@ -58,7 +58,7 @@ class FimConfig:
     """When no budget is given, match uniform LoRA at the config's r in this unit ("ranks" or "params")."""
 
     r_min: int | None = None
-    """Smallest rank any module gets. Default: half the LoRA config's r (at least 1)."""
+    """Smallest rank any module gets. Default: half the LoRA config's r (at least 1). 0 lets the allocation drop modules: a module whose share rounds to 0 keeps no LoRA layer and leaves the saved adapter's target_modules (budgets below one rank a module need it)."""
 
     r_max: int | None = None
     """Largest rank any module gets. Default: four times the LoRA config's r, capped at min(in, out)."""
@@ -103,7 +103,7 @@ class FimConfig:
         if self.budget_params is not None:
             _require_int("budget_params", self.budget_params, minimum=1)
         if self.r_min is not None:
-            _require_int("r_min", self.r_min, minimum=1)
+            _require_int("r_min", self.r_min, minimum=0)
         if self.r_max is not None:
             _require_int("r_max", self.r_max, minimum=1)
         if self.r_min is not None and self.r_max is not None and self.r_min > self.r_max:

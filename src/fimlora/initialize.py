@@ -25,7 +25,7 @@ from fimlora.peft_glue import (
 )
 from fimlora.rankmap import RankMap
 
-__all__ = ["initialize_lora_fim_ranks", "plan_rank_map"]
+__all__ = ["compute_lora_fim_ranks", "initialize_lora_fim_ranks", "plan_rank_map"]
 
 
 def plan_rank_map(
@@ -105,7 +105,7 @@ def plan_rank_map(
     return rank_map
 
 
-def initialize_lora_fim_ranks(
+def compute_lora_fim_ranks(
     model: nn.Module,
     dataloader: Iterable[Any] | None = None,
     fim_config: FimConfig | None = None,
@@ -114,21 +114,11 @@ def initialize_lora_fim_ranks(
     adapter_name: str = "default",
     loss_fn: LossFn | None = None,
 ) -> RankMap:
-    """Choose every LoRA module's rank from calibration statistics and rebuild the adapter in place.
+    """Choose every LoRA module's rank from calibration statistics, leaving the model's ranks as they are.
 
-    Args:
-        model: PEFT model with a freshly initialised LoRA adapter (B = 0).
-        dataloader: calibration batches (ignored when ``scores`` is given).
-        fim_config: calibration, budget and bounds (defaults: T = 8, budget of uniform LoRA at the config's r).
-        scores: statistics from :func:`fimlora.estimate_module_scores` or ``fim_calibration(...).scores``,
-            or a plain ``{module: score}`` mapping; skips calibration.
-        adapter_name: which adapter to resize.
-        loss_fn: ``loss_fn(model, batch) -> loss`` for batches without a ``.loss``.
-
-    Returns:
-        The :class:`RankMap` applied. The model's LoRA layers have these ranks (A re-initialised as the
-        config says, B = 0) and its ``peft_config[adapter_name]`` has matching ``rank_pattern`` and
-        ``alpha_pattern``, so ``save_pretrained`` writes a standard adapter.
+    The first half of :func:`initialize_lora_fim_ranks` (same arguments): the map it would apply. A control
+    that permutes the map (``fim-shuffled``) applies its own map instead; ranks of 0 can only be applied
+    once, since a dropped module keeps no LoRA layer to rebuild.
     """
     cfg = fim_config or FimConfig()
     if is_sharded(model):  # before calibrating: the ranks could not be applied afterwards
@@ -155,7 +145,39 @@ def initialize_lora_fim_ranks(
             "compute them on the same model and adapter"
         )
     score_values = {n: score_values[n] for n in mods}
-    rank_map = plan_rank_map(score_values, shapes, cfg, r=lcfg.r, metadata=extra)
+    return plan_rank_map(score_values, shapes, cfg, r=lcfg.r, metadata=extra)
+
+
+def initialize_lora_fim_ranks(
+    model: nn.Module,
+    dataloader: Iterable[Any] | None = None,
+    fim_config: FimConfig | None = None,
+    *,
+    scores: ModuleStats | Mapping[str, float] | None = None,
+    adapter_name: str = "default",
+    loss_fn: LossFn | None = None,
+) -> RankMap:
+    """Choose every LoRA module's rank from calibration statistics and rebuild the adapter in place.
+
+    Args:
+        model: PEFT model with a freshly initialised LoRA adapter (B = 0).
+        dataloader: calibration batches (ignored when ``scores`` is given).
+        fim_config: calibration, budget and bounds (defaults: T = 8, budget of uniform LoRA at the config's r).
+        scores: statistics from :func:`fimlora.estimate_module_scores` or ``fim_calibration(...).scores``,
+            or a plain ``{module: score}`` mapping; skips calibration.
+        adapter_name: which adapter to resize.
+        loss_fn: ``loss_fn(model, batch) -> loss`` for batches without a ``.loss``.
+
+    Returns:
+        The :class:`RankMap` applied. The model's LoRA layers have these ranks (A re-initialised as the
+        config says, B = 0) and its ``peft_config[adapter_name]`` has matching ``rank_pattern`` and
+        ``alpha_pattern``, so ``save_pretrained`` writes a standard adapter. With ``r_min=0`` a module at
+        rank 0 loses its LoRA layer and leaves ``target_modules``.
+    """
+    cfg = fim_config or FimConfig()
+    rank_map = compute_lora_fim_ranks(
+        model, dataloader, cfg, scores=scores, adapter_name=adapter_name, loss_fn=loss_fn
+    )
     apply_rank_map(
         model,
         rank_map,

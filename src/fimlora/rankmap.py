@@ -52,7 +52,7 @@ FORMAT = "fimlora.rankmap/1"
 _KENDALL_BLOCK = 512
 
 
-def _validate_rank(name: object, rank: object, *, minimum: int = 1) -> int:
+def _validate_rank(name: object, rank: object) -> int:
     """Return ``rank`` as a Python int, or raise ValueError naming the module.
 
     numpy integers are accepted (the allocator works in numpy); bools are rejected because
@@ -63,8 +63,8 @@ def _validate_rank(name: object, rank: object, *, minimum: int = 1) -> int:
     if isinstance(rank, (bool, np.bool_)) or not isinstance(rank, Integral):
         raise ValueError(f"rank of module {name!r} must be an int, got {type(rank).__name__} {rank!r}")
     value = int(rank)
-    if value < minimum:
-        raise ValueError(f"rank of module {name!r} must be >= {minimum}, got {value}")
+    if value < 0:
+        raise ValueError(f"rank of module {name!r} must be >= 0 (0: dropped), got {value}")
     return value
 
 
@@ -151,7 +151,10 @@ class RankMapComparison:
 
 
 class RankMap(Mapping[str, int]):
-    """Immutable, insertion-ordered mapping from LoRA module name to rank (an int >= 1).
+    """Immutable, insertion-ordered mapping from LoRA module name to rank (an int >= 0).
+
+    Rank 0 means the module is dropped: it keeps no LoRA layer (an allocation with ``r_min=0``), and a
+    saved adapter leaves it out of ``target_modules``.
 
     Example:
         >>> rm = RankMap({"model.layers.0.self_attn.q_proj": 12, "model.layers.0.mlp.up_proj": 4},
@@ -163,13 +166,13 @@ class RankMap(Mapping[str, int]):
 
     Args:
         ranks: Module name -> rank. Ranks must be ints (numpy integers accepted, bools rejected)
-            and >= 1.
+            and >= 0 (0: the module is dropped).
         metadata: JSON-serialisable details of how the map was made (scores, budget, config,
             versions, git hash). numpy scalars/arrays are converted to lists and numbers; the map
             stores a deep copy, so later changes to the caller's dict do not leak in.
 
     Raises:
-        ValueError: A rank is not an int or is < 1 (the message names the module), or metadata
+        ValueError: A rank is not an int or is < 0 (the message names the module), or metadata
             is not JSON-serialisable.
     """
 
@@ -221,6 +224,11 @@ class RankMap(Mapping[str, int]):
         """A deep copy of the metadata; mutating it does not change the map."""
         result: dict[str, Any] = json.loads(json.dumps(self._metadata))
         return result
+
+    @property
+    def dropped(self) -> list[str]:
+        """Modules at rank 0 (no LoRA layer), in map order."""
+        return [name for name, r in self._ranks.items() if r == 0]
 
     @property
     def total_rank(self) -> int:
@@ -298,7 +306,7 @@ class RankMap(Mapping[str, int]):
         Returns:
             A :class:`RankMapComparison`; correlations are ``nan`` when undefined (see there).
         """
-        other_ranks = {name: _validate_rank(name, r, minimum=0) for name, r in other.items()}
+        other_ranks = {name: _validate_rank(name, r) for name, r in other.items()}
         common = [name for name in self._ranks if name in other_ranks]
         a = np.array([self._ranks[n] for n in common], dtype=np.int64)
         b = np.array([other_ranks[n] for n in common], dtype=np.int64)

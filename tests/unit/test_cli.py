@@ -186,6 +186,19 @@ def test_allocate(workspace: dict[str, Path]) -> None:
     assert "total" in proc.stdout
 
 
+def test_train_with_r_min_zero_drops_modules_from_the_adapter(workspace: dict[str, Path]) -> None:
+    out = workspace["root"] / "run_drop"
+    fimlora(*_train_args(workspace, out, "--method", "fim", "--max-steps", "3", "--r-min", "0",
+                         "--budget-ranks", "3", "--normalize", "none"))  # fmt: skip
+    ranks = json.loads((out / "rank_map.json").read_text())["ranks"]
+    kept = sorted(n for n, r in ranks.items() if r > 0)
+    assert sum(ranks.values()) == 3 and len(kept) < len(ranks)
+    adapter = json.loads((out / "adapter/adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == kept
+    tensors = load_file(out / "adapter/adapter_model.safetensors")
+    assert sum(k.endswith("lora_A.weight") for k in tensors) == len(kept)
+
+
 def test_sft_train_and_multiple_choice_eval(workspace: dict[str, Path]) -> None:
     root = workspace["root"]
     out = root / "run_sft"

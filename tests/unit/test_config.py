@@ -51,7 +51,7 @@ def test_extra_is_not_shared_between_instances() -> None:
         ({"budget_params": 0}, "budget_params"),
         ({"budget_params": -100}, "budget_params"),
         ({"budget_params": False}, "budget_params"),
-        ({"r_min": 0}, "r_min"),
+        ({"r_min": -1}, "r_min"),
         ({"r_min": True}, "r_min"),
         ({"r_max": -1}, "r_max"),
         ({"r_max": True}, "r_max"),

@@ -6,41 +6,16 @@ Also covers :func:`fimlora.export_uniform`, the single-rank form for serving eng
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.reload import reload_in_fresh_process
 from helpers.tiny_models import ARCHS, batches
 from peft import LoraConfig, get_peft_model
 
 from fimlora import FimConfig, export_uniform, initialize_lora_fim_ranks
 from fimlora.peft_glue import lora_modules
-
-# Runs in a fresh interpreter that never imports fimlora.
-RELOAD_SCRIPT = textwrap.dedent(
-    """
-    import json, sys, torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-    from peft import PeftModel
-    base_dir, adapter_dir, inputs_path, out_path, kind = sys.argv[1:6]
-    assert "fimlora" not in sys.modules
-    auto = AutoModelForSequenceClassification if kind == "seq_cls" else AutoModelForCausalLM
-    base = auto.from_pretrained(base_dir)
-    model = PeftModel.from_pretrained(base, adapter_dir).eval()
-    inputs = torch.load(inputs_path)
-    with torch.no_grad():
-        logits = model(**inputs).logits
-    ranks = {}
-    for name, module in model.base_model.model.named_modules():
-        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-            ranks[name] = int(module.lora_A["default"].weight.shape[0])
-    torch.save(logits, out_path)
-    print(json.dumps({"ranks": ranks, "fimlora_imported": "fimlora" in sys.modules}))
-    """
-)
 
 
 def _train_a_few_steps(model: torch.nn.Module, arch: str, steps: int = 3) -> None:
@@ -51,30 +26,6 @@ def _train_a_few_steps(model: torch.nn.Module, arch: str, steps: int = 3) -> Non
         opt.step()
         opt.zero_grad()
     model.eval()
-
-
-def _reload_in_fresh_process(tmp: Path, base_dir: Path, adapter_dir: Path, inputs: dict, kind: str):
-    inputs_path, out_path = tmp / "inputs.pt", tmp / "logits.pt"
-    torch.save(inputs, inputs_path)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            RELOAD_SCRIPT,
-            str(base_dir),
-            str(adapter_dir),
-            str(inputs_path),
-            str(out_path),
-            kind,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    info = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert info["fimlora_imported"] is False
-    return torch.load(out_path), info["ranks"]
 
 
 def _fim_model(arch: str, tmp: Path):
@@ -103,7 +54,7 @@ def test_save_and_reload_with_plain_peft(tmp_path: Path, arch: str) -> None:
     with torch.no_grad():
         expected = model(**inputs).logits
     kind = "seq_cls" if arch == "bert" else "causal"
-    got, ranks = _reload_in_fresh_process(tmp_path, base_dir, adapter_dir, inputs, kind)
+    got, ranks = reload_in_fresh_process(tmp_path, base_dir, adapter_dir, inputs, kind)
     assert ranks == dict(rank_map)
     assert len(set(ranks.values())) > 1
     assert (got - expected).abs().max().item() <= 1e-5
@@ -121,7 +72,7 @@ def test_export_uniform_reproduces_logits(tmp_path: Path, arch: str) -> None:
     assert config["r"] == config["lora_alpha"] == r_max
     assert config["rank_pattern"] == {} and config["alpha_pattern"] == {}
     kind = "seq_cls" if arch == "bert" else "causal"
-    got, ranks = _reload_in_fresh_process(tmp_path, base_dir, out, inputs, kind)
+    got, ranks = reload_in_fresh_process(tmp_path, base_dir, out, inputs, kind)
     assert set(ranks.values()) == {r_max}
     assert (got - expected).abs().max().item() <= 1e-5
 

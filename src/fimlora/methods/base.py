@@ -169,8 +169,13 @@ class StaticRanksMethod:
         meta: dict[str, Any] = (
             dict(self.rank_map.metadata) if self.rank_map is not None else {"method": self.name}
         )
-        shapes = module_shapes(lora_modules(model))
-        meta["shapes"] = {n: list(s) for n, s in shapes.items()}
+        shapes: dict[str, Any] = {n: list(s) for n, s in module_shapes(lora_modules(model)).items()}
+        if self.rank_map is not None and self.rank_map.dropped:  # dropped modules stay in the map, at 0
+            known = meta.get("shapes") or {}
+            ranks = {n: ranks.get(n, 0) for n in self.rank_map}
+            shapes = {n: shapes[n] if n in shapes else known.get(n) for n in self.rank_map}
+            shapes = {n: s for n, s in shapes.items() if s is not None}
+        meta["shapes"] = shapes
         return model, RankMap(ranks, metadata=meta)
 
     def state_dict(self) -> dict[str, Any]:

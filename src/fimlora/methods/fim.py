@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fimlora.config import FimConfig
-from fimlora.initialize import initialize_lora_fim_ranks
+from fimlora.initialize import compute_lora_fim_ranks, initialize_lora_fim_ranks
 from fimlora.methods.base import StaticRanksMethod, register_method
 from fimlora.rankmap import RankMap
 
@@ -65,6 +65,9 @@ class FimMethod(StaticRanksMethod):
         self.fim_config = fim_config or FimConfig(**overrides)
         self.gradient_init = gradient_init
         self.init_step_size = float(init_step_size)
+        self.apply_ranks = True
+        """False: ``prepare`` computes ``rank_map`` but leaves the adapter at the config's rank (and skips
+        ``gradient_init``), for a control that applies a map of its own (``fim-shuffled``)."""
 
     def prepare(
         self,
@@ -84,6 +87,11 @@ class FimMethod(StaticRanksMethod):
             calibration_batches = list(
                 itertools.islice(iter(calibration_batches), self.fim_config.calibration_batches)
             )
+        if not self.apply_ranks:
+            self.rank_map = compute_lora_fim_ranks(
+                model, calibration_batches, self.fim_config, loss_fn=loss_fn
+            )
+            return model
         self.rank_map = initialize_lora_fim_ranks(
             model, calibration_batches, self.fim_config, loss_fn=loss_fn
         )

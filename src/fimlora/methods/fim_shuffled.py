@@ -149,6 +149,9 @@ class FimShuffledMethod(StaticRanksMethod):
                 f"the {self.name!r} method needs calibration batches (the first T training batches)"
             )
         src = self._source_method()
+        if isinstance(src, FimMethod):
+            # the source's map is only planned: a module it drops (rank 0) could not get a rank back
+            src.apply_ranks = False
         model = src.prepare(
             base_model,
             lora_config,

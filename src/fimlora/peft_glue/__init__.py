@@ -35,6 +35,7 @@ from fimlora.peft_glue.layers import (
 )
 from fimlora.peft_glue.resize import (
     apply_rank_map,
+    drop_lora_modules,
     lora_layout,
     pattern_key,
     rank_patterns,
@@ -49,6 +50,7 @@ __all__ = [
     "axolotl_lora_config",
     "current_ranks",
     "data_parallel_inner",
+    "drop_lora_modules",
     "export_adapter",
     "export_uniform",
     "is_sharded",

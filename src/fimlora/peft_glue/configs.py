@@ -37,6 +37,8 @@ def lora_config_with_ranks(
 ) -> Any:
     """A copy of ``base_config`` whose ``rank_pattern``/``alpha_pattern`` give each module its rank.
 
+    When the map drops modules (rank 0), ``target_modules`` becomes the exact set of the modules kept.
+
     The flow for a model that is sharded to train::
 
         stats = estimate_module_scores(sharded_peft_model, my_batches, cfg)        # every process
@@ -60,7 +62,7 @@ def lora_config_with_ranks(
 
     Raises:
         TypeError: ``base_config`` is not a ``LoraConfig``.
-        ValueError: a rank that is not a positive integer, or names that do not match ``model``.
+        ValueError: a rank that is not an integer >= 0, every rank 0, or names that do not match ``model``.
     """
     from peft import LoraConfig
 
@@ -69,17 +71,20 @@ def lora_config_with_ranks(
             f"base_config must be a peft.LoraConfig, got {type(base_config).__name__}: pass the config "
             "the calibrated model was built with"
         )
-    ranks: dict[str, int] = {}
+    all_ranks: dict[str, int] = {}
     for name, r in rank_map.items():
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"rank of module {name!r} must be a positive integer, got {r!r}")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ValueError(f"rank of module {name!r} must be an integer >= 0 (0: dropped), got {r!r}")
         if name.startswith(PEFT_MODEL_PREFIX):
             name = name[len(PEFT_MODEL_PREFIX) :]
-        ranks[name] = int(r)
-    if not ranks:
+        all_ranks[name] = int(r)
+    if not all_ranks:
         raise ValueError("the rank map is empty: pass the map computed on the calibrated model")
     if model is not None:
-        _check_names(ranks, model, adapter_name)
+        _check_names(all_ranks, model, adapter_name)
+    ranks = {n: r for n, r in all_ranks.items() if r > 0}
+    if not ranks:
+        raise ValueError("every rank in the map is 0, which leaves no LoRA module; raise the budget")
     alphas = None
     if adjust_scaling_factors:
         alphas = {
@@ -88,6 +93,8 @@ def lora_config_with_ranks(
         }
     config = copy.deepcopy(base_config)
     config.rank_pattern, config.alpha_pattern = rank_patterns(ranks, alphas)
+    if len(ranks) < len(all_ranks):  # modules at rank 0: target exactly the others
+        config.target_modules = sorted(ranks)
     return config
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "lora_factor_params",
     "lora_factors",
     "lora_modules",
+    "lora_root",
     "module_shapes",
     "sharded_resize_error",
 ]
@@ -130,6 +131,11 @@ def _root_and_configs(model: nn.Module) -> tuple[nn.Module, Mapping[str, Any]]:
         f"{type(model).__name__} is not a PEFT LoRA model: wrap it first, e.g. "
         "`model = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules='all-linear'))`"
     )
+
+
+def lora_root(model: nn.Module) -> nn.Module:
+    """The module whose ``named_modules()`` names are the LoRA module names (the base model inside PEFT)."""
+    return _root_and_configs(model)[0]
 
 
 def lora_config(model: nn.Module, adapter_name: str = "default") -> Any:

@@ -22,11 +22,13 @@ from fimlora.peft_glue.layers import (
     is_sharded,
     lora_config,
     lora_modules,
+    lora_root,
     sharded_resize_error,
 )
 
 __all__ = [
     "apply_rank_map",
+    "drop_lora_modules",
     "lora_layout",
     "pattern_key",
     "rank_patterns",
@@ -167,11 +169,13 @@ def apply_rank_map(
 
     ``rank_pattern`` gets one exact-match key per module; with ``adjust_scaling_factors`` so does
     ``alpha_pattern`` (alpha_i = alpha*r_i/r, or alpha*sqrt(r_i/r) with rsLoRA), which keeps every
-    module's scale equal to the config's. Returns the alpha of every module.
+    module's scale equal to the config's. A module at rank 0 is dropped (:func:`drop_lora_modules`): its
+    LoRA layer goes and ``target_modules`` becomes the exact list of the modules that keep one. Returns the
+    alpha of every module kept.
 
     Raises:
-        ValueError: the map and the model's LoRA modules differ (names listed), or a rank is invalid.
-            The model and its config are left untouched.
+        ValueError: the map and the model's LoRA modules differ (names listed), a rank is invalid, or
+            every rank is 0. The model and its config are left untouched.
     """
     mods = lora_modules(model, adapter_name)
     cfg = lora_config(model, adapter_name)
@@ -184,7 +188,16 @@ def apply_rank_map(
             + (f"unknown {extra[:3]}{' ...' if len(extra) > 3 else ''}" if extra else "")
             + "; compute the map on this model and adapter"
         )
-    ranks = {n: int(rank_map[n]) for n in mods}
+    for name in mods:
+        r = rank_map[name]
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ValueError(f"rank of module {name!r} must be an integer >= 0 (0: dropped), got {r!r}")
+    dropped = [n for n in mods if rank_map[n] == 0]
+    if len(dropped) == len(mods):
+        raise ValueError("every rank in the map is 0, which leaves no LoRA module; raise the budget")
+    if dropped:
+        _check_droppable(mods, dropped, adapter_name)
+    ranks = {n: int(rank_map[n]) for n in mods if rank_map[n] > 0}
     alphas: dict[str, float | int]
     if adjust_scaling_factors:
         alphas = {
@@ -193,26 +206,88 @@ def apply_rank_map(
     else:
         alphas = {n: cfg.lora_alpha for n in ranks}
     resize_lora_modules(model, ranks, adapter_name=adapter_name, alphas=alphas, seed=seed)
+    if dropped:
+        drop_lora_modules(model, dropped, adapter_name=adapter_name)
     set_rank_patterns(model, ranks, alphas if adjust_scaling_factors else None, adapter_name=adapter_name)
     return alphas
 
 
+def drop_lora_modules(model: nn.Module, names: Sequence[str], *, adapter_name: str = "default") -> None:
+    """Take the LoRA layer off each named module (rank 0), putting its base layer back in its place.
+
+    The adapter's ``target_modules`` becomes the exact list of the modules that keep a LoRA layer, so that
+    ``save_pretrained`` writes an adapter that vanilla PEFT loads with the same modules (PEFT cannot hold a
+    rank of 0); their ``rank_pattern``/``alpha_pattern`` keys are dropped too.
+
+    Raises:
+        ValueError: an unknown module, a module whose LoRA layer also carries another adapter, or no
+            module left. Nothing is changed then.
+        TypeError: the model is sharded (FSDP2): build it without those modules before sharding instead.
+    """
+    if is_sharded(model):
+        raise sharded_resize_error(model, "dropping LoRA modules")
+    mods = lora_modules(model, adapter_name)
+    unknown = [n for n in names if n not in mods]
+    if unknown:
+        raise ValueError(f"modules {unknown[:3]} are not LoRA layers of adapter {adapter_name!r}")
+    gone = set(names)
+    if gone >= set(mods):
+        raise ValueError("dropping every LoRA module leaves no adapter; keep at least one")
+    _check_droppable(mods, list(names), adapter_name)
+    root = lora_root(model)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, child, mods[name].get_base_layer())
+    kept = [n for n in mods if n not in gone]
+    cfg = lora_config(model, adapter_name)
+    cfg.target_modules = kept
+    keys = {pattern_key(n) for n in gone}
+    cfg.rank_pattern = {k: v for k, v in (cfg.rank_pattern or {}).items() if k not in keys}
+    cfg.alpha_pattern = {k: v for k, v in (cfg.alpha_pattern or {}).items() if k not in keys}
+    tuner = getattr(model, "base_model", model)
+    targeted = getattr(tuner, "targeted_module_names", None)
+    if isinstance(targeted, list):  # PEFT's record of what it adapted (used by its own reports)
+        tuner.targeted_module_names = [t for t in targeted if t not in gone]
+
+
+def _check_droppable(mods: Mapping[str, Any], names: Sequence[str], adapter_name: str) -> None:
+    shared = [n for n in names if set(mods[n].lora_A) - {adapter_name}]
+    if shared:
+        raise ValueError(
+            f"module {shared[0]!r} also carries adapter(s) {sorted(set(mods[shared[0]].lora_A) - {adapter_name})}: "
+            "its LoRA layer can't be removed for one adapter; give it a rank >= 1"
+        )
+
+
 def lora_layout(model: nn.Module, adapter_name: str = "default") -> dict[str, Any]:
-    """The adapter's ranks, alphas and patterns: what a checkpoint needs to rebuild its shapes."""
+    """The adapter's ranks, alphas, patterns and targets: what a checkpoint needs to rebuild its shapes."""
     mods = lora_modules(model, adapter_name)
     cfg = lora_config(model, adapter_name)
+    targets = cfg.target_modules
     return {
         "ranks": {n: int(m.r[adapter_name]) for n, m in mods.items()},
         "alphas": {n: m.lora_alpha[adapter_name] for n, m in mods.items()},
         "rank_pattern": dict(cfg.rank_pattern or {}),
         "alpha_pattern": dict(cfg.alpha_pattern or {}),
+        "target_modules": sorted(targets) if isinstance(targets, set | list | tuple) else targets,
     }
 
 
 def restore_lora_layout(model: nn.Module, layout: Mapping[str, Any], adapter_name: str = "default") -> None:
-    """Give the model a :func:`lora_layout`'s ranks, alphas and patterns (modules whose rank differs are
-    rebuilt; a training-time method may have resized them)."""
+    """Give the model a :func:`lora_layout`'s ranks, alphas, patterns and targets (modules whose rank differs
+    are rebuilt: a training-time method may have resized them; LoRA modules the layout does not list are
+    dropped: an allocation gave them rank 0)."""
     current = lora_layout(model, adapter_name)
+    missing = [n for n in layout["ranks"] if n not in current["ranks"]]
+    if missing:
+        raise ValueError(
+            f"the checkpoint has LoRA modules {missing[:3]} that this model lacks; resume with the model and "
+            "LoraConfig the checkpoint was written with"
+        )
+    extra = [n for n in current["ranks"] if n not in layout["ranks"]]
+    if extra:
+        drop_lora_modules(model, extra, adapter_name=adapter_name)
     changed = {n: r for n, r in layout["ranks"].items() if current["ranks"].get(n) != r}
     if changed:
         resize_lora_modules(
@@ -221,6 +296,9 @@ def restore_lora_layout(model: nn.Module, layout: Mapping[str, Any], adapter_nam
     cfg = lora_config(model, adapter_name)
     cfg.rank_pattern = dict(layout["rank_pattern"])  # verbatim: the layout's keys need not be exact-match
     cfg.alpha_pattern = dict(layout["alpha_pattern"])
+    if "target_modules" in layout:  # (older checkpoints did not record it: they never dropped a module)
+        targets = layout["target_modules"]
+        cfg.target_modules = set(targets) if isinstance(targets, list) else targets
 
 
 # ---- transactional resize helpers ---------------------------------------------------------------------
