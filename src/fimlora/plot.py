@@ -162,7 +162,9 @@ def plot_rank_heatmap(
         colorbar_label="rank",
         integer_ticks=True,
     )
-    axes[0].set_title(f"rank (total {rank_map.total_rank}, {len(rank_map)} modules)", fontsize=10)
+    dropped = sum(1 for row in table.values for v in row if v == 0)
+    kept = f"{len(rank_map)} modules" + (f", {dropped} dropped (rank 0)" if dropped else "")
+    axes[0].set_title(f"rank (total {rank_map.total_rank}, {kept})", fontsize=10)
     if scores is not None:
         grid = [
             [nan if name is None or name not in scores else float(scores[name]) for name in row]

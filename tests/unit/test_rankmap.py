@@ -375,6 +375,26 @@ def test_plot_heatmap_writes_png(tmp_path: pathlib.Path) -> None:
     assert _is_png(rm.plot_heatmap(tmp_path / "heat_scores.png", scores=scores))
 
 
+def test_plot_heatmap_titles_the_dropped_modules(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    titles: list[str] = []
+    original = Axes.set_title
+    monkeypatch.setattr(
+        Axes, "set_title", lambda ax, text, *a, **k: (titles.append(text), original(ax, text, *a, **k))[1]
+    )
+    names = [f"model.layers.{i}.{k}" for i in range(3) for k in ["q", "v"]]
+    rm = RankMap({n: (0 if i < 4 else 3) for i, n in enumerate(names)})
+    assert _is_png(rm.plot_heatmap(tmp_path / "dropped.png"))
+    assert "rank (total 6, 6 modules, 4 dropped (rank 0))" in titles
+    titles.clear()
+    RankMap({n: 1 for n in names}).plot_heatmap(tmp_path / "kept.png")
+    assert "rank (total 6, 6 modules)" in titles
+
+
 def test_plot_bars_and_curves_write_png(tmp_path: pathlib.Path) -> None:
     pytest.importorskip("matplotlib")
     from fimlora.plot import plot_rank_bars, plot_training_curves
