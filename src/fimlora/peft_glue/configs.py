@@ -37,7 +37,7 @@ def lora_config_with_ranks(
 ) -> Any:
     """A copy of ``base_config`` whose ``rank_pattern``/``alpha_pattern`` give each module its rank.
 
-    When the map drops modules (rank 0), ``target_modules`` becomes the exact set of the modules kept.
+    When the map drops modules (rank 0), ``target_modules`` becomes the exact list of the modules kept.
 
     The flow for a model that is sharded to train::
 
