@@ -26,6 +26,7 @@ __all__ = [
     "plot_rank_bars",
     "plot_rank_heatmap",
     "plot_training_curves",
+    "rank_heatmap_figure",
     "save_figure",
     "smooth",
 ]
@@ -65,6 +66,11 @@ def save_figure(fig: Figure, path: str | os.PathLike[str]) -> pathlib.Path:
     return out
 
 
+def _cell_font(n_rows: int) -> int:
+    """Cell text size: legible up to ~40 layers, shrinking as rows get denser."""
+    return 8 if n_rows <= 16 else 6 if n_rows <= 32 else 5
+
+
 def _grid_heatmap(
     fig: Figure,
     ax: Axes,
@@ -91,8 +97,7 @@ def _grid_heatmap(
     ax.set_yticks(range(n_rows), labels=row_labels)
     ax.set_xlabel("module kind")
     ax.set_ylabel("layer")
-    # Keep labels legible up to ~40 layers: shrink text as rows get denser.
-    font = 8 if n_rows <= 16 else 6 if n_rows <= 32 else 5
+    font = _cell_font(n_rows)
     ax.tick_params(axis="y", labelsize=font + 1)
     ax.tick_params(axis="x", labelsize=8)
     # Scale each value the way imshow did, to pick the cell colour for the text contrast.
@@ -122,9 +127,11 @@ def plot_rank_heatmap(
 ) -> pathlib.Path:
     """Save a heatmap of ranks: layers (rows) x module kinds (columns), each cell annotated.
 
-    Layout comes from :meth:`RankMap.table`; cells with no module are grey. With ``scores``, a
-    second panel shows each module's score in the same layout, so rank and evidence sit side by
-    side (modules missing from ``scores`` are grey there).
+    Layout comes from :meth:`RankMap.table`; cells with no module are grey. A module allocated rank
+    0 (dropped: it carries no LoRA layer) is drawn hatched and labelled 0, outside the colour scale,
+    so it reads neither as "no such module" nor as a small rank. With ``scores``, a second panel
+    shows each module's score in the same layout, so rank and evidence sit side by side (modules
+    missing from ``scores`` are grey there).
 
     Args:
         rank_map: The ranks to draw.
@@ -139,6 +146,16 @@ def plot_rank_heatmap(
         ImportError: matplotlib is not installed.
         ValueError: ``rank_map`` is empty.
     """
+    return save_figure(rank_heatmap_figure(rank_map, title=title, scores=scores), path)
+
+
+def rank_heatmap_figure(
+    rank_map: TabularRanks,
+    *,
+    title: str | None = None,
+    scores: Mapping[str, float] | None = None,
+) -> Figure:
+    """The figure :func:`plot_rank_heatmap` saves (same arguments, less the path)."""
     if len(rank_map) == 0:
         raise ValueError("cannot plot an empty RankMap")
     table = rank_map.table()
@@ -150,7 +167,9 @@ def plot_rank_heatmap(
     fig = new_figure(panel_width * n_panels + 0.6, height)
     axes = fig.subplots(1, n_panels, squeeze=False)[0]
     nan = float("nan")
-    ranks = [[nan if v is None else float(v) for v in row] for row in table.values]
+    # Dropped cells (rank 0) leave the colour scale (masked like absent ones), then get their own mark.
+    ranks = [[nan if v is None or v == 0 else float(v) for v in row] for row in table.values]
+    dropped_cells = [(i, j) for i, row in enumerate(table.values) for j, v in enumerate(row) if v == 0]
     _grid_heatmap(
         fig,
         axes[0],
@@ -162,8 +181,10 @@ def plot_rank_heatmap(
         colorbar_label="rank",
         integer_ticks=True,
     )
-    dropped = sum(1 for row in table.values for v in row if v == 0)
-    kept = f"{len(rank_map)} modules" + (f", {dropped} dropped (rank 0)" if dropped else "")
+    _mark_dropped(axes[0], dropped_cells, n_rows)
+    kept = f"{len(rank_map)} modules" + (
+        f", {len(dropped_cells)} dropped (rank 0, hatched)" if dropped_cells else ""
+    )
     axes[0].set_title(f"rank (total {rank_map.total_rank}, {kept})", fontsize=10)
     if scores is not None:
         grid = [
@@ -184,7 +205,30 @@ def plot_rank_heatmap(
         axes[1].set_title("score", fontsize=10)
     if title:
         fig.suptitle(title)
-    return save_figure(fig, path)
+    return fig
+
+
+def _mark_dropped(ax: Axes, cells: Sequence[tuple[int, int]], n_rows: int) -> None:
+    """Cover each (row, column) cell with a white, hatched square labelled 0."""
+    from matplotlib.patches import Rectangle
+
+    font = _cell_font(n_rows)
+    for i, j in cells:
+        ax.add_patch(
+            Rectangle(
+                (j - 0.5, i - 0.5), 1.0, 1.0, facecolor="white", edgecolor="0.55", hatch="///", linewidth=0.0
+            )
+        )
+        ax.text(
+            j,
+            i,
+            "0",
+            ha="center",
+            va="center",
+            fontsize=font,
+            color="black",
+            bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.6},
+        )
 
 
 def _short_label(name: str) -> str:

@@ -375,24 +375,25 @@ def test_plot_heatmap_writes_png(tmp_path: pathlib.Path) -> None:
     assert _is_png(rm.plot_heatmap(tmp_path / "heat_scores.png", scores=scores))
 
 
-def test_plot_heatmap_titles_the_dropped_modules(
-    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_plot_heatmap_marks_the_dropped_modules(tmp_path: pathlib.Path) -> None:
     pytest.importorskip("matplotlib")
-    from matplotlib.axes import Axes
+    from fimlora.plot import rank_heatmap_figure
 
-    titles: list[str] = []
-    original = Axes.set_title
-    monkeypatch.setattr(
-        Axes, "set_title", lambda ax, text, *a, **k: (titles.append(text), original(ax, text, *a, **k))[1]
-    )
     names = [f"model.layers.{i}.{k}" for i in range(3) for k in ["q", "v"]]
-    rm = RankMap({n: (0 if i < 4 else 3) for i, n in enumerate(names)})
+    rm = RankMap({n: (0 if i < 4 else 3 + i) for i, n in enumerate(names)})
     assert _is_png(rm.plot_heatmap(tmp_path / "dropped.png"))
-    assert "rank (total 6, 6 modules, 4 dropped (rank 0))" in titles
-    titles.clear()
-    RankMap({n: 1 for n in names}).plot_heatmap(tmp_path / "kept.png")
-    assert "rank (total 6, 6 modules)" in titles
+    ax = rank_heatmap_figure(rm).axes[0]
+    assert ax.get_title() == "rank (total 15, 6 modules, 4 dropped (rank 0, hatched))"
+    hatched = [p for p in ax.patches if p.get_hatch()]
+    # One hatched square per dropped module, centred on its (layer, kind) cell: rows 0-1, both kinds.
+    assert sorted((p.get_x() + 0.5, p.get_y() + 0.5) for p in hatched) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    # Dropped cells are outside the colour scale: it spans the kept ranks only (7 and 8).
+    image = ax.images[0]
+    assert (image.norm.vmin, image.norm.vmax) == (7.0, 8.0)
+    assert int(image.get_array().mask.sum()) == 4
+    plain = rank_heatmap_figure(RankMap({n: 1 for n in names})).axes[0]
+    assert plain.get_title() == "rank (total 6, 6 modules)"
+    assert not [p for p in plain.patches if p.get_hatch()]
 
 
 def test_plot_bars_and_curves_write_png(tmp_path: pathlib.Path) -> None:
