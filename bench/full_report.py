@@ -48,6 +48,7 @@ __all__ = [
     "grid_progress",
     "main",
     "majority_rates",
+    "method_styles",
     "pooled_front",
     "test_split_records",
 ]
@@ -543,6 +544,29 @@ def _markdown(
     return "\n".join(lines), data
 
 
+def method_styles(methods: Sequence[str]) -> dict[str, tuple[str, str, str]]:
+    """(colour, marker, line style) per method, all distinct up to 20 methods.
+
+    The first ten take matplotlib's default cycle (tab10); the next ten take tab20's lighter shade of the same
+    hues, with dashed lines, so that a twelfth method never repeats the first one's look (the default cycle
+    wraps after ten: with twelve methods, the eleventh was drawn exactly like the first).
+    """
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    tab20 = colormaps["tab20"]
+    markers = "os^vD<>Pp*hX"
+    styles: dict[str, tuple[str, str, str]] = {}
+    for j, method in enumerate(methods):
+        shade, hue = divmod(j % 20, 10)
+        styles[method] = (
+            to_hex(tab20(2 * hue + shade)),
+            markers[j % len(markers)],
+            "-" if shade == 0 else "--",
+        )
+    return styles
+
+
 def _plot_front(points: Sequence[FrontPoint], path: Path) -> None:
     from fimlora.plot import new_figure, save_figure
 
@@ -552,9 +576,9 @@ def _plot_front(points: Sequence[FrontPoint], path: Path) -> None:
     cols = 3
     rows = math.ceil(len(tasks) / cols)
     fig = new_figure(4.2 * cols, 3.4 * rows)
-    markers = "os^vD<>Pp*hX"
     methods = list(dict.fromkeys(p.method for p in sorted(points, key=_point_key)))
     lines_of_front = front_methods(points)
+    styles = method_styles(methods)
     handles: dict[str, Any] = {}
     for i, task in enumerate(tasks):
         ax = fig.add_subplot(rows, cols, i + 1)
@@ -564,14 +588,16 @@ def _plot_front(points: Sequence[FrontPoint], path: Path) -> None:
             )
             if not mine:
                 continue
-            style = "-" if method in lines_of_front else "none"
+            colour, marker, dashes = styles[method]
+            style = dashes if method in lines_of_front else "none"
             # single-budget methods share one x: dodge them sideways (log axis: a factor) to keep them apart
             dodge = 1.0 if method in lines_of_front else 1.0 + 0.025 * (j - len(lines_of_front) + 1)
             handles[method] = ax.errorbar(
                 [p.lora_params * dodge for p in mine],
                 [p.mean for p in mine],
                 yerr=[0.0 if math.isnan(p.std) else p.std for p in mine],
-                marker=markers[j % len(markers)],
+                marker=marker,
+                color=colour,
                 linestyle=style,
                 capsize=2,
                 label=method,

@@ -289,3 +289,16 @@ def test_progress_counts_the_grids_runs_seed_by_seed(tmp_path: Path) -> None:
     text = (tmp_path / "out" / "test.md").read_text()
     assert "**Interim**: 6 of 8 runs of the test grids (seed 0: 4 of 4; seed 1: 2 of 4)" in text
     assert f"--grid {grid}`" in text
+
+
+def test_every_method_on_the_front_figure_looks_different() -> None:
+    pytest.importorskip("matplotlib")
+    from bench.full_report import method_styles
+
+    methods = [f"m{i}" for i in range(20)]
+    styles = method_styles(methods)
+    assert len(set(styles.values())) == 20
+    assert len({colour for colour, _, _ in styles.values()}) == 20
+    # the eleventh method (where matplotlib's default cycle wraps) is dashed and lighter than the first
+    assert styles["m10"][2] == "--" and styles["m0"][2] == "-"
+    assert styles["m10"][0] != styles["m0"][0]
