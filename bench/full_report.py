@@ -548,7 +548,7 @@ def method_styles(methods: Sequence[str]) -> dict[str, tuple[str, str, str]]:
     """(colour, marker, line style) per method, all distinct up to 20 methods.
 
     The first ten take matplotlib's default cycle (tab10); the next ten take tab20's lighter shade of the same
-    hues, with dashed lines, so that a twelfth method never repeats the first one's look (the default cycle
+    hues, with dashed lines, so that an eleventh method never repeats the first one's look (the default cycle
     wraps after ten: with twelve methods, the eleventh was drawn exactly like the first).
     """
     from matplotlib import colormaps
