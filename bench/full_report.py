@@ -622,17 +622,13 @@ def grid_progress(records: Iterable[Mapping[str, Any]], grids: Sequence[Path]) -
     Returns ``{"present": n, "expected": m, "per_seed": {seed: [present, expected]}, "grids": [...]}``.
     """
     from bench.harness import ExperimentGrid
+    from bench.progress import grid_progress as count_runs
 
-    done = {str(r["run_id"]) for r in records if r.get("status") == "ok"}
-    specs = {spec.run_id: spec for path in grids for spec in ExperimentGrid.from_file(path).expand()}
-    per_seed: dict[int, list[int]] = defaultdict(lambda: [0, 0])
-    for run_id, spec in specs.items():
-        per_seed[spec.seed][1] += 1
-        per_seed[spec.seed][0] += run_id in done
+    counted = count_runs([s for path in grids for s in ExperimentGrid.from_file(path).expand()], records)
     return {
-        "present": sum(p for p, _ in per_seed.values()),
-        "expected": len(specs),
-        "per_seed": {seed: per_seed[seed] for seed in sorted(per_seed)},
+        "present": counted.finished,
+        "expected": counted.total,
+        "per_seed": {seed: list(pair) for seed, pair in counted.per_seed.items()},
         "grids": [str(g) for g in grids],
     }
 
