@@ -121,7 +121,7 @@ def grid_progress(specs: Sequence[RunSpec], records: Iterable[Mapping[str, Any]]
             for k, (d, t) in tasks.items()
         },
         pending_seconds=pending,
-        seed_left_seconds={s: v for s, v in sorted(seed_left.items()) if seeds[s][0] < seeds[s][1]},
+        seed_left_seconds=dict(sorted(seed_left.items())),  # only seeds with a pending run have a key
     )
 
 
