@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
@@ -77,20 +77,28 @@ def run_grid(
     todo = store.pending(specs)
     todo_ids = {spec.run_id for spec in todo}
     summary = GridSummary(skipped=sorted({s.run_id for s in specs} - todo_ids))
-    for spec in _progress(todo, enabled=progress):
-        if shared:
-            if not store.claim(spec.run_id):
-                summary.skipped.append(spec.run_id)
-                continue
-            if store.is_finished(spec.run_id):  # another worker finished it after our pending() read
-                store.release(spec.run_id)
-                summary.skipped.append(spec.run_id)
-                continue
-        try:
-            _run_one(spec, run_fn, store, summary, stop_on_error)
-        finally:
+    reporter = _Progress(len(todo), enabled=progress)
+    try:
+        for spec in todo:
             if shared:
-                store.release(spec.run_id)
+                if not store.claim(spec.run_id):
+                    summary.skipped.append(spec.run_id)
+                    reporter.skip()
+                    continue
+                if store.is_finished(spec.run_id):  # another worker finished it after our pending() read
+                    store.release(spec.run_id)
+                    summary.skipped.append(spec.run_id)
+                    reporter.skip()
+                    continue
+            reporter.start(spec.run_id)
+            try:
+                _run_one(spec, run_fn, store, summary, stop_on_error)
+            finally:
+                if shared:
+                    store.release(spec.run_id)
+            reporter.finish()
+    finally:
+        reporter.close()
     return summary
 
 
@@ -150,19 +158,42 @@ def _failed_record(spec: RunSpec, exc: BaseException, *, wall_seconds: float) ->
     )
 
 
-def _progress(specs: list[RunSpec], *, enabled: bool) -> Iterator[RunSpec]:
-    """Yield specs while reporting progress, via tqdm when it is installed."""
-    if not enabled:
-        yield from specs
-        return
-    try:
-        from tqdm.auto import tqdm  # lazy: optional for the harness
-    except ImportError:
-        for i, spec in enumerate(specs, start=1):
-            print(f"[{i}/{len(specs)}] {spec.run_id}", flush=True)
-            yield spec
-        return
-    bar = tqdm(specs, desc="runs", unit="run")
-    for spec in bar:
-        bar.set_postfix_str(spec.run_id, refresh=False)
-        yield spec
+class _Progress:
+    """Progress over the runs this worker does, via tqdm when it is installed, else one line per run.
+
+    A run that another worker holds or has finished (``shared``) leaves the total rather than counting as
+    done, so the bar's rate and time left describe this worker's own runs.
+    """
+
+    def __init__(self, total: int, *, enabled: bool) -> None:
+        self.total = total
+        self.started = 0
+        self._enabled = enabled
+        self._bar: Any = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm  # lazy: optional for the harness
+            except ImportError:
+                return
+            self._bar = tqdm(total=total, desc="runs", unit="run")
+
+    def start(self, run_id: str) -> None:
+        self.started += 1
+        if self._bar is not None:
+            self._bar.set_postfix_str(run_id)
+        elif self._enabled:
+            print(f"[{self.started}/{self.total}] {run_id}", flush=True)
+
+    def finish(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def skip(self) -> None:
+        self.total -= 1
+        if self._bar is not None:
+            self._bar.total = self.total
+            self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

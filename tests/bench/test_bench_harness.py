@@ -516,6 +516,49 @@ def test_shared_run_grid_skips_runs_claimed_or_finished_by_another_worker(tmp_pa
     assert sorted(p.name for p in (tmp_path / "claims").iterdir()) == []  # every claim released
 
 
+def test_shared_progress_counts_only_this_workers_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Without tqdm the runner prints one line per run; a run another worker holds or has finished leaves
+    # the total instead of counting as done (else the rate and time left would count other workers' runs).
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # import fails: the printed fallback
+    store = ResultStore(tmp_path)
+    specs = [_spec(seed=s) for s in range(4)]
+
+    def run(spec: RunSpec) -> dict[str, Any]:
+        if spec.seed == 1:  # another worker finishes seed 2 meanwhile
+            store.put(
+                make_record(
+                    specs[2],
+                    {"accuracy": 9.0},
+                    trainable_params=1,
+                    calibration_seconds=0,
+                    train_seconds=0,
+                    peak_memory_bytes=None,
+                    device="cpu",
+                )
+            )
+        return _outcome(80.0)
+
+    assert store.claim(specs[0].run_id)  # held by a live worker
+    run_grid(specs, run, store, progress=True, shared=True)
+    store.release(specs[0].run_id)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"[1/3] {specs[1].run_id}", f"[2/2] {specs[3].run_id}"]
+
+
+def test_progress_bar_total_shrinks_with_skipped_runs() -> None:
+    pytest.importorskip("tqdm")
+    from bench.harness.runner import _Progress
+
+    reporter = _Progress(4, enabled=True)
+    reporter.start("a")
+    reporter.finish()
+    reporter.skip()
+    assert (reporter._bar.n, reporter._bar.total) == (1, 3)
+    reporter.close()
+
+
 # ----------------------------------------------------------------------------------------------------
 # stats.py
 
