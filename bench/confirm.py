@@ -37,7 +37,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.full_report import CONTROLS, test_split_records
+from bench.full_report import CONTROLS, of_seeds, seeds_arg, test_split_records
 from bench.harness import ResultStore, mean_std, paired_bootstrap_ci
 from bench.selection import COMPRESS_FRACTIONS, TEST_SEEDS, TEST_TASKS
 from bench.variants import HELD_OUT_TASKS, REFERENCES, VARIANTS, make_variant_grids
@@ -312,7 +312,12 @@ def _yes(flag: bool | None) -> str:
 
 
 def _markdown(
-    confirm: Mapping[str, Any], target: Mapping[str, Any], store: Path, out: Path, choice: Path
+    confirm: Mapping[str, Any],
+    target: Mapping[str, Any],
+    store: Path,
+    out: Path,
+    choice: Path,
+    seeds: Sequence[int] | None = None,
 ) -> str:
     variant = target["variant"]
     lines = [
@@ -370,21 +375,22 @@ def _markdown(
         if target["met"] is None
         else f"**Target {'met' if target['met'] else 'not met'}.**",
         "",
-        f"Made with `python -m bench.confirm report --store {store} --choice {choice} --out {out}`.",
+        f"Made with `python -m bench.confirm report --store {store} --choice {choice} --out {out}"
+        f"{seeds_arg(seeds)}`.",
         "",
     ]
     return "\n".join(lines)
 
 
-def _report(store: Path, choice: Path, out: Path) -> None:
+def _report(store: Path, choice: Path, out: Path, seeds: Sequence[int] | None = None) -> None:
     variant = json.loads(choice.read_text()).get("chosen")
     if not variant:
         raise SystemExit(f"{choice} names no chosen variant yet: finish the variant grid first")
-    records = list(ResultStore(store).records())
+    records = of_seeds(ResultStore(store).records(), seeds)
     confirm, target = confirmation_table(records, variant), target_verdict(records, variant)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "confirmation.json", {"confirmation": confirm, "target": target})
-    atomic_write_text(out / "confirmation.md", _markdown(confirm, target, store, out, choice))
+    atomic_write_text(out / "confirmation.md", _markdown(confirm, target, store, out, choice, seeds))
     print(f"wrote {out / 'confirmation.md'}")
 
 
@@ -432,12 +438,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--store", required=True, type=Path, help="the test store")
     p.add_argument("--choice", required=True, type=Path, help="variants.json")
     p.add_argument("--out", required=True, type=Path, help="report folder")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="only these seeds' records; default: all"
+    )
     args = parser.parse_args(argv)
     try:
         if args.what == "grid":
             _write_grid(args.choice, args.selection, args.from_grid, args.out)
         else:
-            _report(args.store, args.choice, args.out)
+            _report(args.store, args.choice, args.out, args.seeds)
     except ValueError as err:
         parser.exit(2, f"error: {err}\n")
     return 0

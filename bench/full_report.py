@@ -101,6 +101,20 @@ compression, a variant's settings): part of what a method *is*, not a different 
 report names a run by its method (or variant) alone."""
 
 
+def of_seeds(records: Iterable[Mapping[str, Any]], seeds: Sequence[int] | None) -> list[Mapping[str, Any]]:
+    """The records of the given seeds (all of them for ``None``): an interim report on the complete seeds
+    only, so that the first runs of the next seed do not make one cell's seeds differ from the rest."""
+    if seeds is None:
+        return list(records)
+    wanted = set(seeds)
+    return [r for r in records if int(r["spec"]["seed"]) in wanted]
+
+
+def seeds_arg(seeds: Sequence[int] | None) -> str:
+    """``--seeds ...`` as it goes into a report's command line ('' for all seeds)."""
+    return "" if seeds is None else " --seeds " + " ".join(str(s) for s in seeds)
+
+
 def test_split_records(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """The finished test-split records, each named by its variant (or method) with the per-method settings
     (:data:`PER_METHOD_SETTINGS`) left out of its overrides, so runs of one method at its own learning rate
@@ -410,6 +424,7 @@ def _markdown(
     out: Path,
     margin: float,
     progress: Mapping[str, Any] | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     points = front_points(records)
     pooled = pooled_front(points)
@@ -528,7 +543,7 @@ def _markdown(
         f"{len(records)} records from `{store}`; commits {', '.join(c[:10] for c in commits)}. Full tables: "
         "[test/results.md](test/results.md).",
         "",
-        f"Made with `python -m bench.full_report --store {store} --out {out}{grid_args}`.",
+        f"Made with `python -m bench.full_report --store {store} --out {out}{seeds_arg(seeds)}{grid_args}`.",
         "",
     ]
     data = {
@@ -646,17 +661,23 @@ def _progress_lines(progress: Mapping[str, Any]) -> list[str]:
 
 
 def write_full_report(
-    store: Path, out: Path, *, margin: float = 0.5, grids: Sequence[Path] = ()
+    store: Path,
+    out: Path,
+    *,
+    margin: float = 0.5,
+    grids: Sequence[Path] = (),
+    seeds: Sequence[int] | None = None,
 ) -> list[Path]:
     """Write ``test.md``, ``test.json``, ``front.png`` and ``test/`` (harness tables) into ``out``; with
-    ``grids``, the report opens with their progress (:func:`grid_progress`)."""
+    ``grids``, the report opens with their progress (:func:`grid_progress`, over every seed); with ``seeds``,
+    the tables use only those seeds' records."""
     all_records = ResultStore(store).records()
-    records = test_split_records(all_records)
+    records = test_split_records(of_seeds(all_records, seeds))
     if not records:
         raise SystemExit(f"{store} holds no finished test-split records yet")
     out.mkdir(parents=True, exist_ok=True)
     progress = grid_progress(all_records, grids) if grids else None
-    text, data = _markdown(records, store, out, margin, progress)
+    text, data = _markdown(records, store, out, margin, progress, seeds)
     written = [atomic_write_text(out / "test.md", text), atomic_write_json(out / "test.json", data)]
     written += write_report(records, out / "test", scale=100.0, digits=2)
     try:
@@ -681,8 +702,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[],
         help="the grids that fill the store: report their progress",
     )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="only these seeds' records (an interim report on the complete seeds); default: all",
+    )
     args = parser.parse_args(argv)
-    for path in write_full_report(args.store, args.out, margin=args.margin, grids=args.grid):
+    reports = write_full_report(args.store, args.out, margin=args.margin, grids=args.grid, seeds=args.seeds)
+    for path in reports:
         print(f"wrote {path}")
     return 0
 

@@ -292,3 +292,20 @@ def test_own_shuffle_control_grid_builds_runnable_fim_shuffled_runs_at_r8(varian
         assert method.source == "fim-spectrum"
         assert method.source_options == dict(variant_run.method_options)
     assert make_shuffled_control_grid("fim-ginit", _CHOSEN, _SELECTION_GRID) is None
+
+
+def test_report_on_some_seeds_uses_only_their_records(tmp_path: Path) -> None:
+    # the full store meets the target; restricted to seeds 0 and 1 it is a partial store, so the same
+    # report prints no verdict and its command line names the seeds
+    from bench.harness import ResultStore
+
+    store = ResultStore(tmp_path / "store")
+    for record in _store(_LEVELS):
+        store.put({**record, "schema_version": 1})
+    choice = tmp_path / "variants.json"
+    choice.write_text('{"chosen": "fim-kind"}')
+    args = ["report", "--store", str(tmp_path / "store"), "--choice", str(choice), "--out", str(tmp_path)]
+    assert main([*args, "--seeds", "0", "1"]) == 0
+    text = (tmp_path / "confirmation.md").read_text()
+    assert "**Target pending: runs missing.**" in text and "--seeds 0 1`" in text
+    assert "(4 pairs)" in text  # two held-out tasks × two seeds

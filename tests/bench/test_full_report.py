@@ -302,3 +302,28 @@ def test_every_method_on_the_front_figure_looks_different() -> None:
     # the eleventh method (where matplotlib's default cycle wraps) is dashed and lighter than the first
     assert styles["m10"][2] == "--" and styles["m0"][2] == "-"
     assert styles["m10"][0] != styles["m0"][0]
+
+
+def test_seeds_option_keeps_a_started_seed_out_of_an_interim_report(tmp_path: Path) -> None:
+    # seeds 0 and 1 complete, seed 2 begun on one task: its one record makes uniform r8's seeds differ
+    # between the tasks, so uniform r8 is not pooled, unless the report is restricted to seeds 0 and 1
+    import json
+
+    from bench.full_report import main
+
+    store = ResultStore(tmp_path / "store")
+    for record in _grid():
+        if int(record["spec"]["seed"]) < 2:
+            store.put(record)
+    store.put(_record("a", "uniform", "r8", 2, 90.0))
+
+    def pooled_uniform_r8(argv: list[str]) -> bool:
+        assert main(["--store", str(tmp_path / "store"), "--out", str(tmp_path / "out"), *argv]) == 0
+        data = json.loads((tmp_path / "out" / "test.json").read_text())
+        return any(
+            (p["task"], p["method"], p["budget"]) == ("pooled", "uniform", "r8") for p in data["points"]
+        )
+
+    assert not pooled_uniform_r8([])
+    assert pooled_uniform_r8(["--seeds", "0", "1"])
+    assert "--seeds 0 1`" in (tmp_path / "out" / "test.md").read_text()  # the command line says so
