@@ -160,7 +160,9 @@ def test_confirmation_reads_only_the_held_out_tasks_and_refuses_dev_records() ->
         confirmation_table([*records, _record("uniform", "r8", "trec6", 9, 50.0, split="dev")], "fim-kind")
 
 
-def test_report_command_writes_both_parts(tmp_path: Path) -> None:
+def _write_store_and_choice(tmp_path: Path) -> Path:
+    """A test store (``tmp_path/store``) at :data:`_LEVELS`, five seeds, and a choice file naming
+    ``fim-kind``; returns the choice file."""
     from bench.harness import ResultStore
 
     store = ResultStore(tmp_path / "store")
@@ -168,6 +170,11 @@ def test_report_command_writes_both_parts(tmp_path: Path) -> None:
         store.put({**record, "schema_version": 1})
     choice = tmp_path / "variants.json"
     choice.write_text('{"chosen": "fim-kind"}')
+    return choice
+
+
+def test_report_command_writes_both_parts(tmp_path: Path) -> None:
+    choice = _write_store_and_choice(tmp_path)
     assert (
         main(["report", "--store", str(tmp_path / "store"), "--choice", str(choice), "--out", str(tmp_path)])
         == 0
@@ -175,6 +182,8 @@ def test_report_command_writes_both_parts(tmp_path: Path) -> None:
     text = (tmp_path / "confirmation.md").read_text()
     assert "held-out" in text and "**Target met.**" in text
     # one seed only: the numbers are shown, one pair has no CI, and no verdict is printed
+    from bench.harness import ResultStore
+
     one_seed = ResultStore(tmp_path / "one_seed")
     for record in _store(_LEVELS):
         if record["spec"]["seed"] == 0:
@@ -297,13 +306,7 @@ def test_own_shuffle_control_grid_builds_runnable_fim_shuffled_runs_at_r8(varian
 def test_report_on_some_seeds_uses_only_their_records(tmp_path: Path) -> None:
     # the full store meets the target; restricted to seeds 0 and 1 it is a partial store, so the same
     # report prints no verdict and its command line names the seeds
-    from bench.harness import ResultStore
-
-    store = ResultStore(tmp_path / "store")
-    for record in _store(_LEVELS):
-        store.put({**record, "schema_version": 1})
-    choice = tmp_path / "variants.json"
-    choice.write_text('{"chosen": "fim-kind"}')
+    choice = _write_store_and_choice(tmp_path)
     args = ["report", "--store", str(tmp_path / "store"), "--choice", str(choice), "--out", str(tmp_path)]
     assert main([*args, "--seeds", "0", "1"]) == 0
     text = (tmp_path / "confirmation.md").read_text()

@@ -486,6 +486,21 @@ def test_claims_exclude_a_live_holder_and_are_taken_over_when_stale(tmp_path: Pa
     assert store.claim("run-d") is True
 
 
+def _finish_elsewhere(store: ResultStore, spec: RunSpec) -> None:
+    """Another worker stores ``spec``'s record (accuracy 9.0)."""
+    store.put(
+        make_record(
+            spec,
+            {"accuracy": 9.0},
+            trainable_params=1,
+            calibration_seconds=0,
+            train_seconds=0,
+            peak_memory_bytes=None,
+            device="cpu",
+        )
+    )
+
+
 def test_shared_run_grid_skips_runs_claimed_or_finished_by_another_worker(tmp_path: Path) -> None:
     store = ResultStore(tmp_path)
     specs = [_spec(seed=s) for s in range(4)]
@@ -494,17 +509,7 @@ def test_shared_run_grid_skips_runs_claimed_or_finished_by_another_worker(tmp_pa
     def run(spec: RunSpec) -> dict[str, Any]:
         calls.append(spec.seed)
         if spec.seed == 1:  # meanwhile another worker finishes seed 2, after our pending() read
-            store.put(
-                make_record(
-                    specs[2],
-                    {"accuracy": 9.0},
-                    trainable_params=1,
-                    calibration_seconds=0,
-                    train_seconds=0,
-                    peak_memory_bytes=None,
-                    device="cpu",
-                )
-            )
+            _finish_elsewhere(store, specs[2])
         return _outcome(80.0)
 
     assert store.claim(specs[0].run_id)  # a live worker (here: this process) holds seed 0
@@ -527,17 +532,7 @@ def test_shared_progress_counts_only_this_workers_runs(
 
     def run(spec: RunSpec) -> dict[str, Any]:
         if spec.seed == 1:  # another worker finishes seed 2 meanwhile
-            store.put(
-                make_record(
-                    specs[2],
-                    {"accuracy": 9.0},
-                    trainable_params=1,
-                    calibration_seconds=0,
-                    train_seconds=0,
-                    peak_memory_bytes=None,
-                    device="cpu",
-                )
-            )
+            _finish_elsewhere(store, specs[2])
         return _outcome(80.0)
 
     assert store.claim(specs[0].run_id)  # held by a live worker
