@@ -103,9 +103,21 @@ report names a run by its method (or variant) alone."""
 
 def of_seeds(records: Iterable[Mapping[str, Any]], seeds: Sequence[int] | None) -> list[Mapping[str, Any]]:
     """The records of the given seeds (all of them for ``None``): an interim report on the complete seeds
-    only, so that the first runs of the next seed do not make one cell's seeds differ from the rest."""
+    only, so that the first runs of the next seed do not make one cell's seeds differ from the rest.
+
+    Raises:
+        ValueError: a given seed has no record (a typo, or a seed not yet begun), naming the seeds that do.
+    """
     if seeds is None:
         return list(records)
+    records = list(records)
+    present = {int(r["spec"]["seed"]) for r in records}
+    missing = sorted(set(seeds) - present)
+    if missing:
+        raise ValueError(
+            f"--seeds: no records of seed {', '.join(map(str, missing))}; "
+            f"the store holds seeds {' '.join(map(str, sorted(present))) or '(none)'}"
+        )
     wanted = set(seeds)
     return [r for r in records if int(r["spec"]["seed"]) in wanted]
 
@@ -710,7 +722,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="only these seeds' records (an interim report on the complete seeds); default: all",
     )
     args = parser.parse_args(argv)
-    reports = write_full_report(args.store, args.out, margin=args.margin, grids=args.grid, seeds=args.seeds)
+    try:
+        reports = write_full_report(
+            args.store, args.out, margin=args.margin, grids=args.grid, seeds=args.seeds
+        )
+    except ValueError as err:
+        parser.exit(2, f"error: {err}\n")
     for path in reports:
         print(f"wrote {path}")
     return 0

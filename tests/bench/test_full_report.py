@@ -327,3 +327,43 @@ def test_seeds_option_keeps_a_started_seed_out_of_an_interim_report(tmp_path: Pa
     assert not pooled_uniform_r8([])
     assert pooled_uniform_r8(["--seeds", "0", "1"])
     assert "--seeds 0 1`" in (tmp_path / "out" / "test.md").read_text()  # the command line says so
+
+
+def test_seeds_without_records_are_refused_by_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a seed with no record (a typo, or one not begun) is a one-line error naming it and the seeds held,
+    # for the test report and the confirmation report alike; nothing is written
+    from bench.confirm import main as confirm_main
+    from bench.full_report import main
+
+    store = ResultStore(tmp_path / "store")
+    for record in _grid():
+        if int(record["spec"]["seed"]) < 2:
+            store.put(record)
+    choice = tmp_path / "variants.json"
+    choice.write_text('{"chosen": "fim-kind"}')
+    for run in (
+        lambda: main(
+            ["--store", str(tmp_path / "store"), "--out", str(tmp_path / "out"), "--seeds", "0", "7"]
+        ),
+        lambda: confirm_main(
+            [
+                "report",
+                "--store",
+                str(tmp_path / "store"),
+                "--choice",
+                str(choice),
+                "--out",
+                str(tmp_path / "out"),
+                "--seeds",
+                "7",
+            ]
+        ),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            run()
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err == "error: --seeds: no records of seed 7; the store holds seeds 0 1", err
+    assert not (tmp_path / "out").exists()
