@@ -7,6 +7,7 @@
 #                                              checkout's records copied into it, the pin's own run_all.sh
 #                                              run there with the pin's src first on PYTHONPATH
 #   bash bench/grids/full/run_pinned.sh sync   copy finished records back here (before committing them)
+#   bash bench/grids/full/run_pinned.sh check  is .venv at the versions in constraints.txt (start checks it)
 #
 # Records stamp the pin (the worktree's HEAD). Copies never overwrite an existing record. Logs:
 # out/pinned/out/workers/all_<n>.log.
@@ -16,6 +17,31 @@ ROOT=$PWD
 WT=$ROOT/out/pinned
 PIN=$(git rev-parse --verify "$(tr -d '[:space:]' <bench/grids/full/PIN)^{commit}")
 STORES=(bench/results/full/test bench/results/full/variants)
+CONSTRAINTS=bench/grids/full/constraints.txt
+
+check_versions() {  # the records must come from one environment: .venv at the versions in $CONSTRAINTS
+  .venv/bin/python - "$CONSTRAINTS" <<'PY'
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
+from packaging.requirements import Requirement
+
+wrong = []
+for line in open(sys.argv[1]):
+    line = line.split("#")[0].strip()
+    if line:
+        req = Requirement(line)
+        try:
+            have = version(req.name)
+        except PackageNotFoundError:
+            have = "not installed"
+        if have == "not installed" or not req.specifier.contains(have, prereleases=True):
+            wrong.append(f"{req.name} {have} (want {req.specifier})")
+if wrong:
+    sys.exit(f"error: .venv differs from {sys.argv[1]}: {', '.join(wrong)}; "
+             f"reinstall with: PIP_CONSTRAINT={sys.argv[1]} bash scripts/setup.sh")
+PY
+}
 
 copy_records() {  # copy_records FROM TO: finished records only (claims stay where they are)
   local s f
@@ -33,6 +59,7 @@ case "${1:-start}" in
       echo "error: pinned workers are already running (pgrep -f $WT); stop them first" >&2
       exit 2
     fi
+    check_versions || exit 2
     git worktree prune
     [[ -d $WT ]] || git worktree add --detach "$WT" "$PIN" >/dev/null
     if [[ $(git -C "$WT" rev-parse HEAD) != "$PIN" ]]; then
@@ -52,8 +79,12 @@ case "${1:-start}" in
   sync)
     copy_records "$WT" "$ROOT"
     ;;
+  check)
+    check_versions || exit 2
+    echo ".venv matches $CONSTRAINTS"
+    ;;
   *)
-    echo "usage: bash bench/grids/full/run_pinned.sh [start|sync]" >&2
+    echo "usage: bash bench/grids/full/run_pinned.sh [start|sync|check]" >&2
     exit 2
     ;;
 esac
