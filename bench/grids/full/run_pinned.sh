@@ -22,21 +22,18 @@ CONSTRAINTS=bench/grids/full/constraints.txt
 check_versions() {  # the records must come from one environment: .venv at the versions in $CONSTRAINTS
   .venv/bin/python - "$CONSTRAINTS" <<'PY'
 import sys
-from importlib.metadata import PackageNotFoundError, version
 
 from packaging.requirements import Requirement
 
-wrong = []
-for line in open(sys.argv[1]):
-    line = line.split("#")[0].strip()
-    if line:
-        req = Requirement(line)
-        try:
-            have = version(req.name)
-        except PackageNotFoundError:
-            have = "not installed"
-        if have == "not installed" or not req.specifier.contains(have, prereleases=True):
-            wrong.append(f"{req.name} {have} (want {req.specifier})")
+from fimlora.io import package_versions  # what the records stamp
+
+reqs = [Requirement(line) for line in (raw.split("#")[0].strip() for raw in open(sys.argv[1])) if line]
+have = package_versions(tuple(req.name for req in reqs))
+wrong = [
+    f"{req.name} {have[req.name] or 'not installed'} (want {req.specifier})"
+    for req in reqs
+    if have[req.name] is None or not req.specifier.contains(have[req.name], prereleases=True)
+]
 if wrong:
     sys.exit(f"error: .venv differs from {sys.argv[1]}: {', '.join(wrong)}; "
              f"reinstall with: PIP_CONSTRAINT={sys.argv[1]} bash scripts/setup.sh")
