@@ -9,7 +9,9 @@ counts, and two reports are read from the test store:
 * the **target** of issue 13 over all five tasks (:func:`target_verdict`): a gain of at least 1 point over
   uniform at one budget with the pooled 95% CI above 0, or uniform r8's accuracy (within 0.5) reached at a
   smaller budget where uniform itself is at least 1 point short; no task below uniform by more than one
-  standard deviation; better than both random-allocation controls; at least level with GoRA, EVA, AdaLoRA.
+  standard deviation; better than both random-allocation controls; at least level with GoRA, EVA, AdaLoRA;
+* the **library default** (:func:`default_verdict`): the rule, declared before the last seed was read,
+  by which the test grid keeps the chosen variant as ``FimConfig``'s default or refutes it.
 
 The random-allocation controls of the test grid are ``random`` and ``fim-shuffled`` (FIM's map permuted among
 same-shape modules). A variant with a map of its own gets its own shuffle too (:func:`shuffled_control`:
@@ -48,6 +50,7 @@ __all__ = [
     "RIVALS",
     "TOP_BUDGET",
     "confirmation_table",
+    "default_verdict",
     "make_confirmation_grid",
     "make_confirmation_grids",
     "make_shuffled_control_grid",
@@ -74,6 +77,10 @@ MATCH_MARGIN = 0.5
 
 SHORTFALL_POINTS = 1.0
 """... at a budget where uniform itself is at least this many points below its r8 accuracy."""
+
+FALLBACK_DEFAULT = "fim"
+"""What the library default returns to if the test grid refutes the chosen variant: plain FIM-LoRA scores
+(``normalize="none"``), the default before the variant grid. Nothing else is picked from the test split."""
 
 Cells = dict[tuple[str, str], dict[tuple[str, int], float]]
 """(method, budget) -> (task, seed) -> test accuracy in %."""
@@ -299,6 +306,51 @@ def target_verdict(
     }
 
 
+def default_verdict(records: Iterable[Mapping[str, Any]], variant: str) -> dict[str, Any]:
+    """Whether the test grid refutes ``variant`` as the library default: the rule pre-declared in
+    ``docs/results/full/README.md`` (Step 4, "What the confirmation decides about the default").
+
+    Refuted if (1) on the held-out tasks, pooled, its difference to uniform at some budget of
+    :data:`CONFIRM_BUDGETS` has a 95% CI wholly below 0, or (2) over all five tasks at r8 it loses to its own
+    shuffle control (:func:`shuffled_control`, where it has one) with a CI wholly below 0. Returns a dict
+    with ``held_out`` (per budget: the pooled paired difference), ``own_shuffle`` (name and difference, or
+    None), ``refuted_by`` (the criteria that refute it, as text), ``complete`` (every cell the rule reads has
+    all of its tasks and seeds), ``keeps_default`` (None while incomplete) and ``default`` (the variant, or
+    :data:`FALLBACK_DEFAULT` if refuted; None while incomplete).
+    """
+    cells = _cells(records)
+    held_out = {b: _paired(cells, (variant, b), ("uniform", b), HELD_OUT_TASKS) for b in CONFIRM_BUDGETS}
+    own = shuffled_control(variant) if variant in VARIANTS else None
+    own_shuffle = None
+    if own is not None:
+        own_shuffle = {
+            "control": own[0],
+            "vs": _paired(cells, (variant, TOP_BUDGET), (own[0], TOP_BUDGET), TEST_TASKS),
+        }
+    needed = [((variant, b), HELD_OUT_TASKS) for b in CONFIRM_BUDGETS]
+    needed += [(("uniform", b), HELD_OUT_TASKS) for b in CONFIRM_BUDGETS]
+    if own is not None:
+        needed += [((variant, TOP_BUDGET), TEST_TASKS), ((own[0], TOP_BUDGET), TEST_TASKS)]
+    complete = all(
+        (task, seed) in cells.get(key, {}) for key, tasks in needed for task in tasks for seed in TEST_SEEDS
+    )
+    refuted_by = [f"held-out {b}: {_fmt(d)}" for b, d in held_out.items() if d is not None and d["ci"][1] < 0]
+    if own_shuffle is not None and own_shuffle["vs"] is not None and own_shuffle["vs"]["ci"][1] < 0:
+        refuted_by.append(
+            f"below its own shuffle ({own_shuffle['control']}) at r8: {_fmt(own_shuffle['vs'])}"
+        )
+    keeps = not refuted_by if complete else None
+    return {
+        "variant": variant,
+        "held_out": held_out,
+        "own_shuffle": own_shuffle,
+        "refuted_by": refuted_by,
+        "complete": complete,
+        "keeps_default": keeps,
+        "default": None if keeps is None else (variant if keeps else FALLBACK_DEFAULT),
+    }
+
+
 def _fmt(d: Mapping[str, Any] | None) -> str:
     if d is None:
         return "–"
@@ -314,6 +366,7 @@ def _yes(flag: bool | None) -> str:
 def _markdown(
     confirm: Mapping[str, Any],
     target: Mapping[str, Any],
+    default: Mapping[str, Any],
     store: Path,
     out: Path,
     choice: Path,
@@ -375,11 +428,41 @@ def _markdown(
         if target["met"] is None
         else f"**Target {'met' if target['met'] else 'not met'}.**",
         "",
+        *_default_lines(default),
+        "",
         f"Made with `python -m bench.confirm report --store {store} --choice {choice} --out {out}"
         f"{seeds_arg(seeds)}`.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _default_lines(default: Mapping[str, Any]) -> list[str]:
+    variant = default["variant"]
+    lines = [
+        "## The library default",
+        "",
+        f"The rule pre-declared in [README.md](README.md) (Step 4): `{variant}` stays the default unless, on the",
+        "held-out tasks, its pooled difference to uniform at some budget has a CI wholly below 0, or, over all",
+        "five tasks at r8, it loses to its own shuffle control with a CI wholly below 0; if refuted, the default",
+        f"returns to `{FALLBACK_DEFAULT}` (plain FIM-LoRA scores). Nothing else is chosen on the test split.",
+        "",
+    ]
+    lines += [f"* held-out {b}: {_fmt(d)}" for b, d in default["held_out"].items()]
+    own = default["own_shuffle"]
+    if own is not None:
+        lines.append(f"* against {own['control']} at r8, all five tasks: {_fmt(own['vs'])}")
+    lines.append("")
+    if default["keeps_default"] is None:
+        lines.append("**Default: pending (runs missing).**")
+    elif default["keeps_default"]:
+        lines.append(f"**Default: `{variant}` stays** (not refuted).")
+    else:
+        lines.append(
+            f"**Default: `{variant}` is refuted** ({'; '.join(default['refuted_by'])}); "
+            f"it returns to `{default['default']}`."
+        )
+    return lines
 
 
 def _report(store: Path, choice: Path, out: Path, seeds: Sequence[int] | None = None) -> None:
@@ -388,9 +471,12 @@ def _report(store: Path, choice: Path, out: Path, seeds: Sequence[int] | None = 
         raise SystemExit(f"{choice} names no chosen variant yet: finish the variant grid first")
     records = of_seeds(ResultStore(store).records(), seeds)
     confirm, target = confirmation_table(records, variant), target_verdict(records, variant)
+    default = default_verdict(records, variant)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "confirmation.json", {"confirmation": confirm, "target": target})
-    atomic_write_text(out / "confirmation.md", _markdown(confirm, target, store, out, choice, seeds))
+    atomic_write_json(
+        out / "confirmation.json", {"confirmation": confirm, "target": target, "default": default}
+    )
+    atomic_write_text(out / "confirmation.md", _markdown(confirm, target, default, store, out, choice, seeds))
     print(f"wrote {out / 'confirmation.md'}")
 
 

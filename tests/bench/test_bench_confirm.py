@@ -9,6 +9,7 @@ import pytest
 from bench.confirm import (
     CONFIRM_BUDGETS,
     confirmation_table,
+    default_verdict,
     main,
     make_confirmation_grid,
     make_confirmation_grids,
@@ -160,6 +161,36 @@ def test_confirmation_reads_only_the_held_out_tasks_and_refuses_dev_records() ->
         confirmation_table([*records, _record("uniform", "r8", "trec6", 9, 50.0, split="dev")], "fim-kind")
 
 
+def test_default_is_kept_unless_the_pre_declared_rule_refutes_it() -> None:
+    kept = default_verdict(_store(_LEVELS), "fim-kind")
+    assert kept["complete"] and kept["keeps_default"] and kept["default"] == "fim-kind"
+    assert kept["refuted_by"] == [] and kept["own_shuffle"]["control"] == "fim-kind-shuffled"
+    # (1) below uniform on the held-out tasks at one budget, CI wholly below 0: back to plain FIM
+    low_r2 = default_verdict(_store({**_LEVELS, ("fim-kind", "r2"): 84.0}), "fim-kind")
+    assert low_r2["keeps_default"] is False and low_r2["default"] == "fim"
+    assert [r.split(":")[0] for r in low_r2["refuted_by"]] == ["held-out r2"]
+    # ... read on the held-out tasks only: a loss on a selection task does not refute it
+    selection_loss = default_verdict(_store(_LEVELS, task_shift={"trec6": -3.0}), "fim-kind")
+    assert selection_loss["keeps_default"] and selection_loss["held_out"]["r8"]["diff"] == pytest.approx(1.5)
+    held_out_loss = default_verdict(_store(_LEVELS, task_shift={t: -3.0 for t in HELD_OUT_TASKS}), "fim-kind")
+    assert held_out_loss["default"] == "fim" and len(held_out_loss["refuted_by"]) == 3  # every budget
+    # (2) its own shuffle control better at r8, CI wholly below 0
+    own = default_verdict(_store({**_LEVELS, ("fim-kind-shuffled", "r8"): 91.5}), "fim-kind")
+    assert own["default"] == "fim" and own["refuted_by"][0].startswith("below its own shuffle")
+    # a variant without a control of its own is judged on (1) alone
+    ginit = {(("fim-ginit" if m == "fim-kind" else m), b): v for (m, b), v in _LEVELS.items()}
+    verdict = default_verdict(_store(ginit), "fim-ginit")
+    assert verdict["own_shuffle"] is None and verdict["keeps_default"]
+    # a run missing: nothing decided, whatever the numbers so far say
+    missing = [
+        r
+        for r in _store({**_LEVELS, ("fim-kind", "r2"): 84.0})
+        if (r["spec"]["method"], r["spec"]["task"], r["spec"]["seed"]) != ("uniform", "bbc_news", 4)
+    ]
+    partial = default_verdict(missing, "fim-kind")
+    assert not partial["complete"] and partial["keeps_default"] is None and partial["default"] is None
+
+
 def _write_store_and_choice(tmp_path: Path) -> Path:
     """A test store (``tmp_path/store``) at :data:`_LEVELS`, five seeds, and a choice file naming
     ``fim-kind``; returns the choice file."""
@@ -181,6 +212,7 @@ def test_report_command_writes_both_parts(tmp_path: Path) -> None:
     )
     text = (tmp_path / "confirmation.md").read_text()
     assert "held-out" in text and "**Target met.**" in text
+    assert "**Default: `fim-kind` stays** (not refuted)." in text
     # one seed only: the numbers are shown, one pair has no CI, and no verdict is printed
     from bench.harness import ResultStore
 
@@ -205,6 +237,7 @@ def test_report_command_writes_both_parts(tmp_path: Path) -> None:
     )
     text = (partial_out / "confirmation.md").read_text()
     assert "**Target pending: runs missing.**" in text and "pending (runs missing)" in text
+    assert "**Default: pending (runs missing).**" in text
     assert "met**" not in text and "nan" not in text
     choice.write_text('{"chosen": null}')
     with pytest.raises(SystemExit):
