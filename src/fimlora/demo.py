@@ -250,10 +250,10 @@ def _setup_facts(cfg: DemoConfig, summary: dict[str, Any]) -> list[tuple[str, st
     normalize = _run_config(cfg, "fim", cfg.seeds[0]).fim.normalize
     scores = {
         "kind": " in proportion to the scores, each first divided by the mean score of its module kind (query, "
-        "key, ... over the 6 layers): FimConfig's default normalize='kind', chosen on dev accuracy among "
-        "eight allocation variants (docs/results/full/variants.md)",
+        "key, ... over the 6 layers; normalize='kind', not the default: best on dev accuracy among eight "
+        "allocation variants, refuted as the default on the test grid, docs/results/full/confirmation.md)",
         "layer": " in proportion to the scores, each first divided by the mean score of its layer",
-    }.get(normalize, " in proportion to the scores")
+    }.get(normalize, " in proportion to the scores (FimConfig's default normalize='none')")
     methods = (
         f"uniform LoRA: r = {cfg.r} on every linear layer of the encoder ({', '.join(DEMO_TARGET_MODULES[:5])}"
         f" and output.dense in each of the 6 layers). FIM-LoRA (Fisher-information LoRA): {cfg.calibration_batches}"

@@ -267,7 +267,7 @@ def test_normalize_by_kind_removes_the_bias_between_kinds_and_keeps_depth() -> N
     assert kind["enc.layer.3.attn.query"] == kind["enc.layer.3.attn.value"]
     assert kind["enc.layer.3.attn.value"] > kind["enc.layer.0.attn.value"]
     assert kind.metadata["raw_scores"]["enc.layer.0.attn.query"] == 10.0
-    assert dict(plan_rank_map(scores, shapes, _quiet(r_min=1, r_max=32), r=8)) == dict(kind)  # the default
+    assert dict(plan_rank_map(scores, shapes, _quiet(r_min=1, r_max=32), r=8)) == plain  # the default
     with pytest.raises(ValueError, match="normalize"):
         FimConfig(normalize="depth")  # type: ignore[arg-type]
 
@@ -281,7 +281,9 @@ def test_normalize_warns_where_every_module_is_alone_in_its_group() -> None:
     with pytest.warns(UserWarning, match="alone in its group.*normalize='none'"):
         assert normalize_scores(scores, "kind") == {"encoder.query": 1.0, "encoder.value": 1.0}
     with pytest.warns(UserWarning, match="alone in its group"):
-        flat = plan_rank_map(scores, {n: (64, 64) for n in scores}, _quiet(r_min=1, r_max=32), r=8)
+        flat = plan_rank_map(
+            scores, {n: (64, 64) for n in scores}, _quiet(normalize="kind", r_min=1, r_max=32), r=8
+        )
     assert set(dict(flat).values()) == {8}
     raw = plan_rank_map(
         scores, {n: (64, 64) for n in scores}, _quiet(normalize="none", r_min=1, r_max=32), r=8

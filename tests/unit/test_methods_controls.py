@@ -105,7 +105,7 @@ def test_random_holds_explicit_budgets_and_bounds() -> None:
 def test_random_is_deterministic_per_seed_varies_across_seeds_and_spreads() -> None:
     maps = [dict(_prepare("random", "llama", seed=s)[1]) for s in range(5)]
     assert dict(_prepare("random", "llama", seed=0)[1]) == maps[0]
-    # FimConfig's normalize (default "kind") does not touch i.i.d. draws: "none" is what the planner got
+    # FimConfig's normalize ("kind", "layer") does not touch i.i.d. draws: "none" is what the planner got
     for normalize in ("kind", "layer"):
         same = _prepare("random", "llama", seed=0, normalize=normalize)[1]
         assert dict(same) == maps[0] and same.metadata["config"]["normalize"] == "none"

@@ -158,9 +158,10 @@ def test_demo_length_is_past_the_plateau_and_the_report_says_why() -> None:
 
 
 def test_demo_says_how_its_fim_lora_shares_the_budget() -> None:
-    """The report's description of FIM-LoRA follows FimConfig's normalisation (the default: "kind")."""
+    """The report's description of FIM-LoRA follows FimConfig's normalisation (the default: "none")."""
     from fimlora.demo import DemoConfig, _setup_facts
 
     summary = {"wall_seconds": 1.0, "train_examples": 2000, "test_examples": 1026}
     methods = dict(_setup_facts(DemoConfig(), summary))["methods"]
-    assert "divided by the mean score of its module kind" in methods and "normalize='kind'" in methods
+    assert "in proportion to the scores (FimConfig's default normalize='none')" in methods
+    assert "module kind" not in methods
