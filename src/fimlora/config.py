@@ -43,7 +43,7 @@ class FimConfig:
     """Ranks are proportional to score**score_power: 1 = proportional to the score (FIM-LoRA); between 0 and 1 flattens the map towards uniform (0 = uniform)."""
 
     normalize: Normalization = "none"
-    """Divide each module's score by its group's mean before allocating: "none" (default: FIM-LoRA's raw scores), "kind" (query, key, ... over all layers: removes the bias between module kinds, keeps the depth profile; best of eight variants on dev accuracy, but the 5-seed test grid refuted it as the default: docs/results/full/confirmation.md), "layer" (removes the depth profile)."""
+    """Divide each module's score by its group's mean before allocating: "none" (default: FIM-LoRA's raw scores), "kind" (query, key, ... over all layers: removes the bias between module kinds, keeps the depth profile; best of eight variants on dev accuracy, but refuted as the default by the pre-declared rule on the 5-seed test grid: 0.63 points below uniform at r8 on the held-out tasks, CI wholly below 0, docs/results/full/confirmation.md), "layer" (removes the depth profile)."""
 
     estimator: Estimator = "batch"
     """Which gradients are squared: "batch" = each calibration batch's gradient; "per_example" = each example's, exact, from one pass (mean over examples; see fimlora.calibration)."""
