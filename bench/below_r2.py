@@ -87,7 +87,7 @@ def _markdown(reading: Mapping[str, Any], command: str) -> str:
         "# Issue 13: below the r2 budget, with modules dropped (dev split)",
         "",
         "Dev accuracy (%), mean over seeds "
-        f"{list(SEEDS)}. At uniform r = 1's LoRA parameter count FIM-LoRA (kind-normalised, the default) may",
+        f"{list(SEEDS)}. At uniform r = 1's LoRA parameter count FIM-LoRA (kind-normalised, as `fim-kind`) may",
         "drop modules (`r_min = 0`, `r_max = 8`); `random-drop` spends the same budget with random scores under",
         "the same bounds. The r2/r4/r8 rows are the variant grid's (same protocol). The test split is not read.",
         "",

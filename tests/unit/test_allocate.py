@@ -375,8 +375,8 @@ def test_bounds_and_costs_must_be_positive_ints(bad: object) -> None:
 
 # -- plan_rank_map ---------------------------------------------------------------------------------------
 SHAPES = {"a": (64, 32), "b": (128, 128), "c": (16, 256)}  # full ranks 32, 128, 16
-# Names without layers: normalize="kind" (the default) would make every score 1, so the plans below take the
-# raw scores (the warning for that case is tested in test_fim_core.py).
+# Names without layers: normalize="kind" would make every score 1, so the plans below name the raw scores
+# ("none", the default) explicitly (the warning for that case is tested in test_fim_core.py).
 
 
 def test_plan_default_rank_budget_is_r_times_modules() -> None:
