@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from fimlora.calibration import ModuleStats, estimate_module_scores, fim_calibration
     from fimlora.compress import compress_adapter
     from fimlora.config import FimConfig
-    from fimlora.errors import CalibrationError
+    from fimlora.errors import AdapterCheckError, CalibrationError
     from fimlora.initialize import initialize_lora_fim_ranks
     from fimlora.peft_glue import apply_rank_map, export_adapter, export_uniform, lora_config_with_ranks
     from fimlora.rankmap import RankMap
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 # Public name -> the module that defines it. Loaded on first use (PEP 562), so that importing a torch-free
 # part of the package (fimlora.rankmap, fimlora.allocate, fimlora.io) does not import torch and PEFT.
 _HOMES = {
+    "AdapterCheckError": "fimlora.errors",
     "CalibrationError": "fimlora.errors",
     "FimConfig": "fimlora.config",
     "ModuleStats": "fimlora.calibration",
@@ -53,6 +54,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AdapterCheckError",
     "CalibrationError",
     "FimConfig",
     "ModuleStats",

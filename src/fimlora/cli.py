@@ -41,7 +41,7 @@ from fimlora.cli_options import (
     load_config_file,
     section_values,
 )
-from fimlora.errors import CalibrationError, DataError, UsageError
+from fimlora.errors import AdapterCheckError, CalibrationError, DataError, UsageError
 from fimlora.run_config import LoraSpec, RunConfig
 from fimlora.tasks import DataSpec
 
@@ -432,7 +432,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except (UsageError, DataError, CalibrationError) as e:  # what the user can fix: one line, status 2
+    except (
+        UsageError,
+        DataError,
+        CalibrationError,
+        AdapterCheckError,
+    ) as e:  # user-fixable: one line, status 2
         print(f"fimlora: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except TrainingInterrupted as e:

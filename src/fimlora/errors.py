@@ -6,7 +6,7 @@ Each message is one line that names the problem and how to fix it, so the CLI pr
 
 from __future__ import annotations
 
-__all__ = ["CalibrationError", "DataError", "UsageError"]
+__all__ = ["AdapterCheckError", "CalibrationError", "DataError", "UsageError"]
 
 
 class UsageError(ValueError):
@@ -19,3 +19,9 @@ class DataError(ValueError):
 
 class CalibrationError(RuntimeError):
     """Calibration could not produce usable statistics (no batches, no loss, non-finite gradients)."""
+
+
+class AdapterCheckError(RuntimeError):
+    """A rewritten adapter (AdaLoRA -> LoRA, a resize, compress, export) does not compute what it should,
+    which means the installed PEFT/transformers behave differently from the tested ones. Nothing has been
+    written; a run's checkpoints are kept, so it can be resumed once a tested version is installed."""

@@ -13,7 +13,11 @@
 * :mod:`.adalora`: AdaLoRA's SVD-form layers and rank allocator, and its conversion to plain LoRA;
 * :mod:`.compress_io`: read any LoRA (or AdaLoRA) adapter directory as factors and scales, and write one
   back at new ranks (for :func:`fimlora.compress_adapter`);
-* :mod:`.eva`: EVA with a parameter budget (a version-checked replacement inside PEFT's EVA).
+* :mod:`.eva`: EVA with a parameter budget (a version-checked replacement inside PEFT's EVA);
+* :mod:`.saved_modules`: trained ``modules_to_save`` copies read and carried over, and adapters taken off a
+  model without PEFT's version-dependent ``unload()``;
+* :mod:`.verify`: run-time checks that a rewritten adapter computes what it should (each module's update on
+  a fixed probe, through PEFT's own forward or loader), raising ``AdapterCheckError`` with the versions.
 
 Other fimlora modules may use PEFT's top-level API (``from peft import LoraConfig, get_peft_model``) but
 never ``peft.tuners``/``peft.utils`` or a LoRA layer's attributes: they use the functions here.

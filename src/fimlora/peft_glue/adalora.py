@@ -18,8 +18,16 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from fimlora.errors import AdapterCheckError
 from fimlora.peft_glue.layers import lora_factors, lora_modules
 from fimlora.peft_glue.resize import rank_patterns, scaled_alpha
+from fimlora.peft_glue.saved_modules import (
+    check_saved_modules,
+    load_saved_module_states,
+    saved_module_states,
+    swap_in_original_modules,
+)
+from fimlora.peft_glue.verify import check_updates, forward_updates, version_advice
 
 __all__ = [
     "AdaLoraSchedule",
@@ -193,14 +201,20 @@ def replace_adalora_allocation(
 
 
 def adalora_to_lora(model: nn.Module, lora_config: Any, *, adapter_name: str = "default") -> nn.Module:
-    """Rewrite an AdaLoRA PEFT model as a standard LoRA PEFT model with the same outputs.
+    """Rewrite an AdaLoRA PEFT model as a standard LoRA PEFT model with the same outputs, checked.
 
     AdaLoRA computes delta(x) = (B[:, k] E[k] A[k, :] x) * s / (ranknum + 1e-5) over kept triplets k (the
     mask is PEFT's ``rank_pattern``; without one, every triplet is kept). LoRA computes
     B' A' x * alpha_i / r_i. With A' = (E * A)[kept] (r_i x in) and B' = B[:, kept] * s / (ranknum + 1e-5) /
     (alpha_i / r_i), the two agree; alpha_i = alpha * r_i / r keeps the config's scale convention. A module
     whose triplets are all pruned is excluded from the LoRA adapter (``exclude_modules``; LoRA has no rank
-    0), or, when ``exclude_modules`` is a regex, gets one inert rank (B' = 0): outputs unchanged.
+    0), or, when ``exclude_modules`` is a regex, gets one inert rank (B' = 0): outputs unchanged. Trained
+    ``modules_to_save`` copies (e.g. a classifier head) are carried over explicitly: PEFT's ``unload()``
+    stopped doing it in 0.22, so fimlora takes the AdaLoRA layers off itself and leaves ``unload`` alone.
+
+    The result is checked before it is returned: every module's update on a fixed probe, through each
+    PEFT layer's own forward, and every saved module's parameters must match the AdaLoRA model's
+    (:mod:`fimlora.peft_glue.verify`).
 
     Args:
         model: a PEFT model with an AdaLoRA adapter ``adapter_name``.
@@ -211,12 +225,17 @@ def adalora_to_lora(model: nn.Module, lora_config: Any, *, adapter_name: str = "
     Returns:
         A new ``PeftModel`` with a LoRA adapter ``"default"`` whose ``save_pretrained`` output loads with
         vanilla PEFT. ``model`` is consumed (its base model is reused).
+
+    Raises:
+        AdapterCheckError: the LoRA model does not compute what the AdaLoRA model did (a PEFT release that
+            behaves differently); ``model`` is put back as it was.
     """
     from peft import LoraConfig, get_peft_model
 
     root = _tuner(model)
     ada_cfg = root.peft_config[adapter_name]
-    found = {name: _lora_form(name, layer, adapter_name, ada_cfg) for name, layer in _layers(model).items()}
+    layers = _layers(model)
+    found = {name: _lora_form(name, layer, adapter_name, ada_cfg) for name, layer in layers.items()}
     pruned = sorted(n for n, f in found.items() if f is None)
     exclude = ada_cfg.exclude_modules
     if pruned and not isinstance(exclude, str):
@@ -228,8 +247,7 @@ def adalora_to_lora(model: nn.Module, lora_config: Any, *, adapter_name: str = "
         if f is not None:
             factors[name] = f
         elif isinstance(exclude, str):  # a regex can't be extended safely: one inert rank (B = 0) instead
-            layer = _layers(model)[name]
-            a, b = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+            a, b = layers[name].lora_A[adapter_name], layers[name].lora_B[adapter_name]
             factors[name] = (a[:1].detach().clone(), torch.zeros_like(b[:, :1]).detach())
     r, alpha, rslora = int(lora_config.r), lora_config.lora_alpha, bool(lora_config.use_rslora)
     ranks = {n: a.shape[0] for n, (a, _) in factors.items()}
@@ -249,21 +267,52 @@ def adalora_to_lora(model: nn.Module, lora_config: Any, *, adapter_name: str = "
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
     )
-    base = root.unload()  # trained modules_to_save copies replace the originals here
-    with torch.random.fork_rng(devices=[]):  # LoRA init draws random A; leave the caller's RNG alone
-        plain = get_peft_model(base, plain_cfg)
-    mods = lora_modules(plain)
-    missing = sorted(set(factors) ^ set(mods))
-    if missing:
-        raise RuntimeError(f"AdaLoRA and LoRA adapt different modules ({missing[:3]}); please report this")
-    with torch.no_grad():
-        for name, (a, b) in factors.items():
-            layer = mods[name]
-            scale = layer.scaling["default"]  # alpha_i / r_i (or / sqrt(r_i)), as PEFT computed it
-            lora_a, lora_b = lora_factors(layer)
-            lora_a.weight.copy_(a)
-            lora_b.weight.copy_(b / scale)
+    expected = forward_updates(model)
+    saved = saved_module_states(model, adapter_name)
+    base, undo = _take_off_adapter(root)
+    try:
+        with torch.random.fork_rng(devices=[]):  # LoRA init draws random A; leave the caller's RNG alone
+            plain = get_peft_model(base, plain_cfg)
+        mods = lora_modules(plain)
+        missing = sorted(set(factors) ^ set(mods))
+        if missing:
+            raise AdapterCheckError(
+                f"AdaLoRA and LoRA adapt different modules ({missing[:3]}) " + version_advice()
+            )
+        with torch.no_grad():
+            for name, (a, b) in factors.items():
+                layer = mods[name]
+                scale = layer.scaling["default"]  # alpha_i / r_i (or / sqrt(r_i)), as PEFT computed it
+                lora_a, lora_b = lora_factors(layer)
+                lora_a.weight.copy_(a)
+                lora_b.weight.copy_(b / scale)
+        load_saved_module_states(plain, saved, "default")
+        check_updates(expected, forward_updates(plain), what="the AdaLoRA -> LoRA conversion")
+        check_saved_modules(
+            saved, saved_module_states(plain, "default"), what="the AdaLoRA -> LoRA conversion"
+        )
+    except BaseException:
+        undo()
+        raise
     return plain
+
+
+def _take_off_adapter(root: Any) -> tuple[nn.Module, Callable[[], None]]:
+    """The tuner's base model with every PEFT layer and saved-module wrapper replaced by its original module
+    (what ``unload()`` does, without its version-dependent side effects), and a function that undoes it."""
+    base = root.model
+    swapped = swap_in_original_modules(base)
+    config = base.__dict__.get("peft_config")
+    if "peft_config" in base.__dict__:
+        del base.peft_config
+
+    def undo() -> None:
+        for parent, child, module in swapped:
+            setattr(parent, child, module)
+        if config is not None:
+            base.peft_config = config
+
+    return base, undo
 
 
 def _lora_form(name: str, layer: Any, adapter: str, ada_cfg: Any) -> tuple[torch.Tensor, torch.Tensor] | None:

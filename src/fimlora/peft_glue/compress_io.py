@@ -25,6 +25,7 @@ import torch
 
 from fimlora.peft_glue.layers import PEFT_MODEL_PREFIX
 from fimlora.peft_glue.resize import pattern_key, scaled_alpha
+from fimlora.peft_glue.verify import check_updates, factor_update, written_updates
 
 __all__ = [
     "ADAPTER_FILES",
@@ -121,12 +122,15 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 def _variant_fields() -> list[str]:
     """LoraConfig fields that switch on a LoRA variant, whose forward pass is not ``s * B @ A @ x`` (DoRA
-    and others): PEFT tags them ``is_lora_variant``, so a variant added to PEFT is refused too."""
+    and others): PEFT tags them ``is_lora_variant``, so a variant added to PEFT is refused too. PEFT before
+    0.20 tags none, so the variants those releases have are named here as well."""
     import dataclasses
 
     from peft import LoraConfig
 
-    return [f.name for f in dataclasses.fields(LoraConfig) if f.metadata.get("is_lora_variant")]
+    tagged = [f.name for f in dataclasses.fields(LoraConfig) if f.metadata.get("is_lora_variant")]
+    known = ("use_dora", "use_qalora", "alora_invocation_tokens", "arrow_config")  # peft 0.15 to 0.19
+    return tagged + [name for name in known if name not in tagged]
 
 
 def check_compressible_config(path: str | Path) -> dict[str, Any]:
@@ -314,6 +318,11 @@ def write_lora_adapter(
 
     Returns:
         The config written to ``adapter_config.json``.
+
+    Raises:
+        AdapterCheckError: the written files, as the installed PEFT reads them, do not make the updates
+            ``factors`` describe (:func:`fimlora.peft_glue.verify.written_updates`); write into a staging
+            directory that is thrown away on error.
     """
     from safetensors.torch import save_file
 
@@ -336,6 +345,15 @@ def write_lora_adapter(
     config["alpha_pattern"] = {pattern_key(n): factors[n][2] for n in names}
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    intended = {
+        n: factor_update(
+            factors[n][0],
+            factors[n][1],
+            module_scale(factors[n][2], int(factors[n][0].shape[0]), use_rslora=source.use_rslora),
+        )
+        for n in names
+    }
+    check_updates(intended, written_updates(out), what="writing the compressed adapter")
     for item in source.path.iterdir():
         if item.is_file() and item.name not in (*ADAPTER_FILES, "adapter_model.bin"):
             shutil.copy2(item, out / item.name)

@@ -36,6 +36,7 @@ from torch import nn
 
 from fimlora.io import package_versions, staged_directory
 from fimlora.peft_glue.layers import PEFT_MODEL_PREFIX
+from fimlora.peft_glue.verify import check_updates, written_updates
 
 __all__ = ["ENGINES", "NOTE_FILE", "export_adapter", "export_uniform"]
 
@@ -77,6 +78,8 @@ def export_adapter(
             embeddings, ranks that disagree with the config).
         FileNotFoundError: the source is not a PEFT adapter directory.
         FileExistsError: ``out_dir`` is not empty and ``overwrite`` is false.
+        AdapterCheckError: the exported files, read as the installed PEFT reads them, do not make the
+            source adapter's updates; nothing is written.
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
@@ -238,6 +241,9 @@ def _export_dir(src: Path, out: Path, engine: str, *, source_label: str) -> Path
             {k: t.contiguous() for k, t in new_tensors.items()}, str(weights), metadata={"format": "pt"}
         )
         (staging / _CONFIG).write_text(json.dumps(new_config, indent=2, sort_keys=True))
+        # The export, as the installed PEFT reads it, must make the source's updates (padding and folded
+        # scales change the files, never the outputs); a mismatch throws the staging directory away.
+        check_updates(written_updates(src), written_updates(staging), what=f"the {engine} export")
         ranks = sorted({int(new_tensors[m.prefix + ".lora_A.weight"].shape[0]) for m in modules})
         (staging / NOTE_FILE).write_text(
             _note(engine, new_config, ranks, source_label, weights.stat().st_size)

@@ -21,10 +21,12 @@ from fimlora.peft_glue.layers import (
     PEFT_MODEL_PREFIX,
     is_sharded,
     lora_config,
+    lora_factors,
     lora_modules,
     lora_root,
     sharded_resize_error,
 )
+from fimlora.peft_glue.verify import ProbedUpdate, check_updates, factor_update, layer_update
 
 __all__ = [
     "apply_rank_map",
@@ -113,9 +115,14 @@ def resize_lora_modules(
         keep: module name -> old rank indices to carry over (at most the new rank of that module).
         seed: seed for the random parts; the caller's global RNG state is not consumed.
 
+    The kept columns are checked after the rebuild: each module in ``keep`` must compute, through PEFT's
+    own forward, the update its kept columns made before (:mod:`fimlora.peft_glue.verify`).
+
     Raises:
         ValueError: unknown module, bad rank, too many kept indices, unsupported init. The model is
             restored to its previous state when anything fails.
+        AdapterCheckError: a resized module computes something else (a PEFT release that rebuilds layers
+            differently); the model is restored.
         TypeError: the model is sharded (FSDP2): build it at its ranks before sharding instead.
     """
     if is_sharded(model):
@@ -140,6 +147,7 @@ def resize_lora_modules(
                 raise ValueError(f"kept indices for {name!r} must be < {old_r} and at most {r} of them")
 
     snapshots = {name: _snapshot(mods[name], adapter_name) for name in ranks}
+    kept_updates = _kept_updates(mods, ranks, alphas or {}, keep or {}, adapter_name, cfg)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -147,10 +155,16 @@ def resize_lora_modules(
                 module = mods[name]
                 old = snapshots[name]
                 alpha = alphas[name] if alphas and name in alphas else module.lora_alpha[adapter_name]
-                module.update_layer(adapter_name=adapter_name, r=r, lora_alpha=alpha, config=cfg)
+                _update_layer(module, adapter_name, r, alpha, cfg)
                 _match_dtypes(module, adapter_name, old)
                 if keep and name in keep and keep[name]:
                     _copy_kept(module, adapter_name, old, list(keep[name]))
+        got = {n: layer_update(mods[n]) for n in kept_updates}
+        check_updates(
+            kept_updates,
+            {n: u for n, u in got.items() if u is not None},
+            what="resizing LoRA modules (kept rank columns)",
+        )
     except BaseException:
         for name, snap in snapshots.items():
             _restore(mods[name], adapter_name, snap)
@@ -326,6 +340,52 @@ def _restore(module: Any, adapter: str, snap: Mapping[str, Any]) -> None:
             store[adapter] = snap[attr]
         elif adapter in store:
             del store[adapter]
+
+
+def _update_layer(module: Any, adapter: str, r: int, alpha: float, cfg: Any) -> None:
+    """PEFT's ``update_layer``: it takes the ``LoraConfig`` since peft 0.19, its fields one by one before."""
+    import inspect
+
+    if "config" in inspect.signature(module.update_layer).parameters:
+        module.update_layer(adapter_name=adapter, r=r, lora_alpha=alpha, config=cfg)
+        return
+    module.update_layer(
+        adapter_name=adapter,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=cfg.lora_dropout,
+        init_lora_weights=cfg.init_lora_weights,
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+        lora_bias=cfg.lora_bias,
+    )
+
+
+def _kept_updates(
+    mods: Mapping[str, Any],
+    ranks: Mapping[str, int],
+    alphas: Mapping[str, float],
+    keep: Mapping[str, Sequence[int]],
+    adapter: str,
+    cfg: Any,
+) -> dict[str, ProbedUpdate]:
+    """Module name -> what the resized layer must compute: its kept rank columns' product at the new scale,
+    ``s' * X A[keep]^T B[:, keep]^T`` with LoRA's s' = alpha' / r' (rsLoRA: alpha' / sqrt(r')), since its new
+    columns start with B = 0. Modules whose new columns would not be inert (``init_lora_weights=False``:
+    random B) or whose forward is not linear in the factors (DoRA) are not checked."""
+    if cfg.init_lora_weights is False or getattr(cfg, "use_dora", False):
+        return {}
+    out = {}
+    for name, idx in keep.items():
+        if not idx:
+            continue
+        module = mods[name]
+        a, b = lora_factors(module, adapter)
+        index = torch.tensor(list(idx), device=a.weight.device)
+        alpha = alphas.get(name, module.lora_alpha[adapter])
+        scale = alpha / (math.sqrt(ranks[name]) if cfg.use_rslora else ranks[name])
+        out[name] = factor_update(a.weight.index_select(0, index), b.weight.index_select(1, index), scale)
+    return out
 
 
 def _match_dtypes(module: Any, adapter: str, old: Mapping[str, Any]) -> None:
