@@ -27,13 +27,13 @@ def _installed(monkeypatch: pytest.MonkeyPatch, version: str | None) -> None:
     monkeypatch.setattr(metadata, "version", fake)
 
 
-@pytest.mark.parametrize("version", ["0.15.0", "0.20.1", "0.21.2", "0.21.3.dev0"])
+@pytest.mark.parametrize("version", ["0.15.0", "0.20.1", "0.21.2", "0.22.0", "0.22.1.dev0"])
 def test_supported_versions_pass(monkeypatch: pytest.MonkeyPatch, version: str) -> None:
     _installed(monkeypatch, version)
     check_eva_patch_supported()
 
 
-@pytest.mark.parametrize("version", ["0.14.0", "0.22.0", "0.22.0.dev0", "1.0.0", "not-a-version", None])
+@pytest.mark.parametrize("version", ["0.14.0", "0.23.0", "0.23.0.dev0", "1.0.0", "not-a-version", None])
 def test_other_versions_fail_with_one_line_naming_both_and_the_fix(
     monkeypatch: pytest.MonkeyPatch, version: str | None
 ) -> None:
@@ -54,15 +54,15 @@ def test_the_installed_peft_is_supported() -> None:
 def test_nothing_is_patched_on_an_unsupported_version(monkeypatch: pytest.MonkeyPatch) -> None:
     from peft.tuners.lora import eva
 
-    _installed(monkeypatch, "0.22.0")
+    _installed(monkeypatch, "0.23.0")
     selection = CostWeightedEvaRanks({"a": 2}, budget=4, most=2)
-    with pytest.raises(UsageError, match="0.22.0"), selection.installed():
+    with pytest.raises(UsageError, match="0.23.0"), selection.installed():
         pass
     assert eva.Counter is Counter
 
 
 def test_eva_params_fails_before_wrapping_on_an_unsupported_version(monkeypatch: pytest.MonkeyPatch) -> None:
-    _installed(monkeypatch, "0.22.0")
+    _installed(monkeypatch, "0.23.0")
     build, kwargs = ARCHS["llama"]
     base = build(0)
     with pytest.raises(UsageError, match="budget_unit='ranks'"):

@@ -35,11 +35,12 @@ __all__ = [
     "eva_state_dict_within_params",
 ]
 
-EVA_PATCH_PEFT_VERSIONS = ">=0.15,<0.22"
-"""PEFT versions whose EVA :class:`CostWeightedEvaRanks` may patch. Written for and tested with 0.21
-(0.21.2); the two names it replaces (``Counter`` as called by ``_get_rank_distribution``, and
-``find_equal_values``) and the code around them are unchanged from 0.15.0 to 0.21.2, by a diff of PEFT's
-sources. 0.22 and later are unknown until checked: then widen this range."""
+EVA_PATCH_PEFT_VERSIONS = ">=0.15,<0.23"
+"""PEFT versions whose EVA :class:`CostWeightedEvaRanks` may patch. Written for 0.21 (0.21.2) and tested
+with 0.15.0 and 0.22.0 (CI's oldest and newest sets): the two names it replaces (``Counter`` as called by
+``_get_rank_distribution``, and ``find_equal_values``) and the code around them are unchanged from 0.15.0 to
+0.22.0 (``peft/tuners/lora/eva.py`` is byte-identical in 0.21.2 and 0.22.0). 0.23 and later are unknown
+until checked: then widen this range."""
 
 
 def check_eva_patch_supported() -> None:
@@ -56,7 +57,7 @@ def check_eva_patch_supported() -> None:
     except metadata.PackageNotFoundError:  # e.g. imported from a source tree without metadata
         installed = "unknown"
     try:
-        # Pre-releases count: 0.21.3.dev0 is inside the range, 0.22.0.dev0 is not (PEP 440's "<").
+        # Pre-releases count: 0.22.1.dev0 is inside the range, 0.23.0.dev0 is not (PEP 440's "<").
         supported = SpecifierSet(EVA_PATCH_PEFT_VERSIONS).contains(Version(installed), prereleases=True)
     except InvalidVersion:
         supported = False
