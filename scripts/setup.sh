@@ -5,10 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
+VENV="${FIMLORA_VENV:-.venv}"  # CI puts the oldest supported set (constraints/oldest.txt) in another one
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
 fi
-. .venv/bin/activate
+. "$VENV/bin/activate"
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet "torch==${FIMLORA_TORCH_VERSION:-2.13.0}"
 python -m pip install --quiet -e ".[dev,gguf]"

@@ -31,6 +31,18 @@ from fimlora.errors import UsageError
 from fimlora.io import staged_directory
 from fimlora.packaged import installed_package_dir
 
+
+def _dtype_keyword() -> str:
+    """``from_pretrained``'s dtype argument: ``dtype`` since transformers 4.56, ``torch_dtype`` before."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    return "dtype" if Version(version("transformers")) >= Version("4.56") else "torch_dtype"
+
+
+_FLOAT32: dict[str, Any] = {_dtype_keyword(): torch.float32}
+
 __all__ = [
     "EMBEDDED_MODEL",
     "ModelSource",
@@ -198,7 +210,7 @@ def convert_gguf(
     print(f"fimlora: converting {src.name} to safetensors once (cached in {target})", flush=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
-        model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, **_FLOAT32)
     except (OSError, ValueError, KeyError, IndexError, NotImplementedError, struct.error) as e:
         # A truncated file, or an architecture/quantisation transformers cannot de-quantise.
         reason = (str(e).splitlines() or [""])[0]
@@ -289,11 +301,9 @@ def load_model_and_tokenizer(
             if label_names is not None:
                 kwargs["id2label"] = dict(enumerate(label_names))
                 kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
-            net = AutoModelForSequenceClassification.from_pretrained(
-                source.path, dtype=torch.float32, **kwargs
-            )
+            net = AutoModelForSequenceClassification.from_pretrained(source.path, **_FLOAT32, **kwargs)
         elif task in ("sft", "multiple_choice"):
-            net = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32)
+            net = AutoModelForCausalLM.from_pretrained(source.path, **_FLOAT32)
         else:
             raise UsageError(f"unknown task {task!r}; use classification or sft")
     except (OSError, ValueError) as e:

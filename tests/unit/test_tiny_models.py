@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from helpers.tiny_models import make_tiny_bert, make_tiny_llama
 
 
@@ -31,6 +32,7 @@ def test_no_progress_hides_transformers_loading_bar(tmp_path, capsys) -> None:
     shown = capsys.readouterr().err
     load_model_and_tokenizer(str(model_dir), num_labels=2, progress=False)
     hidden = capsys.readouterr().err
-    assert "Loading weights" in shown  # the bar exists, so its absence below means something
+    if "Loading weights" not in shown:  # transformers < 5 shows no such bar for a small model
+        pytest.skip("this transformers shows no 'Loading weights' bar, so there is nothing to hide")
     assert "Loading weights" not in hidden
     assert hf_logging.is_progress_bar_enabled()  # the user's setting is restored
