@@ -136,3 +136,46 @@ def test_resize_that_loses_a_scale_on_kept_columns_is_refused_and_rolled_back(
     assert current_ranks(model) == {**ranks, name: 2}  # rolled back: only the first resize stands
     torch.testing.assert_close(_logits(model, batch), kept_before, atol=0, rtol=0)
     assert not torch.equal(kept_before, before)  # (the first resize did drop two columns)
+
+
+@pytest.mark.parametrize("engine", ["padded", "llama.cpp"])
+def test_an_export_that_loses_a_scale_is_refused_and_writes_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, engine: str
+) -> None:
+    from test_export_engines import _adapter
+
+    import fimlora.peft_glue.export as glue_export
+    from fimlora.peft_glue import export_adapter
+
+    _, src = _adapter(tmp_path)
+    real = glue_export._scaled
+    monkeypatch.setattr(glue_export, "_scaled", lambda t, factor: real(t, factor * 0.9))
+    out = tmp_path / "served"
+    with pytest.raises(AdapterCheckError) as err:
+        export_adapter(src, out, engine=engine)
+    assert f"the {engine} export changed module" in _one_line_naming_versions(err)
+    assert not out.exists() and not list(tmp_path.glob(".served*"))
+
+
+def test_a_compress_whose_files_disagree_with_its_factors_is_refused_and_writes_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from test_compress import _trained_adapter
+
+    import fimlora.peft_glue.compress_io as glue_compress_io
+    from fimlora.compress import compress_adapter
+
+    _, _, adapter_dir = _trained_adapter("llama", tmp_path)
+    real = glue_compress_io.pattern_key
+    first: list[str] = []
+
+    def first_key_misses(name: str) -> str:  # an alpha_pattern key PEFT would not match for one module
+        first.append(name)
+        return real(name) if len(first) > 1 else real(name) + "_"
+
+    monkeypatch.setattr(glue_compress_io, "pattern_key", first_key_misses)
+    out = tmp_path / "small"
+    with pytest.raises(AdapterCheckError) as err:
+        compress_adapter(adapter_dir, out, fraction=0.5, plot=False)
+    assert "writing the compressed adapter" in _one_line_naming_versions(err)
+    assert not out.exists() and not list(tmp_path.glob(".small*"))

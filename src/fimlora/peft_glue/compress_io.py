@@ -353,7 +353,8 @@ def write_lora_adapter(
         )
         for n in names
     }
-    check_updates(intended, written_updates(out), what="writing the compressed adapter")
+    what = "writing the compressed adapter"
+    check_updates(intended, written_updates(out, what=what), what=what)
     for item in source.path.iterdir():
         if item.is_file() and item.name not in (*ADAPTER_FILES, "adapter_model.bin"):
             shutil.copy2(item, out / item.name)

@@ -243,7 +243,8 @@ def _export_dir(src: Path, out: Path, engine: str, *, source_label: str) -> Path
         (staging / _CONFIG).write_text(json.dumps(new_config, indent=2, sort_keys=True))
         # The export, as the installed PEFT reads it, must make the source's updates (padding and folded
         # scales change the files, never the outputs); a mismatch throws the staging directory away.
-        check_updates(written_updates(src), written_updates(staging), what=f"the {engine} export")
+        what = f"the {engine} export"
+        check_updates(written_updates(src), written_updates(staging, what=what), what=what)
         ranks = sorted({int(new_tensors[m.prefix + ".lora_A.weight"].shape[0]) for m in modules})
         (staging / NOTE_FILE).write_text(
             _note(engine, new_config, ranks, source_label, weights.stat().st_size)

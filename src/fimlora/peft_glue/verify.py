@@ -223,7 +223,7 @@ def peft_module_scales(
     return {n: (int(layers[n].r["default"]), float(layers[n].scaling["default"])) for n in shapes}
 
 
-def written_updates(directory: Any) -> dict[str, ProbedUpdate]:
+def written_updates(directory: Any, *, what: str = "the adapter") -> dict[str, ProbedUpdate]:
     """Module name -> the update a LoRA adapter directory makes on its probe, at the rank and scale the
     installed PEFT gives it when it loads the files (:func:`peft_module_scales`).
 
@@ -253,7 +253,7 @@ def written_updates(directory: Any) -> dict[str, ProbedUpdate]:
         rank, scale = built[name]
         if rank != a.shape[0]:
             raise AdapterCheckError(
-                f"{path}: PEFT builds module {name} at rank {rank} but its tensors have rank {a.shape[0]} "
+                f"{what}: PEFT builds module {name} at rank {rank} but its tensors have rank {a.shape[0]} "
                 + version_advice()
             )
         out[name] = factor_update(a, b, scale)
