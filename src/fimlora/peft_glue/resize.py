@@ -9,6 +9,7 @@ PEFT matches a pattern key ``k`` against a module name with ``re.match(rf"(.*\\.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -342,11 +343,20 @@ def _restore(module: Any, adapter: str, snap: Mapping[str, Any]) -> None:
             del store[adapter]
 
 
+@functools.cache
+def _update_layer_takes_config() -> bool:
+    """Whether the installed PEFT's ``update_layer`` takes the ``LoraConfig`` (0.19 and later); read from the
+    version, not the signature, so that a wrapped ``update_layer`` is called the same way."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    return Version(version("peft")) >= Version("0.19.0.dev0")
+
+
 def _update_layer(module: Any, adapter: str, r: int, alpha: float, cfg: Any) -> None:
     """PEFT's ``update_layer``: it takes the ``LoraConfig`` since peft 0.19, its fields one by one before."""
-    import inspect
-
-    if "config" in inspect.signature(module.update_layer).parameters:
+    if _update_layer_takes_config():
         module.update_layer(adapter_name=adapter, r=r, lora_alpha=alpha, config=cfg)
         return
     module.update_layer(
