@@ -277,8 +277,15 @@ def _cmd_allocate(args: argparse.Namespace) -> int:
     rank_map = allocate_run(run, args.out, overwrite=args.overwrite)
     print(rank_map.format_table())
     meta = rank_map.metadata
+    alloc = meta.get("allocation") or {}
+    budget = (
+        f"budget {alloc['budget_ranks']} ranks"
+        if alloc.get("budget_ranks") is not None
+        else f"budget {alloc.get('budget_params')} params"
+    )
     print(
-        f"total rank {rank_map.total_rank}; LoRA params {meta.get('uniform_params')} (uniform) budget; bounds [{meta.get('r_min')}, {meta.get('r_max')}]"
+        f"total rank {rank_map.total_rank}; LoRA params {alloc.get('total_params')} ({budget}; uniform r: "
+        f"{meta.get('uniform_params')}); bounds [{meta.get('r_min')}, {meta.get('r_max')}]"
     )
     if args.out:
         names = ("rank_map.json", "lora_config.json", "axolotl_lora.yaml")  # the last two: trainer configs

@@ -30,6 +30,7 @@ from typing import Any
 
 from fimlora.config import FimConfig
 from fimlora.io import OutputDir, package_versions, write_provenance
+from fimlora.methods.base import available_methods, method_run_options
 from fimlora.report import format_mean_std, load_run, markdown_table, method_label, write_comparison_report
 from fimlora.run_config import DataSpec, LoraSpec, RunConfig
 from fimlora.training import TrainConfig
@@ -99,8 +100,12 @@ def _run_config(cfg: DemoConfig, method: str, seed: int) -> RunConfig:
         device=cfg.device,
         data=DataSpec(train=f"builtin:{cfg.dataset}", max_train=cfg.max_train, max_length=cfg.max_length),
         lora=LoraSpec(r=cfg.r, alpha=2.0 * cfg.r, dropout=0.05, target_modules=list(DEMO_TARGET_MODULES)),
-        fim=FimConfig(
-            calibration_batches=cfg.calibration_batches, budget_unit="params", show_progress=cfg.progress
+        fim=FimConfig(  # a method that does not calibrate refuses calibration_batches: give it the default
+            calibration_batches=cfg.calibration_batches
+            if method not in available_methods() or "calibration_batches" in method_run_options(method)
+            else FimConfig.calibration_batches,
+            budget_unit="params",
+            show_progress=cfg.progress,
         ),
         train=TrainConfig(
             epochs=cfg.epochs,

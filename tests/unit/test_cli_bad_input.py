@@ -33,20 +33,28 @@ USAGE = "<usage>"
 
 # The bytes of a PNG image: what a user passes when they pick the wrong file. Holds NUL bytes.
 BINARY = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06" + bytes(range(256))
-FAST = ["--no-progress", "--device", "cpu", "--r", "4", "--batch-size", "4", "--max-steps", "1",
-        "--calibration-batches", "1"]  # fmt: skip
+FAST = ["--no-progress", "--device", "cpu", "--r", "4", "--batch-size", "4", "--max-steps", "1"]
+
+
+def _calibration(extra: tuple[str, ...]) -> list[str]:
+    """One calibration batch, for a method that calibrates (the others refuse the option)."""
+    from fimlora.methods.base import available_methods, method_run_options
+
+    method = extra[extra.index("--method") + 1] if "--method" in extra else "fim"
+    uses = method in available_methods() and "calibration_batches" in method_run_options(method)
+    return ["--calibration-batches", "1"] if uses else []
 
 
 def _train(*extra: str) -> list[str]:
-    return ["train", "--model", "{bert}", "--data", "{train_csv}", "--out", "{out}", *FAST, *extra]
+    return ["train", "--model", "{bert}", "--data", "{train_csv}", "--out", "{out}", *FAST, *_calibration(extra), *extra]  # fmt: skip
 
 
 def _sft(*extra: str) -> list[str]:
-    return ["train", "--model", "{llama}", "--task", "sft", "--data", "{sft}", "--out", "{out}", *FAST, *extra]  # fmt: skip
+    return ["train", "--model", "{llama}", "--task", "sft", "--data", "{sft}", "--out", "{out}", *FAST, *_calibration(extra), *extra]  # fmt: skip
 
 
 def _allocate(*extra: str) -> list[str]:
-    return ["allocate", "--model", "{bert}", "--data", "{train_csv}", "--out", "{out}", *FAST, *extra]
+    return ["allocate", "--model", "{bert}", "--data", "{train_csv}", "--out", "{out}", *FAST, "--calibration-batches", "1", *extra]  # fmt: skip
 
 
 def _eval(adapter: str, *extra: str) -> list[str]:
@@ -112,6 +120,9 @@ CASES = [
     _case("uniform-target-modules-match-nothing", _train("--method", "uniform", "--target-modules", "nope"), "--target-modules"),
     _case("sft-target-modules-of-another-model", _sft("--target-modules", "query"), "q_proj"),
     _case("train-l1ra-schedule-too-long", _train("--method", "l1ra"), "cannot prepare method 'l1ra'"),
+    _case("train-uniform-budget-ranks", _train("--method", "uniform", "--budget-ranks", "40"), "'uniform' does not use --budget-ranks"),
+    _case("train-l1ra-calibration-batches", _train("--method", "l1ra", "--calibration-batches", "3"), "'l1ra' does not use --calibration-batches"),
+    _case("train-gora-budget-twice", _train("--method", "gora", "--budget-ranks", "40", "--set", "method_options.budget_ranks=50"), "budget_ranks is set twice"),
     _case("allocate-budget-ranks-infeasible", _allocate("--budget-ranks", "1"), "--budget-ranks"),
     _case("allocate-target-modules-match-nothing", _allocate("--target-modules", "nope"), "--target-modules"),
     _case("allocate-data-binary", _allocate("--data", "{binary_csv}"), "binary file"),

@@ -14,7 +14,10 @@ count* P = target_r * sum_m (in_m + out_m): the allocator's budget follows PEFT'
 parameters, from init_r * sum(in + out) down to P, and each masking keeps the most important triplets that
 fit (:func:`~fimlora.allocate.select_within_budget`, each costing in_m + out_m of its module; PEFT keeps
 the top-k by ``kthvalue``). The final mask (PEFT's ``rank_pattern`` at tfinal) is that selection, so the
-plain LoRA model has <= P parameters.
+plain LoRA model has <= P parameters. An explicit budget (``budget_ranks`` R or ``budget_params`` P, what
+``fimlora train --budget-ranks/--budget-params`` gives every method) replaces uniform LoRA's as the end of
+that schedule; a rank budget then uses the same replacement with every triplet costing 1, so the final
+rank sum is exactly R.
 
 The final rank map's metadata reports ``total_rank`` and ``total_params`` next to uniform LoRA's, so a
 comparison can say which budget matched. AdaLoRA's layers and allocator are reached only through
@@ -103,8 +106,19 @@ class AdaLoraOptions:
     """What is held constant: the rank sum ("ranks", PEFT's) or the LoRA parameter count ("params",
     target_r * sum_m (in_m + out_m))."""
 
+    budget_ranks: int | None = None
+    """Final rank sum over all modules (needs budget_unit="ranks"; default: target_r per module)."""
+
+    budget_params: int | None = None
+    """Final LoRA parameter count, sum_m r_m (in_m + out_m) (needs budget_unit="params"; default:
+    target_r * sum_m (in_m + out_m))."""
+
     def __post_init__(self) -> None:
-        check_budget(self.budget_unit, None, None)
+        check_budget(self.budget_unit, self.budget_ranks, self.budget_params)
+        if self.target_r is not None and (self.budget_ranks is not None or self.budget_params is not None):
+            raise ValueError(
+                "set either `target_r` or an explicit budget (budget_ranks/budget_params), not both"
+            )
         for name in ("init_r", "target_r", "total_step"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -138,6 +152,9 @@ class AdaLoraMethod:
     that is detected and raised rather than letting AdaLoRA silently do nothing.
     """
 
+    run_options = frozenset({"budget_unit", "budget_ranks", "budget_params"})
+    """The run-level budget and calibration options this method honours (see ``RUN_OPTIONS``)."""
+
     name = "adalora"
 
     def __init__(self, options: AdaLoraOptions | None = None, **overrides: Any) -> None:
@@ -170,8 +187,15 @@ class AdaLoraMethod:
         ada_config = self.adalora_config(lora_config, total_steps)
         self.lora_config = copy.deepcopy(lora_config)
         model = get_peft_model(base_model, ada_config)
-        if self.options.budget_unit == "params":
-            _ParamBudgetAllocation(model, int(ada_config.target_r))
+        o = self.options
+        if o.budget_unit == "params" or o.budget_ranks is not None:
+            try:
+                _BudgetAllocation(
+                    model, o.budget_unit, int(ada_config.target_r), o.budget_ranks or o.budget_params
+                )
+            except ValueError:
+                model.unload()  # leave the caller's model as it was
+                raise
         self._model = model
         self._ranks = adalora_ranks(model, self.adapter_name)
         self.history.log(RankEvent(0, n, int(lora_config.r), r, "init") for n, r in self._ranks.items())
@@ -303,30 +327,40 @@ class AdaLoraMethod:
             load_adalora_allocator_state(self._model, state, self.adapter_name)
 
 
-class _ParamBudgetAllocation:
-    """AdaLoRA's allocation with its budget in parameters, installed on PEFT's ``RankAllocator``.
+class _BudgetAllocation:
+    """AdaLoRA's allocation with fimlora's budget, installed on PEFT's ``RankAllocator``: in parameters, or
+    an explicit rank sum.
 
-    It replaces the allocator's ``budget_schedule`` (same cubic schedule, from init_r * sum(in + out) down
-    to target_r * sum(in + out)) and ``mask_to_budget`` (the most important triplets that fit, each costing
-    in_m + out_m of its module, instead of the top-k). Importance is still PEFT's (the allocator's EMAs,
-    combined per triplet by its own scoring). Since PEFT stores what ``mask_to_budget`` returns as
-    ``rank_pattern`` at tfinal and masks with it afterwards, the final ranks are this selection.
+    It replaces the allocator's ``budget_schedule`` (same cubic schedule, from every triplet down to the
+    budget: ``target_r`` per module, or ``total``) and ``mask_to_budget`` (the most important triplets that
+    fit, each costing in_m + out_m of its module in parameters, 1 in ranks, instead of the top-k).
+    Importance is still PEFT's (the allocator's EMAs, combined per triplet by its own scoring). Since PEFT
+    stores what ``mask_to_budget`` returns as ``rank_pattern`` at tfinal and masks with it afterwards, the
+    final ranks are this selection: exactly ``total`` ranks, or at most ``total`` parameters.
+
+    Raises:
+        ValueError: a budget larger than every triplet AdaLoRA starts with (init_r per module).
     """
 
-    def __init__(self, model: nn.Module, target_r: int) -> None:
+    def __init__(self, model: nn.Module, unit: BudgetUnit, target_r: int, total: int | None = None) -> None:
         self.model = model
         self.costs: dict[str, int] = {}
         self.start = 0
         for name, (r, fan_in, fan_out) in adalora_factor_shapes(model).items():
-            self.costs[name] = fan_in + fan_out
+            self.costs[name] = fan_in + fan_out if unit == "params" else 1
             self.start += r * self.costs[name]
-        self.target = target_r * sum(self.costs.values())
+        self.target = total if total is not None else target_r * sum(self.costs.values())
+        if self.target > self.start:
+            raise ValueError(
+                f"AdaLoRA prunes ranks: the {unit} budget {self.target} is more than its {self.start} at "
+                "init_r; raise init_r or lower the budget"
+            )
         replace_adalora_allocation(
             model, budget_schedule=self.budget_schedule, mask_to_budget=self.mask_to_budget
         )
 
     def budget_schedule(self, step: int) -> tuple[int, bool]:
-        """(budget in parameters, whether to mask at this step), as PEFT's schedule decides."""
+        """(budget in its unit, whether to mask at this step), as PEFT's schedule decides."""
         tinit, tfinal, total, delta_t = adalora_schedule(self.model)
         budget = cubic_budget(
             step, tinit=tinit, tfinal=tfinal, total=total, start=self.start, end=self.target

@@ -30,12 +30,15 @@ from fimlora.peft_glue import current_ranks, lora_modules, module_shapes
 from fimlora.rankmap import RankMap
 
 __all__ = [
+    "BUDGET_OPTIONS",
     "METHODS",
+    "RUN_OPTIONS",
     "RankMethod",
     "StaticRanksMethod",
     "available_methods",
     "get_method",
     "method_parameters",
+    "method_run_options",
     "register_method",
     "trainable_param_groups",
 ]
@@ -88,6 +91,14 @@ class RankMethod(Protocol):
 
 METHODS: dict[str, Callable[..., RankMethod]] = {}
 
+BUDGET_OPTIONS = ("budget_unit", "budget_ranks", "budget_params", "r_min", "r_max")
+"""The one budget specification: its unit, a rank sum or a parameter count, and the rank bounds."""
+
+RUN_OPTIONS = (*BUDGET_OPTIONS, "calibration_batches")
+"""Run-level options (``FimConfig`` fields, ``fimlora train --budget-ranks`` ...) that mean the same for every
+method that uses them. A method class lists the ones it honours in ``run_options``; giving a method one it
+does not list is an error, never silently dropped."""
+
 
 def register_method(name: str) -> Callable[[Callable[..., RankMethod]], Callable[..., RankMethod]]:
     """Class decorator: make a method available to :func:`get_method` and the CLI under ``name``."""
@@ -134,6 +145,18 @@ def method_parameters(name: str) -> frozenset[str]:
         for p in inspect.signature(METHODS[name]).parameters.values()
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     )
+
+
+def method_run_options(name: str) -> frozenset[str]:
+    """The :data:`RUN_OPTIONS` that method ``name`` honours (its class's ``run_options``).
+
+    Raises:
+        ValueError: unknown method.
+    """
+    _load_builtin_methods()
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return frozenset(getattr(METHODS[name], "run_options", frozenset()))
 
 
 def trainable_param_groups(model: nn.Module, *, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:

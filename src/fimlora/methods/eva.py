@@ -10,7 +10,9 @@ LoRA's. With ``"params"`` it holds uniform LoRA's *parameter count* P = r * sum_
 components in decreasing explained-variance ratio (PEFT's order), at most round(rho * r) per module
 (PEFT's maximum), each costing in_m + out_m, until P is spent
 (:func:`~fimlora.peft_glue.eva.eva_state_dict_within_params`, which patches PEFT's EVA and so checks the
-PEFT version). A module left with no component is not adapted (PEFT puts its base layer back).
+PEFT version). A module left with no component is not adapted (PEFT puts its base layer back). An explicit
+budget (``budget_ranks`` R or ``budget_params`` P, what ``fimlora train --budget-ranks/--budget-params``
+gives every method) is spent the same way, each component costing 1 in ranks (rank sum exactly R).
 
 The final rank map's metadata reports ``total_rank`` and ``total_params`` next to uniform LoRA's.
 """
@@ -65,8 +67,14 @@ class EvaOptions:
     """What is held constant: the rank sum ("ranks", PEFT's) or the LoRA parameter count ("params",
     r * sum_m (in_m + out_m))."""
 
+    budget_ranks: int | None = None
+    """Rank sum over all modules (needs budget_unit="ranks"; default: r per module, PEFT's own EVA)."""
+
+    budget_params: int | None = None
+    """LoRA parameter count, sum_m r_m (in_m + out_m) (needs budget_unit="params"; default: uniform LoRA's)."""
+
     def __post_init__(self) -> None:
-        check_budget(self.budget_unit, None, None)
+        check_budget(self.budget_unit, self.budget_ranks, self.budget_params)
         if self.rho < 1.0:
             raise ValueError(f"`rho` must be >= 1.0, got {self.rho}")
         if not 0.0 <= self.tau <= 1.0:
@@ -80,6 +88,9 @@ class EvaOptions:
 @register_method("eva")
 class EvaMethod(StaticRanksMethod):
     """EVA via PEFT: data-driven A and ranks before training, then plain LoRA (ranks fixed)."""
+
+    run_options = frozenset({"budget_unit", "budget_ranks", "budget_params", "calibration_batches"})
+    """The run-level budget and calibration options this method honours (see ``RUN_OPTIONS``)."""
 
     name = "eva"
 
@@ -127,23 +138,33 @@ class EvaMethod(StaticRanksMethod):
             whiten=o.whiten,
             adjust_scaling_factors=True,  # keep every module's scale alpha/r, as fimlora does
         )
-        if o.budget_unit == "params" and cfg.rank_pattern:
+        own_budget = o.budget_unit == "params" or o.budget_ranks is not None  # fimlora's choice, not PEFT's
+        if own_budget and cfg.rank_pattern:
             raise ValueError(
-                "EVA with budget_unit='params' holds uniform LoRA's parameter count: the LoRA config must not "
-                "have a rank_pattern"
+                "EVA with budget_unit='params' or an explicit budget chooses every module's rank itself: the "
+                "LoRA config must not have a rank_pattern"
             )
-        if o.budget_unit == "params":
+        if own_budget:
             check_eva_patch_supported()  # before the model is wrapped
         model = get_peft_model(base_model, cfg)
         self.lora_r = int(lora_config.r)
         shapes = module_shapes(lora_modules(model))  # before EVA drops the modules it gives no component
         forward = _BoundedForward(o.max_passes * len(batches), o.rho * self.lora_r)
-        if o.budget_unit == "params":
-            budget = self.lora_r * sum(i + j for i, j in shapes.values())
+        if own_budget:
+            costs = {n: (i + j if o.budget_unit == "params" else 1) for n, (i, j) in shapes.items()}
+            budget = o.budget_ranks or o.budget_params or self.lora_r * sum(costs.values())
+            most = round(self.lora_r * o.rho) * sum(costs.values())
+            if budget > most:
+                model.unload()  # leave the caller's model as it was
+                raise ValueError(
+                    f"EVA: the {o.budget_unit} budget {budget} is more than every component EVA may give "
+                    f"({most}: round(rho * r) per module); raise rho or lower the budget"
+                )
             state = eva_state_dict_within_params(
                 model,
                 batches,
                 budget,
+                unit=o.budget_unit,
                 forward_fn=forward,
                 prepare_model_inputs_fn=_eva_token_indices,
                 prepare_layer_inputs_fn=_eva_layer_inputs,

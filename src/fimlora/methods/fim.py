@@ -21,7 +21,7 @@ from torch import nn
 
 from fimlora.config import FimConfig
 from fimlora.initialize import compute_lora_fim_ranks, initialize_lora_fim_ranks
-from fimlora.methods.base import StaticRanksMethod, register_method
+from fimlora.methods.base import RUN_OPTIONS, StaticRanksMethod, register_method
 from fimlora.rankmap import RankMap
 
 __all__ = ["FimMethod", "fim_config_with"]
@@ -38,6 +38,9 @@ def fim_config_with(fim_config: FimConfig | None, overrides: dict[str, Any]) -> 
 @register_method("fim")
 class FimMethod(StaticRanksMethod):
     """FIM-LoRA: calibrate on the first batches, allocate the budget, then train as plain LoRA."""
+
+    run_options = frozenset(RUN_OPTIONS)
+    """The run-level budget and calibration options this method honours (see ``RUN_OPTIONS``)."""
 
     name = "fim"
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from fimlora.config import FimConfig
-from fimlora.methods.base import StaticRanksMethod, register_method
+from fimlora.methods.base import RUN_OPTIONS, StaticRanksMethod, register_method
 from fimlora.methods.budget import check_int
 from fimlora.methods.fim import FimMethod, fim_config_with
 from fimlora.methods.fim_spectrum import FimSpectrumMethod, SpectrumOptions
@@ -72,6 +72,9 @@ def shuffle_within_shapes(
 @register_method("fim-shuffled")
 class FimShuffledMethod(StaticRanksMethod):
     """Control: FIM-LoRA's ranks permuted among same-shape modules (same budget, assignment destroyed)."""
+
+    run_options = frozenset(RUN_OPTIONS)
+    """The run-level budget and calibration options this method honours (see ``RUN_OPTIONS``)."""
 
     name = "fim-shuffled"
 

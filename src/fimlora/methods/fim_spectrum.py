@@ -37,7 +37,7 @@ from torch import nn
 
 from fimlora.calibration import batch_loss, batch_to_device, calibration_mode
 from fimlora.errors import CalibrationError
-from fimlora.methods.base import StaticRanksMethod, register_method
+from fimlora.methods.base import RUN_OPTIONS, StaticRanksMethod, register_method
 from fimlora.methods.budget import BudgetBoundsOptions, budget_metadata, check_int
 from fimlora.peft_glue import apply_rank_map, lora_factors, lora_modules, module_shapes
 from fimlora.rankmap import RankMap
@@ -189,6 +189,9 @@ class FimSpectrumMethod(StaticRanksMethod):
 
     The spread is the spectrum of a wide calibration adapter's LoRA-B gradients (see the module docstring).
     """
+
+    run_options = frozenset(RUN_OPTIONS)
+    """The run-level budget and calibration options this method honours (see ``RUN_OPTIONS``)."""
 
     name = "fim-spectrum"
 

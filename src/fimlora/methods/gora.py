@@ -40,7 +40,7 @@ from fimlora.calibration import batch_loss, batch_to_device, calibration_mode
 from fimlora.config import FimConfig
 from fimlora.errors import CalibrationError
 from fimlora.initialize import plan_rank_map
-from fimlora.methods.base import StaticRanksMethod, register_method
+from fimlora.methods.base import RUN_OPTIONS, StaticRanksMethod, register_method
 from fimlora.methods.budget import BudgetBoundsOptions, budget_metadata, check_float
 from fimlora.peft_glue import apply_rank_map, lora_factors, lora_modules, module_shapes
 from fimlora.peft_glue.weights import base_weight, lora_scale, set_lora_factors, weight_out_in
@@ -260,6 +260,9 @@ def gradient_init_lora_b(
 @register_method("gora")
 class GoraMethod(StaticRanksMethod):
     """GoRA: ranks and LoRA-B from full weight gradients before training, then plain LoRA (ranks fixed)."""
+
+    run_options = frozenset(RUN_OPTIONS)
+    """The run-level budget and calibration options this method honours (see ``RUN_OPTIONS``)."""
 
     name = "gora"
 

@@ -39,7 +39,7 @@ from torch import nn
 
 from fimlora import peft_glue  # peft_glue.lora_config: in prepare(), `lora_config` is the argument
 from fimlora.config import BudgetUnit
-from fimlora.methods.base import register_method, trainable_param_groups
+from fimlora.methods.base import BUDGET_OPTIONS, register_method, trainable_param_groups
 from fimlora.methods.budget import RankBudget, check_budget, check_float, check_int, initial_ranks
 from fimlora.methods.gates import (
     RankScaleHooks,
@@ -213,6 +213,9 @@ class L1raMethod:
     restores the gates. Then load the adapter weights, build the optimizer from :meth:`param_groups` and
     load its state.
     """
+
+    run_options = frozenset(BUDGET_OPTIONS)
+    """The run-level budget and calibration options this method honours (see ``RUN_OPTIONS``)."""
 
     name = "l1ra"
 

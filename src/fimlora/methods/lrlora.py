@@ -40,7 +40,7 @@ from torch import nn
 
 from fimlora import peft_glue  # peft_glue.lora_config: in prepare(), `lora_config` is the argument
 from fimlora.config import BudgetUnit
-from fimlora.methods.base import register_method, trainable_param_groups
+from fimlora.methods.base import BUDGET_OPTIONS, register_method, trainable_param_groups
 from fimlora.methods.budget import RankBudget, check_budget, check_float, check_int, initial_ranks
 from fimlora.methods.gates import RankScaleHooks, module_of_key, param_key, resize_keep_scale
 from fimlora.methods.history import RankEvent, RankHistory
@@ -136,6 +136,9 @@ class LrLoraMethod:
     Resume: :meth:`prepare` as for a new run, then :meth:`load_state_dict` with the saved state (physical
     ranks don't change during training, so the model needs no resize); then adapter weights, optimizer.
     """
+
+    run_options = frozenset(BUDGET_OPTIONS)
+    """The run-level budget and calibration options this method honours (see ``RUN_OPTIONS``)."""
 
     name = "lrlora"
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from fimlora.config import FimConfig
 from fimlora.initialize import plan_rank_map
-from fimlora.methods.base import StaticRanksMethod, register_method
+from fimlora.methods.base import BUDGET_OPTIONS, StaticRanksMethod, register_method
 from fimlora.methods.budget import check_int
 from fimlora.methods.fim import fim_config_with
 from fimlora.peft_glue import apply_rank_map, lora_modules, module_shapes
@@ -56,6 +56,9 @@ def random_scores(names: Iterable[str], seed: int) -> dict[str, float]:
 @register_method("random")
 class RandomRanksMethod(StaticRanksMethod):
     """Control: random ranks within FIM-LoRA's bounds and budget (Exp(1) scores, no calibration)."""
+
+    run_options = frozenset(BUDGET_OPTIONS)  # no calibration
+    """The run-level budget and calibration options this method honours (see ``RUN_OPTIONS``)."""
 
     name = "random"
 

@@ -74,11 +74,13 @@ def eva_state_dict_within_params(
     batches: list[dict[str, Any]],
     budget: int,
     *,
+    unit: str = "params",
     forward_fn: Callable[[nn.Module, Mapping[str, Any]], Any],
     prepare_model_inputs_fn: Callable[..., torch.Tensor],
     prepare_layer_inputs_fn: Callable[..., torch.Tensor],
 ) -> dict[str, torch.Tensor]:
-    """PEFT's EVA state dict (layer name -> A, shape (rank, in)) with ranks that hold ``budget`` parameters.
+    """PEFT's EVA state dict (layer name -> A, shape (rank, in)) with ranks that hold ``budget``: parameters
+    (``unit="params"``, a component of module m costs in_m + out_m) or a rank sum (``unit="ranks"``).
 
     Every component a module may get (round(rho * r), PEFT's maximum) is made a candidate by asking PEFT for
     rank round(rho * r) at rho = 1; :class:`CostWeightedEvaRanks` then chooses among them. The callables
@@ -94,7 +96,7 @@ def eva_state_dict_within_params(
     cfg.r = most
     cfg.eva_config = dataclasses.replace(cfg.eva_config, rho=1.0)
     mods = lora_modules(model)
-    cost = {n: i + j for n, (i, j) in module_shapes(mods).items()}
+    cost = {n: (i + j if unit == "params" else 1) for n, (i, j) in module_shapes(mods).items()}
     by_id = {id(m): n for n, m in mods.items()}
     costs = {full: cost[by_id[id(m)]] for full, m in model.named_modules() if id(m) in by_id}
     selection = CostWeightedEvaRanks(costs, budget, most)

@@ -14,7 +14,14 @@ from torch import nn
 
 from fimlora.config import FimConfig
 from fimlora.errors import UsageError
-from fimlora.methods.base import RankMethod, available_methods, get_method, method_parameters
+from fimlora.methods.base import (
+    RUN_OPTIONS,
+    RankMethod,
+    available_methods,
+    get_method,
+    method_parameters,
+    method_run_options,
+)
 from fimlora.models import load_model_and_tokenizer, resolve_device
 from fimlora.recipes.checks import (
     allocation_error,
@@ -63,14 +70,17 @@ def fim_config_of(run: RunConfig) -> FimConfig:
 
 
 def make_method(run: RunConfig) -> RankMethod:
-    """Instantiate the run's method by name from the registry.
+    """Instantiate the run's method by name from the registry, with the run's one budget specification.
 
     A method gets a run-level value for each constructor parameter it names, unless ``method_options``
     sets it: ``fim_config`` the run's FimConfig (``fim`` and its controls ``random``, ``fim-shuffled``),
-    ``seed`` the run's seed (the controls' random draw, so that every run seed draws another map).
+    ``seed`` the run's seed (the controls' random draw, so that every run seed draws another map). Every
+    other method gets the run-level budget, bounds and calibration options it honours
+    (:func:`run_budget_options`).
 
     Raises:
-        UsageError: unknown method, or options its constructor does not take.
+        UsageError: unknown method, options its constructor does not take, or a run-level option it
+            does not use.
     """
     names = available_methods()
     if run.method not in names:
@@ -80,10 +90,52 @@ def make_method(run: RunConfig) -> RankMethod:
     run_values = {"fim_config": fim_config_of(run), "seed": run.seed}
     for key in named & run_values.keys():
         options.setdefault(key, run_values[key])
+    routed = run_budget_options(run)  # checks the run's options against the method, for every method
+    if "fim_config" not in named:  # the fim family reads them from its FimConfig
+        options.update(routed)
     try:
         return get_method(run.method, **options)
     except (TypeError, ValueError) as e:
         raise UsageError(f"invalid options for method {run.method!r}: {' '.join(str(e).split())}") from None
+
+
+def run_budget_options(run: RunConfig) -> dict[str, Any]:
+    """The run-level budget, bounds and calibration options (``run.fim``'s :data:`RUN_OPTIONS`) as options of
+    the run's method: every one it honours that the user set, and the budget unit always (that of an
+    explicit budget, else ``budget_unit``), so that ``--budget-ranks``/``--budget-params`` mean the same
+    for every method. ``method_options`` may set the same option only to the same value.
+
+    Raises:
+        UsageError: the user set an option that the method does not use, or set one twice differently.
+    """
+    honoured = method_run_options(run.method)
+    defaults = FimConfig()
+    given = {f: getattr(run.fim, f) for f in RUN_OPTIONS if getattr(run.fim, f) != getattr(defaults, f)}
+    unused = sorted(f for f in given if f not in honoured)
+    if unused:
+        users = ", ".join(m for m in available_methods() if unused[0] in method_run_options(m))
+        flag = "--" + unused[0].replace("_", "-")
+        raise UsageError(
+            f"method {run.method!r} does not use {flag} ({unused[0]}); remove it, or choose a method that "
+            f"does: {users}"
+        )
+    routed = {f: v for f, v in given.items() if f != "budget_unit"}
+    explicit_unit = "budget_unit" in given or bool(given.keys() & {"budget_ranks", "budget_params"})
+    if "budget_unit" in honoured:
+        fim = run.fim
+        explicit = (
+            "ranks" if fim.budget_ranks is not None else "params" if fim.budget_params is not None else None
+        )
+        routed["budget_unit"] = explicit or fim.budget_unit
+    for field_name, value in routed.items():
+        user_set = field_name in given or (field_name == "budget_unit" and explicit_unit)
+        own = run.method_options.get(field_name, value)
+        if user_set and own != value:
+            raise UsageError(
+                f"{field_name} is set twice for method {run.method!r}: {value!r} by the run and {own!r} in "
+                "method_options; keep one"
+            )
+    return {f: v for f, v in routed.items() if f not in run.method_options}
 
 
 @dataclass
