@@ -17,7 +17,7 @@
 * :mod:`.saved_modules`: trained ``modules_to_save`` copies read and carried over, and adapters taken off a
   model without PEFT's version-dependent ``unload()``;
 * :mod:`.verify`: run-time checks that a rewritten adapter computes what it should (each module's update on
-  a fixed probe, through PEFT's own forward or loader), raising ``AdapterCheckError`` with the versions.
+  a fixed probe, through PEFT's own forward or at the scales PEFT builds from a config), raising ``AdapterCheckError`` with the versions.
 
 Other fimlora modules may use PEFT's top-level API (``from peft import LoraConfig, get_peft_model``) but
 never ``peft.tuners``/``peft.utils`` or a LoRA layer's attributes: they use the functions here.

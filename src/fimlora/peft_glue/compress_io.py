@@ -25,7 +25,7 @@ import torch
 
 from fimlora.peft_glue.layers import PEFT_MODEL_PREFIX
 from fimlora.peft_glue.resize import pattern_key, scaled_alpha
-from fimlora.peft_glue.verify import check_updates, factor_update, written_updates
+from fimlora.peft_glue.verify import adapter_updates, check_updates, factor_update
 
 __all__ = [
     "ADAPTER_FILES",
@@ -320,9 +320,9 @@ def write_lora_adapter(
         The config written to ``adapter_config.json``.
 
     Raises:
-        AdapterCheckError: the written files, as the installed PEFT reads them, do not make the updates
-            ``factors`` describe (:func:`fimlora.peft_glue.verify.written_updates`); write into a staging
-            directory that is thrown away on error.
+        AdapterCheckError: the written config and tensors, as the installed PEFT reads them, do not make
+            the updates ``factors`` describe (:func:`fimlora.peft_glue.verify.adapter_updates`); write into
+            a staging directory that is thrown away on error.
     """
     from safetensors.torch import save_file
 
@@ -354,7 +354,7 @@ def write_lora_adapter(
         for n in names
     }
     what = "writing the compressed adapter"
-    check_updates(intended, written_updates(out, what=what), what=what)
+    check_updates(intended, adapter_updates(config, tensors, what=what), what=what)
     for item in source.path.iterdir():
         if item.is_file() and item.name not in (*ADAPTER_FILES, "adapter_model.bin"):
             shutil.copy2(item, out / item.name)

@@ -36,7 +36,7 @@ from torch import nn
 
 from fimlora.io import package_versions, staged_directory
 from fimlora.peft_glue.layers import PEFT_MODEL_PREFIX
-from fimlora.peft_glue.verify import check_updates, written_updates
+from fimlora.peft_glue.verify import adapter_updates, check_updates
 
 __all__ = ["ENGINES", "NOTE_FILE", "export_adapter", "export_uniform"]
 
@@ -241,10 +241,12 @@ def _export_dir(src: Path, out: Path, engine: str, *, source_label: str) -> Path
             {k: t.contiguous() for k, t in new_tensors.items()}, str(weights), metadata={"format": "pt"}
         )
         (staging / _CONFIG).write_text(json.dumps(new_config, indent=2, sort_keys=True))
-        # The export, as the installed PEFT reads it, must make the source's updates (padding and folded
-        # scales change the files, never the outputs); a mismatch throws the staging directory away.
+        # The export, as the installed PEFT reads its config, must make the source's updates (padding and
+        # folded scales change the files, never the outputs); a mismatch throws the staging directory away.
         what = f"the {engine} export"
-        check_updates(written_updates(src), written_updates(staging, what=what), what=what)
+        check_updates(
+            adapter_updates(config, tensors), adapter_updates(new_config, new_tensors, what=what), what=what
+        )
         ranks = sorted({int(new_tensors[m.prefix + ".lora_A.weight"].shape[0]) for m in modules})
         (staging / NOTE_FILE).write_text(
             _note(engine, new_config, ranks, source_label, weights.stat().st_size)

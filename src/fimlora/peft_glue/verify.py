@@ -9,7 +9,9 @@ else (peft 0.22 did exactly that to the AdaLoRA conversion: ``unload()`` stopped
 * a module's **update** is what its adapter adds to the base layer's output on a fixed random probe
   ``X`` (``rows x in``, seeded by the module's input width): measured through PEFT's own forward
   (:func:`forward_updates`, ``layer(X) - base_layer(X)`` in eval mode) or computed from factors
-  (:func:`factor_update`, ``s * X A^T B^T``). Cost: ``rows`` forward rows per module, no ``out x in`` matrix;
+  (:func:`factor_update`, ``s * X A^T B^T``), for an adapter's config and tensors at the ranks and scales
+  the installed PEFT builds from that config (:func:`adapter_updates`: PEFT reads the patterns, not
+  fimlora). Cost: ``rows`` forward rows per module, no ``out x in`` matrix;
 * :func:`check_updates` compares two such maps with a tolerance set by the dtype and by the rounding of
   the base output, and raises :class:`~fimlora.errors.AdapterCheckError` naming the module, the installed
   PEFT/transformers and the tested versions, so the caller stops before writing anything.
@@ -38,8 +40,8 @@ __all__ = [
     "layer_update",
     "peft_module_scales",
     "probe_inputs",
+    "adapter_updates",
     "version_advice",
-    "written_updates",
 ]
 
 TESTED_VERSIONS = {"peft": ("0.15.0", "0.22.0"), "transformers": ("4.53.2", "5.25.0")}
@@ -223,21 +225,16 @@ def peft_module_scales(
     return {n: (int(layers[n].r["default"]), float(layers[n].scaling["default"])) for n in shapes}
 
 
-def written_updates(directory: Any, *, what: str = "the adapter") -> dict[str, ProbedUpdate]:
-    """Module name -> the update a LoRA adapter directory makes on its probe, at the rank and scale the
-    installed PEFT gives it when it loads the files (:func:`peft_module_scales`).
+def adapter_updates(
+    config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], *, what: str = "the adapter"
+) -> dict[str, ProbedUpdate]:
+    """Module name -> the update a LoRA adapter (``adapter_config.json`` as a dict, its tensors by saved name)
+    makes on its probe, at the rank and scale the installed PEFT gives it on loading
+    (:func:`peft_module_scales`).
 
     Raises:
         AdapterCheckError: PEFT would build a module at another rank than its tensors have.
     """
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    path = Path(directory)
-    config = json.loads((path / "adapter_config.json").read_text())
-    tensors = load_file(str(path / "adapter_model.safetensors"))
     prefix = "base_model.model."
     factors = {}
     for key, a in tensors.items():
