@@ -35,6 +35,7 @@ from typing import Any
 
 from bench.harness import METHOD_ORDER, ResultStore, aggregate, mean_std, write_report
 from bench.harness.tables import NO_VERDICT, natural_key
+from bench.suites.data import majority_rates
 from bench.variants import VARIANTS
 from fimlora.io import atomic_write_json, atomic_write_text
 
@@ -47,7 +48,6 @@ __all__ = [
     "front_points",
     "grid_progress",
     "main",
-    "majority_rates",
     "method_styles",
     "pooled_front",
     "test_split_records",
@@ -366,35 +366,6 @@ def _fmt_ci(ci: Sequence[float]) -> str:
     if any(math.isnan(x) for x in ci):  # one seed pair: no interval
         return "[no CI]"
     return f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
-
-
-def majority_rates(tasks: Iterable[str], split: str = "test") -> dict[str, float | None]:
-    """Task -> accuracy (%) on ``split`` (``"test"`` or ``"dev"``) of always predicting the training split's
-    most frequent class (the floor a method must clearly beat); None where the data cannot be read here."""
-    import json
-    from collections import Counter
-
-    from bench.suites.data import BENCH_DATASETS, materialise_bench_dataset
-    from fimlora.data import load_builtin_dataset
-
-    out: dict[str, float | None] = {}
-    for task in tasks:
-        try:
-            if task in BENCH_DATASETS:
-                paths = materialise_bench_dataset(task, max_train=None, seed=0, eval_split=split)
-                train, test = (
-                    [json.loads(line)["label"] for line in path.read_text().splitlines() if line.strip()]
-                    for path in paths[:2]
-                )
-            else:
-                data = load_builtin_dataset(task)
-                train, test = [e["label"] for e in data.train], [e["label"] for e in getattr(data, split)]
-        except (OSError, ValueError, KeyError):
-            out[task] = None
-            continue
-        top = Counter(train).most_common(1)[0][0]
-        out[task] = 100.0 * sum(label == top for label in test) / len(test)
-    return out
 
 
 def _majority_lines(points: Sequence[FrontPoint], tasks: Sequence[str]) -> list[str]:

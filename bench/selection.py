@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import ResultStore
+from bench.suites.data import majority_rates
 from fimlora.io import atomic_write_json, atomic_write_text
 
 __all__ = [
@@ -247,8 +248,6 @@ def _length_report(store: Path, out: Path, tolerance: float) -> None:
 
 
 def _lr_report(store: Path, out: Path) -> None:
-    from bench.full_report import majority_rates  # here, not at the top: full_report -> variants -> selection
-
     records = ResultStore(store).records()
     chosen = select_learning_rates(records)
     tasks = sorted({str(r["spec"]["task"]) for r in check_dev_only(records)})

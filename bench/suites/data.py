@@ -19,13 +19,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from fimlora.data.splits import deduplicate_examples, split_examples, stratified_subsample
 from fimlora.io import atomic_write_text
 from fimlora.packaged import installed_package_dir
 
-__all__ = ["BENCH_DATASETS", "TWEET_LABELS", "bench_cache_dir", "materialise_bench_dataset"]
+__all__ = ["BENCH_DATASETS", "TWEET_LABELS", "bench_cache_dir", "majority_rates", "materialise_bench_dataset"]
 
 TWEET_LABELS: tuple[str, str] = ("negative", "positive")
 TWEET_NEUTRAL_BAND = 0.5
@@ -85,3 +86,30 @@ def materialise_bench_dataset(
     if not eval_path.is_file():
         _write_jsonl(eval_path, test if eval_split == "test" else dev)
     return train_path, eval_path, TWEET_LABELS
+
+
+def majority_rates(tasks: Iterable[str], split: str = "test") -> dict[str, float | None]:
+    """Task -> accuracy (%) on ``split`` (``"test"`` or ``"dev"``) of always predicting the training split's
+    most frequent class (the floor a method must clearly beat); None where the data cannot be read here."""
+    from collections import Counter
+
+    from fimlora.data import load_builtin_dataset  # looked up at call time (tests replace it)
+
+    out: dict[str, float | None] = {}
+    for task in tasks:
+        try:
+            if task in BENCH_DATASETS:
+                paths = materialise_bench_dataset(task, max_train=None, seed=0, eval_split=split)
+                train, test = (
+                    [json.loads(line)["label"] for line in path.read_text().splitlines() if line.strip()]
+                    for path in paths[:2]
+                )
+            else:
+                data = load_builtin_dataset(task)
+                train, test = [e["label"] for e in data.train], [e["label"] for e in getattr(data, split)]
+        except (OSError, ValueError, KeyError):
+            out[task] = None
+            continue
+        top = Counter(train).most_common(1)[0][0]
+        out[task] = 100.0 * sum(label == top for label in test) / len(test)
+    return out

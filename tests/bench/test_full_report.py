@@ -180,7 +180,7 @@ def test_majority_rate_is_the_training_majority_class_on_test(monkeypatch: pytes
     import types
 
     import fimlora.data
-    from bench.full_report import majority_rates
+    from bench.suites.data import majority_rates
 
     fake = types.SimpleNamespace(
         train=[{"label": 0}, {"label": 0}, {"label": 1}], test=[{"label": 1}, {"label": 1}, {"label": 0}]
