@@ -12,13 +12,13 @@ from typing import Any
 from fimlora.report.runs import (
     AccuracyComparison,
     RunRecord,
-    _read_json,
-    _read_rank_map,
     compare_accuracy,
     load_run,
     method_label,
+    read_json_file,
+    read_rank_map,
 )
-from fimlora.report.sections import _baseline_method, _by_method, _fmt, write_comparison_report
+from fimlora.report.sections import baseline_method, format_or_na, runs_by_method, write_comparison_report
 
 __all__ = ["compare_runs", "plot_outputs"]
 
@@ -63,8 +63,8 @@ def compare_runs(
             a, b = runs[i].rank_map, runs[j].rank_map
             if a is not None and b is not None and set(a) == set(b):
                 agreement.append({"a": runs[i].name, "b": runs[j].name, **_comparison_dict(a.compare(b))})
-    groups = _by_method(runs)
-    baseline = _baseline_method(runs)
+    groups = runs_by_method(runs)
+    baseline = baseline_method(runs)
     comparisons = [
         c for m, rs in groups.items() if m != baseline for c in [compare_accuracy(rs, groups[baseline])] if c
     ]
@@ -151,12 +151,12 @@ def _metrics_row(run: RunRecord) -> list[Any]:
         run.name,
         run.method,
         "–" if run.seed is None else run.seed,
-        _fmt(ev.get("accuracy"), ".4f"),
-        _fmt(ev.get("loss"), ".4f"),
-        _fmt(m.get("lora_params"), ","),
-        _fmt(m.get("trainable_params"), ","),
-        _fmt(m.get("calibration_seconds"), ".1f"),
-        _fmt(m.get("train_seconds"), ".1f"),
+        format_or_na(ev.get("accuracy"), ".4f"),
+        format_or_na(ev.get("loss"), ".4f"),
+        format_or_na(m.get("lora_params"), ","),
+        format_or_na(m.get("trainable_params"), ","),
+        format_or_na(m.get("calibration_seconds"), ".1f"),
+        format_or_na(m.get("train_seconds"), ".1f"),
     ]
 
 
@@ -182,14 +182,14 @@ def plot_outputs(
         raise UsageError(
             f"{source}: no rank map found; pass a rank_map.json or a `fimlora train` output directory"
         )
-    rank_map = _read_rank_map(map_path)
+    rank_map = read_rank_map(map_path)
     history = src / "history.json" if src.is_dir() else None
     output = OutputDir(out_dir, overwrite=overwrite)
     names = ["rank_map.png"]
     with output as staging:
         rank_map.plot_heatmap(staging / "rank_map.png", title=title or f"ranks ({map_path})")
         if history is not None and history.is_file():
-            losses = [tuple(p) for p in _read_json(history).get("losses", [])]
+            losses = [tuple(p) for p in read_json_file(history).get("losses", [])]
             if losses:
                 plot_training_curves(
                     {src.name: smooth(losses)}, staging / "curves.png", title="training loss"

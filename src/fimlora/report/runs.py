@@ -18,7 +18,18 @@ from typing import Any
 
 from fimlora.paired_stats import mcnemar, paired_t_interval, sign_flip_pvalue, unpaired_difference_se
 
-__all__ = ["ALPHA", "AccuracyComparison", "RunRecord", "compare_accuracy", "load_run", "method_label"]
+__all__ = [
+    "ALPHA",
+    "AccuracyComparison",
+    "RunRecord",
+    "compare_accuracy",
+    "load_run",
+    "method_label",
+    "paired_test",
+    "read_json_file",
+    "read_rank_map",
+    "signed_points",
+]
 
 ALPHA = 0.05
 """Two-sided level of every interval in the reports (95%)."""
@@ -31,7 +42,8 @@ def method_label(method: str) -> str:
     return _METHOD_LABELS.get(method, method)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_file(path: Path) -> dict[str, Any]:
+    """A run's JSON file; an unreadable one is a one-line ``UsageError``."""
     from fimlora.errors import UsageError
 
     try:
@@ -43,7 +55,8 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _read_rank_map(path: Path) -> Any:
+def read_rank_map(path: Path) -> Any:
+    """A run's ``rank_map.json`` as a ``RankMap``; an unreadable one is a one-line ``UsageError``."""
     from fimlora.errors import UsageError
     from fimlora.rankmap import RankMap
 
@@ -105,14 +118,14 @@ def load_run(directory: str | os.PathLike[str], name: str | None = None) -> RunR
         raise UsageError(f"{d} has no metrics.json; pass directories written by `fimlora train`")
 
     def optional(file: str) -> dict[str, Any]:
-        return _read_json(d / file) if (d / file).is_file() else {}
+        return read_json_file(d / file) if (d / file).is_file() else {}
 
     predictions = optional("predictions.json") or None
     return RunRecord(
         dir=d,
         name=name or d.name,
-        metrics=_read_json(d / "metrics.json"),
-        rank_map=_read_rank_map(d / "rank_map.json") if (d / "rank_map.json").is_file() else None,
+        metrics=read_json_file(d / "metrics.json"),
+        rank_map=read_rank_map(d / "rank_map.json") if (d / "rank_map.json").is_file() else None,
         history=optional("history.json"),
         predictions=predictions,  # type: ignore[arg-type]
         provenance=optional("run.json"),
@@ -168,7 +181,7 @@ class AccuracyComparison:
             what = f"{a} is {pts:.2f} points below {b}"
         else:
             what = f"{a} ties with {b}"
-        ci = f"{100 * (1 - ALPHA):.0f}% CI {_pts(self.low)} to {_pts(self.high)} points"
+        ci = f"{100 * (1 - ALPHA):.0f}% CI {signed_points(self.low)} to {signed_points(self.high)} points"
         if self.basis == "seeds":
             above = sum(d > 0 for d in self.diffs)
             below = sum(d < 0 for d in self.diffs)
@@ -212,7 +225,7 @@ class AccuracyComparison:
         )
 
 
-def _pts(value: float) -> str:
+def signed_points(value: float) -> str:
     """An accuracy difference in signed points (``-0.0316`` -> ``−3.16``)."""
     return f"{100 * value:+.2f}".replace("-", "−")
 
@@ -251,7 +264,7 @@ def compare_accuracy(
         )  # fmt: skip
     run, other = pairs[0]
     z = 1.959963984540054  # normal 97.5% quantile: n_test examples, not n seeds
-    paired = _paired_test(run, other)
+    paired = paired_test(run, other)
     if paired is not None:
         se, p, basis, p_name = paired.se, paired.p_value, "test set, paired", "McNemar exact p"
     else:
@@ -263,7 +276,7 @@ def compare_accuracy(
     )  # fmt: skip
 
 
-def _paired_test(a: RunRecord, b: RunRecord) -> Any | None:
+def paired_test(a: RunRecord, b: RunRecord) -> Any | None:
     """McNemar of two runs when both saved predictions for the same labels (same test set, same order)."""
     if a.predictions is None or b.predictions is None:
         return None

@@ -19,28 +19,36 @@ from fimlora.report.document import Report, format_mean_std
 from fimlora.report.runs import (
     AccuracyComparison,
     RunRecord,
-    _paired_test,
-    _pts,
     compare_accuracy,
     method_label,
+    paired_test,
+    signed_points,
 )
 
-__all__ = ["write_comparison_report"]
+__all__ = [
+    "baseline_method",
+    "format_or_na",
+    "runs_by_method",
+    "write_comparison_report",
+]
 
 
-def _baseline_method(runs: Sequence[RunRecord]) -> str:
+def baseline_method(runs: Sequence[RunRecord]) -> str:
+    """The method the others are compared with: ``uniform`` when present, else the first run's."""
     methods = [r.method for r in runs]
     return "uniform" if "uniform" in methods else methods[0]
 
 
-def _by_method(runs: Sequence[RunRecord]) -> dict[str, list[RunRecord]]:
+def runs_by_method(runs: Sequence[RunRecord]) -> dict[str, list[RunRecord]]:
+    """Method -> its runs, in the order given."""
     groups: dict[str, list[RunRecord]] = {}
     for run in runs:
         groups.setdefault(run.method, []).append(run)
     return groups
 
 
-def _fmt(value: Any, spec: str) -> str:
+def format_or_na(value: Any, spec: str) -> str:
+    """``format(value, spec)``, or ``n/a`` for a missing or NaN value."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return format(value, spec)
@@ -78,8 +86,8 @@ def write_comparison_report(
     Returns:
         The comparison of every other method with the baseline.
     """
-    baseline = _baseline_method(runs)
-    groups = _by_method(runs)
+    baseline = baseline_method(runs)
+    groups = runs_by_method(runs)
     comparisons = [
         c for m, rs in groups.items() if m != baseline for c in [compare_accuracy(rs, groups[baseline])] if c
     ]
@@ -160,9 +168,9 @@ def _summary_table(report: Report, groups: Mapping[str, list[RunRecord]], baseli
                 method_label(method),
                 len(rs),
                 _pct_mean_std(accs),
-                _fmt(statistics.mean(ses), ".2f") if ses else "n/a",
-                _fmt(rs[0].metrics.get("lora_params"), ","),
-                _fmt(rs[0].metrics.get("trainable_params"), ","),
+                format_or_na(statistics.mean(ses), ".2f") if ses else "n/a",
+                format_or_na(rs[0].metrics.get("lora_params"), ","),
+                format_or_na(rs[0].metrics.get("trainable_params"), ","),
             ]
         )
     heads = {
@@ -193,7 +201,7 @@ def _per_seed_table(report: Report, c: AccuracyComparison, groups: Mapping[str, 
     report.heading(f"{a} − {b}, seed by seed")
     by_seed_a = {r.seed: r for r in groups[c.method]}
     by_seed_b = {r.seed: r for r in groups[c.baseline]}
-    tests = {seed: _paired_test(by_seed_a[seed], by_seed_b[seed]) for seed in c.seeds}
+    tests = {seed: paired_test(by_seed_a[seed], by_seed_b[seed]) for seed in c.seeds}
     any_paired = any(t is not None for t in tests.values())
     headers = ["seed", f"{b} (%)", f"{a} (%)", "difference (points)", "SE (points)"]
     headers += ["McNemar p"] if any_paired else []
@@ -210,14 +218,14 @@ def _per_seed_table(report: Report, c: AccuracyComparison, groups: Mapping[str, 
             se, p = f"{100 * se_value:.2f} unpaired", "–"
         row = [
             seed,
-            _fmt(100 * (rb.accuracy or 0), ".2f"),
-            _fmt(100 * (ra.accuracy or 0), ".2f"),
-            _pts(diff),
+            format_or_na(100 * (rb.accuracy or 0), ".2f"),
+            format_or_na(100 * (ra.accuracy or 0), ".2f"),
+            signed_points(diff),
             se,
         ]
         rows.append(row + ([p] if any_paired else []))
     if c.n > 1:
-        row = ["mean", "", "", _pts(c.mean), f"{100 * c.se:.2f} seeds"]
+        row = ["mean", "", "", signed_points(c.mean), f"{100 * c.se:.2f} seeds"]
         rows.append(row + ([f"sign-flip {c.p_value:.2g}"] if any_paired else []))
     report.table(
         headers,
@@ -234,7 +242,7 @@ def _per_seed_table(report: Report, c: AccuracyComparison, groups: Mapping[str, 
             )
             + (
                 f" Mean row: SE = sd/√{c.n} of the {c.n} per-seed differences, which includes seed-to-seed "
-                f"variation (the per-seed SEs do not); 95% CI (Student's t) {_pts(c.low)} to {_pts(c.high)}."
+                f"variation (the per-seed SEs do not); 95% CI (Student's t) {signed_points(c.low)} to {signed_points(c.high)}."
                 if c.n > 1
                 else ""
             )
@@ -457,8 +465,8 @@ def _agreement_table(
         pair = [spearman(ranks, [o.rank_map[n] for n in names]) for o in others]  # type: ignore[index]
         moved = sum(abs(r.rank_map[n] - mean[n]) for n in names) / max(sum(mean.values()), 1e-12)  # type: ignore[index]
         rows.append(
-            [f"seed {r.seed}", _fmt(spearman(ranks, [mean[n] for n in names]), ".2f"),
-             _fmt(statistics.mean(pair), ".2f") if pair else "n/a", f"{100 * moved:.0f}%"]
+            [f"seed {r.seed}", format_or_na(spearman(ranks, [mean[n] for n in names]), ".2f"),
+             format_or_na(statistics.mean(pair), ".2f") if pair else "n/a", f"{100 * moved:.0f}%"]
         )  # fmt: skip
     report.table(
         ["map", "Spearman vs mean map", "mean Spearman vs other seeds", "rank moved vs mean"],
@@ -503,8 +511,8 @@ def _timings_section(report: Report, runs: Sequence[RunRecord], note: str, compa
     headers = ["run", "method", "seed", "calibration s", "training s"]
     rows = [
         [r.name, method_label(r.method), "–" if r.seed is None else r.seed,
-         "–" if r.metrics.get("calibration_seconds") is None else _fmt(r.metrics["calibration_seconds"], ".1f"),
-         _fmt(r.metrics.get("train_seconds"), ".1f")]
+         "–" if r.metrics.get("calibration_seconds") is None else format_or_na(r.metrics["calibration_seconds"], ".1f"),
+         format_or_na(r.metrics.get("train_seconds"), ".1f")]
         for r in runs
     ]  # fmt: skip
     report.table(headers, rows, caption=note)
