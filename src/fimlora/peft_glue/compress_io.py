@@ -35,6 +35,7 @@ __all__ = [
     "module_alpha",
     "module_scale",
     "read_adapter_factors",
+    "read_adapter_files",
     "write_lora_adapter",
 ]
 
@@ -133,6 +134,40 @@ def _variant_fields() -> list[str]:
     return tagged + [name for name in known if name not in tagged]
 
 
+def _require_weights_file(path: Path) -> None:
+    if not (path / "adapter_model.safetensors").is_file():
+        extra = (
+            " (only adapter_model.bin: save it again with safe_serialization=True)"
+            if (path / "adapter_model.bin").is_file()
+            else ""
+        )
+        raise FileNotFoundError(f"{path} has no adapter_model.safetensors{extra}")
+
+
+def read_adapter_files(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """An adapter directory's ``adapter_config.json`` (a dict) and ``adapter_model.safetensors`` (tensors by
+    saved name): the one reader of adapter files, for export and compress alike.
+
+    Raises:
+        FileNotFoundError: no ``adapter_config.json`` or ``adapter_model.safetensors`` (the message says
+            which, and what to pass instead).
+        ValueError: a config that is not a JSON object, or weights that cannot be read.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config = _read_config(path)
+    _require_weights_file(path)
+    try:
+        tensors = load_file(str(path / "adapter_model.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(
+            f"cannot read the adapter weights in {path} ({e}); pass an undamaged adapter"
+        ) from None
+    return config, tensors
+
+
 def check_compressible_config(path: str | Path) -> dict[str, Any]:
     """Read ``adapter_config.json`` and refuse what compression cannot represent exactly; cheap (no weights).
 
@@ -146,13 +181,7 @@ def check_compressible_config(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     config = _read_config(path)
-    if not (path / "adapter_model.safetensors").is_file():
-        extra = (
-            " (only adapter_model.bin: save it again with safe_serialization=True)"
-            if (path / "adapter_model.bin").is_file()
-            else ""
-        )
-        raise FileNotFoundError(f"{path} has no adapter_model.safetensors{extra}")
+    _require_weights_file(path)
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type == "ADALORA":
         return config
@@ -201,17 +230,10 @@ def read_adapter_factors(path: str | Path) -> AdapterFactors:
             ``lora_alpha <= 0``.
     """
     from peft.utils.other import get_pattern_key
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     path = Path(path)
     config = check_compressible_config(path)
-    try:
-        tensors = load_file(str(path / "adapter_model.safetensors"))
-    except (SafetensorError, OSError) as e:
-        raise ValueError(
-            f"cannot read the adapter weights in {path} ({e}); pass an undamaged adapter"
-        ) from None
+    _, tensors = read_adapter_files(path)
     if any(".lora_embedding_" in k for k in tensors):
         raise ValueError(f"{path}: LoRA on embedding layers can't be compressed (linear layers only)")
     peft_type = str(config["peft_type"]).upper()

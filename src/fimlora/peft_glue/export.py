@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from fimlora.io import package_versions, staged_directory
+from fimlora.peft_glue.compress_io import read_adapter_files
 from fimlora.peft_glue.layers import PEFT_MODEL_PREFIX
 from fimlora.peft_glue.verify import adapter_updates, check_updates
 
@@ -74,12 +75,12 @@ def export_adapter(
         ``SERVING.md`` (plus, for ``"peft"``, every other file of the source directory).
 
     Raises:
-        ValueError: unknown engine, or an adapter the engine's form cannot hold (DoRA, LoRA on
-            embeddings, ranks that disagree with the config).
+        ValueError: unknown engine, an adapter the engine's form cannot hold (DoRA, LoRA on embeddings,
+            ranks that disagree with the config), or a config or weights file that cannot be read.
         FileNotFoundError: the source is not a PEFT adapter directory.
         FileExistsError: ``out_dir`` is not empty and ``overwrite`` is false.
-        AdapterCheckError: the exported files, read as the installed PEFT reads them, do not make the
-            source adapter's updates; nothing is written.
+        AdapterCheckError: the exported config and tensors, as the installed PEFT reads them, do not make
+            the source adapter's updates; nothing is written.
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
@@ -134,18 +135,6 @@ class _LoraModule:
     name: str
     rank: int
     scale: float
-
-
-def _read_adapter(src: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
-    config_path, weights_path = src / _CONFIG, src / _WEIGHTS
-    if not config_path.is_file() or not weights_path.is_file():
-        raise FileNotFoundError(
-            f"{src} is not a PEFT adapter directory: it needs {_CONFIG} and {_WEIGHTS} "
-            "(save with `model.save_pretrained(dir)`)"
-        )
-    return json.loads(config_path.read_text()), load_file(str(weights_path))
 
 
 def _lora_modules(src: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[_LoraModule]:
@@ -222,7 +211,7 @@ def _own_ranks(
 def _export_dir(src: Path, out: Path, engine: str, *, source_label: str) -> Path:
     from safetensors.torch import save_file
 
-    config, tensors = _read_adapter(src)
+    config, tensors = read_adapter_files(src)
     if engine == "peft":
         files = sorted(p for p in src.iterdir() if p.is_file() and p.name != NOTE_FILE)
         ranks = sorted({int(t.shape[0]) for k, t in tensors.items() if k.endswith(".lora_A.weight")})
