@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from fimlora.methods import get_method
+from fimlora.methods import available_methods, get_method
 from fimlora.methods.history import RankEvent, RankHistory
 from fimlora.methods.optim_state import ParamRemap, carry_optimizer_state, stale_optimizer_params
 from fimlora.rankmap import RankMap
@@ -99,7 +99,7 @@ def test_history_plots(tmp_path) -> None:
         RankHistory().plot_trajectories(tmp_path / "empty.png")
 
 
-@pytest.mark.parametrize("name", ["uniform", "fim", "l1ra", "lrlora", "adalora", "eva"])
+@pytest.mark.parametrize("name", available_methods())
 def test_every_method_is_selectable_by_name(name: str) -> None:
     method = get_method(name)
     assert method.name == name
