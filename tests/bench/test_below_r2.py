@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.below_r2 import NEW_ROWS, REFERENCE_ROWS, front_reading, main
 from bench.harness import ResultStore
-from bench.selection import TestSplitInSelection
-from bench.variants import SEEDS, SELECTION_TASKS
+from bench.studies.below_r2 import NEW_ROWS, REFERENCE_ROWS, front_reading, main
+from bench.studies.selection import TestSplitInSelection
+from bench.studies.variants import SEEDS, SELECTION_TASKS
 
 _METHOD = {"uniform": "uniform", "fim-kind": "fim", "fim-kind-drop": "fim", "random-drop": "random"}
 

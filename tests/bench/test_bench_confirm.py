@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.confirm import (
+from bench.harness import ExperimentGrid
+from bench.studies.confirm import (
     CONFIRM_BUDGETS,
     confirmation_table,
     default_verdict,
@@ -17,9 +18,8 @@ from bench.confirm import (
     shuffled_control,
     target_verdict,
 )
-from bench.harness import ExperimentGrid
-from bench.selection import TEST_SEEDS, TEST_TASKS
-from bench.variants import HELD_OUT_TASKS, VARIANTS
+from bench.studies.selection import TEST_SEEDS, TEST_TASKS
+from bench.studies.variants import HELD_OUT_TASKS, VARIANTS
 
 _SELECTION_GRID = {
     "suite": "encoder",

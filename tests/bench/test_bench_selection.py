@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from bench.selection import (
+from bench.studies.selection import (
     TestSplitInSelection,
     check_dev_only,
     length_curve,
@@ -114,7 +114,7 @@ _SELECTION_GRID = {
 
 
 def test_test_grids_carry_each_methods_chosen_rate_and_read_the_test_split() -> None:
-    from bench.selection import TEST_SEEDS, TEST_TASKS, make_test_grids
+    from bench.studies.selection import TEST_SEEDS, TEST_TASKS, make_test_grids
 
     chosen = {"uniform": {"lr": 0.001}, "fim": {"lr": 0.003}, "eva": {"lr": 0.0003}}
     grids = make_test_grids(chosen, _SELECTION_GRID)
@@ -143,7 +143,7 @@ def test_test_grids_carry_each_methods_chosen_rate_and_read_the_test_split() -> 
 
 
 def test_test_grids_refuse_a_method_without_a_choice() -> None:
-    from bench.selection import make_test_grids
+    from bench.studies.selection import make_test_grids
 
     with pytest.raises(ValueError, match="eva"):
         make_test_grids({"uniform": {"lr": 0.001}, "fim": {"lr": 0.003}}, _SELECTION_GRID)
@@ -155,7 +155,7 @@ def test_committed_test_grids_match_the_committed_choices() -> None:
     from pathlib import Path
 
     yaml = pytest.importorskip("yaml")
-    from bench.selection import make_test_grids
+    from bench.studies.selection import make_test_grids
 
     root = Path(__file__).resolve().parents[2]
     selection = root / "docs/results/full/lr_selection.json"
@@ -173,7 +173,7 @@ def test_lr_report_states_the_dev_majority_floor(tmp_path) -> None:
     from collections import Counter
 
     from bench.harness import ResultStore
-    from bench.selection import main
+    from bench.studies.selection import main
     from fimlora.data import load_builtin_dataset
 
     store = ResultStore(tmp_path / "store")

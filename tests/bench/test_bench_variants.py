@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from bench.harness import ExperimentGrid, ResultStore
-from bench.selection import TestSplitInSelection
-from bench.variants import (
+from bench.studies.selection import TestSplitInSelection
+from bench.studies.variants import (
     BUDGETS,
     EXPECTED_RUNS,
     SEEDS,
@@ -40,7 +40,7 @@ def test_variant_grids_are_dev_only_with_their_base_methods_rate() -> None:
     assert set(grids) == set(VARIANTS) | {"uniform-r4"}
     specs = [s for g in grids.values() for s in ExperimentGrid.from_dict(g).expand()]  # valid harness grids
     assert all(s.overrides["eval_split"] == "dev" for s in specs)
-    from bench.variants import EXPECTED_RUNS
+    from bench.studies.variants import EXPECTED_RUNS
 
     assert len(specs) == len({s.run_id for s in specs}) == EXPECTED_RUNS  # the report's "runs finished of N"
     assert {s.task for s in specs} == set(SELECTION_TASKS)

@@ -7,9 +7,15 @@ from typing import Any
 
 import pytest
 
-from bench.full_report import budget_to_match, control_verdicts, front_points, pooled_front, write_full_report
 from bench.harness import ResultStore, RunSpec, make_record
 from bench.harness import record as record_module
+from bench.studies.full_report import (
+    budget_to_match,
+    control_verdicts,
+    front_points,
+    pooled_front,
+    write_full_report,
+)
 
 PARAMS = {"r2": 1000, "r4": 2000, "r8": 4000}
 
@@ -127,7 +133,7 @@ def test_full_report_writes_tables_and_front(tmp_path: Path) -> None:
 
 
 def test_compression_is_paired_with_training_at_the_equal_budget() -> None:
-    from bench.full_report import compression_comparison
+    from bench.studies.full_report import compression_comparison
 
     records = [
         r for r in _grid() if not (r["spec"]["budget"] == "r8" and r["spec"]["method"] in ("uniform", "fim"))
@@ -198,7 +204,7 @@ def test_majority_rate_is_the_training_majority_class_on_test(monkeypatch: pytes
 
 
 def test_a_variant_run_at_several_budgets_joins_the_front() -> None:
-    from bench.full_report import front_methods
+    from bench.studies.full_report import front_methods
 
     records = _grid() + [
         _record(task, "fim", budget, seed, 90.0, overrides={"variant": "fim-kind", "normalize": "kind"})
@@ -212,7 +218,7 @@ def test_a_variant_run_at_several_budgets_joins_the_front() -> None:
 
 
 def test_budget_ratios_show_a_method_that_misses_uniforms_parameter_count(tmp_path: Path) -> None:
-    from bench.full_report import budget_ratios
+    from bench.studies.full_report import budget_ratios
 
     records = _grid()
     assert set(budget_ratios(front_points(records)).values()) == {(1.0, 1.0)}
@@ -257,7 +263,7 @@ def test_a_partial_store_reports_numbers_but_no_verdicts(tmp_path: Path) -> None
 def test_progress_counts_the_grids_runs_seed_by_seed(tmp_path: Path) -> None:
     import json
 
-    from bench.full_report import grid_progress
+    from bench.studies.full_report import grid_progress
 
     grid = tmp_path / "grid.json"
     grid.write_text(
@@ -293,7 +299,7 @@ def test_progress_counts_the_grids_runs_seed_by_seed(tmp_path: Path) -> None:
 
 def test_every_method_on_the_front_figure_looks_different() -> None:
     pytest.importorskip("matplotlib")
-    from bench.full_report import method_styles
+    from bench.studies.full_report import method_styles
 
     methods = [f"m{i}" for i in range(20)]
     styles = method_styles(methods)
@@ -309,7 +315,7 @@ def test_seeds_option_keeps_a_started_seed_out_of_an_interim_report(tmp_path: Pa
     # between the tasks, so uniform r8 is not pooled, unless the report is restricted to seeds 0 and 1
     import json
 
-    from bench.full_report import main
+    from bench.studies.full_report import main
 
     store = ResultStore(tmp_path / "store")
     for record in _grid():
@@ -334,8 +340,8 @@ def test_seeds_without_records_are_refused_by_name(
 ) -> None:
     # a seed with no record (a typo, or one not begun) is a one-line error naming it and the seeds held,
     # for the test report and the confirmation report alike; nothing is written
-    from bench.confirm import main as confirm_main
-    from bench.full_report import main
+    from bench.studies.confirm import main as confirm_main
+    from bench.studies.full_report import main
 
     store = ResultStore(tmp_path / "store")
     for record in _grid():

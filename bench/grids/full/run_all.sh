@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The rest of the full-length protocol, unattended: two single-thread workers share one queue. Each runs
 # the variant grid (issue 13, dev split); when it finds nothing left to claim it makes the pre-declared
-# choice once every variant run exists (the highest pooled dev accuracy, `bench.variants report`), writes
-# the chosen variant's test grid (`bench.confirm grid`, which refuses a choice among unfinished variants),
+# choice once every variant run exists (the highest pooled dev accuracy, `bench.studies.variants report`), writes
+# the chosen variant's test grid (`bench.studies.confirm grid`, which refuses a choice among unfinished variants),
 # then runs the test grids, seed by seed. A worker that reaches the test grids before the choice exists
 # runs them without the variant and goes round again once it does. Resumable: run it again after an
 # interruption. Logs: out/workers/all_<n>.log. Reports: see docs/results/full/README.md.
@@ -24,9 +24,9 @@ choose() {
     # The choice is written under out/ (untracked), not over the committed docs/results/full/variants.*: a
     # modified tracked file would mark every test record "dirty". Same command, same store, same choice:
     # rerun it with --out docs/results/full to publish.
-    $PY -m bench.variants report --store bench/results/full/variants --out out/workers/choice
+    $PY -m bench.studies.variants report --store bench/results/full/variants --out out/workers/choice
     # refused (exit 2) while a variant run is still going: retried on the next round
-    $PY -m bench.confirm grid --choice out/workers/choice/variants.json \
+    $PY -m bench.studies.confirm grid --choice out/workers/choice/variants.json \
       --selection docs/results/full/lr_selection.json --from $FULL/select_lr_0.001.yaml \
       --out $FULL/test_variant.yaml && touch $DONE
   ) 9>out/workers/choose.lock

@@ -3,7 +3,7 @@
 # queue, in the background. Needs rank 0 (r_min = 0), so it runs on this checkout's code, not on the test
 # grid's pin: pause or stop the pinned test workers first, so that the two have the cores to themselves.
 # Resumable. Logs: out/workers/below_r2_<n>.log. Report:
-#   .venv/bin/python -m bench.below_r2 --store bench/results/full/below_r2 --variants bench/results/full/variants --out docs/results/full
+#   .venv/bin/python -m bench.studies.below_r2 --store bench/results/full/below_r2 --variants bench/results/full/variants --out docs/results/full
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 mkdir -p out/workers

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue 13: run the variant grids (written by `python -m bench.variants grids`) on the dev split with two
+# Issue 13: run the variant grids (written by `python -m bench.studies.variants grids`) on the dev split with two
 # single-thread workers sharing one queue (run claims), seed by seed, in the background. Resumable.
-# Logs: out/workers/variants_<n>.log. Report: python -m bench.variants report --store bench/results/full/variants --out docs/results/full
+# Logs: out/workers/variants_<n>.log. Report: python -m bench.studies.variants report --store bench/results/full/variants --out docs/results/full
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 mkdir -p out/workers

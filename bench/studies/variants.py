@@ -6,7 +6,7 @@ learning rate from the dev-split selection (``docs/results/full/lr_selection.jso
 1. ``grids``: one grid per variant on the **dev** split of the selection tasks (:data:`SELECTION_TASKS`),
    two seeds, at the r2 and r8 parameter counts, plus uniform LoRA at r4 (where the front bends)::
 
-       python -m bench.variants grids --selection docs/results/full/lr_selection.json \\
+       python -m bench.studies.variants grids --selection docs/results/full/lr_selection.json \\
            --from bench/grids/full/select_lr_0.001.yaml --out bench/grids/full/variants
 
 2. run them (two workers sharing the queue, ``--shared --seed-major``; see ``run_variants.sh``);
@@ -14,7 +14,7 @@ learning rate from the dev-split selection (``docs/results/full/lr_selection.jso
    LoRA and from FIM-LoRA, and the choice (the highest mean dev accuracy pooled over the selection tasks
    and both budgets, among the variants of fimlora's own methods)::
 
-       python -m bench.variants report --store bench/results/full/variants --out docs/results/full
+       python -m bench.studies.variants report --store bench/results/full/variants --out docs/results/full
 
 The confirmation (the chosen variant on the held-out tasks' test splits, 5 seeds) is part of the test grid.
 Torch-free.
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import ResultStore, mean_std, paired_bootstrap_ci
-from bench.selection import check_dev_only
+from bench.studies.selection import check_dev_only
 from fimlora.io import atomic_write_json, atomic_write_text
 from fimlora.module_names import split_module_name
 
@@ -296,7 +296,7 @@ def _report(store: Path, out: Path) -> None:
             f"every run so far: {leading or 'none'} (interim, not a choice)."
         ),
         "",
-        f"Made with `python -m bench.variants report --store {store} --out {out}`.",
+        f"Made with `python -m bench.studies.variants report --store {store} --out {out}`.",
         "",
     ]
     atomic_write_text(out / "variants.md", "\n".join(lines))
@@ -309,14 +309,16 @@ def _write_grids(selection: Path, from_grid: Path, out: Path) -> None:
     for name, grid in grids.items():
         header = (
             f"# Issue 13, variant {name!r} on the DEV split, written by\n"
-            f"#   python -m bench.variants grids --selection {selection} --from {from_grid} --out {out}\n"
+            f"#   python -m bench.studies.variants grids --selection {selection} --from {from_grid} --out {out}\n"
             "# (do not edit by hand: rerun the command). Run: bench/grids/full/run_variants.sh\n"
         )
         atomic_write_text(out / f"{name}.yaml", header + yaml.safe_dump(grid, sort_keys=False))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.variants", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.studies.variants", description=__doc__.splitlines()[0]
+    )
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("grids", help="write one dev-split grid per variant")
     p.add_argument("--selection", required=True, type=Path)

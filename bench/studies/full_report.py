@@ -14,7 +14,7 @@ and writes into ``--out``:
 
 Usage::
 
-    python -m bench.full_report --store bench/results/full/test --out docs/results/full \
+    python -m bench.studies.full_report --store bench/results/full/test --out docs/results/full \
         --grid bench/grids/full/test*.yaml
 
 With ``--grid`` (the grids that fill the store) the report opens with how many of their runs exist, seed by
@@ -35,8 +35,8 @@ from typing import Any
 
 from bench.harness import METHOD_ORDER, ResultStore, aggregate, mean_std, write_report
 from bench.harness.tables import NO_VERDICT, natural_key
+from bench.studies.variants import VARIANTS
 from bench.suites.data import majority_rates
-from bench.variants import VARIANTS
 from fimlora.io import atomic_write_json, atomic_write_text
 
 __all__ = [
@@ -526,7 +526,7 @@ def _markdown(
         f"{len(records)} records from `{store}`; commits {', '.join(c[:10] for c in commits)}. Full tables: "
         "[test/results.md](test/results.md).",
         "",
-        f"Made with `python -m bench.full_report --store {store} --out {out}{seeds_arg(seeds)}{grid_args}`.",
+        f"Made with `python -m bench.studies.full_report --store {store} --out {out}{seeds_arg(seeds)}{grid_args}`.",
         "",
     ]
     data = {
@@ -672,7 +672,9 @@ def write_full_report(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.full_report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.studies.full_report", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--store", required=True, type=Path, help="the test store (bench/results/full/test)")
     parser.add_argument("--out", required=True, type=Path, help="report folder (docs/results/full)")
     parser.add_argument(

@@ -15,7 +15,7 @@ once), or any causal LM directory / hub id.
 
 Example (one CPU thread; see docs/compress.md for the size estimate)::
 
-    python -m bench.compress_sft --threads 1 --out docs/results/compress/smollm2_sft.json
+    python -m bench.studies.compress_sft --threads 1 --out docs/results/compress/smollm2_sft.json
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as a file: make `bench` importable from the repository root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.suites.compress import check_compress_fractions, compress_evaluations  # noqa: E402
 

@@ -1,10 +1,10 @@
 """Issue 13, last step: the chosen variant on the test split, its held-out confirmation and the target.
 
-The variant is chosen on the dev splits of three tasks (:mod:`bench.variants`); here it runs like every other
+The variant is chosen on the dev splits of three tasks (:mod:`bench.studies.variants`); here it runs like every other
 method of the test grid (five tasks, five seeds, test split read once per run) at the r2, r4 and r8 parameter
 counts, and two reports are read from the test store:
 
-* the **confirmation** on the two held-out tasks (:data:`bench.variants.HELD_OUT_TASKS`), which took no part
+* the **confirmation** on the two held-out tasks (:data:`bench.studies.variants.HELD_OUT_TASKS`), which took no part
   in any choice: the variant against uniform LoRA at each budget, per task and pooled;
 * the **target** of issue 13 over all five tasks (:func:`target_verdict`): a gain of at least 1 point over
   uniform at one budget with the pooled 95% CI above 0, or uniform r8's accuracy (within 0.5) reached at a
@@ -19,11 +19,11 @@ same-shape modules). A variant with a map of its own gets its own shuffle too (:
 
 Steps::
 
-    python -m bench.confirm grid --choice docs/results/full/variants.json \\
+    python -m bench.studies.confirm grid --choice docs/results/full/variants.json \\
         --selection docs/results/full/lr_selection.json --from bench/grids/full/select_lr_0.001.yaml \\
         --out bench/grids/full/test_variant.yaml      # + test_variant_low.yaml, test_variant_shuffled.yaml
     bash bench/grids/full/run_test.sh            # runs every test_variant*.yaml too
-    python -m bench.confirm report --store bench/results/full/test \\
+    python -m bench.studies.confirm report --store bench/results/full/test \\
         --choice docs/results/full/variants.json --out docs/results/full
 
 Torch-free.
@@ -39,10 +39,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.full_report import CONTROLS, of_seeds, seeds_arg, test_split_records
 from bench.harness import ResultStore, mean_std, paired_bootstrap_ci
-from bench.selection import COMPRESS_FRACTIONS, TEST_SEEDS, TEST_TASKS
-from bench.variants import HELD_OUT_TASKS, REFERENCES, VARIANTS, make_variant_grids
+from bench.studies.full_report import CONTROLS, of_seeds, seeds_arg, test_split_records
+from bench.studies.selection import COMPRESS_FRACTIONS, TEST_SEEDS, TEST_TASKS
+from bench.studies.variants import HELD_OUT_TASKS, REFERENCES, VARIANTS, make_variant_grids
 from fimlora.io import atomic_write_json, atomic_write_text
 
 __all__ = [
@@ -96,7 +96,9 @@ def make_confirmation_grid(
         ValueError: no variant chosen yet, a reference chosen, or plain ``fim`` (already in the test grid).
     """
     if not variant:
-        raise ValueError("no variant chosen yet: finish the variant grid and run `bench.variants report`")
+        raise ValueError(
+            "no variant chosen yet: finish the variant grid and run `bench.studies.variants report`"
+        )
     if variant in REFERENCES or variant == "fim":
         raise ValueError(
             f"{variant!r} is already in the test grid (test.yaml, test_low.yaml): nothing to add"
@@ -111,7 +113,7 @@ def make_confirmation_grids(
     variant: str, chosen: Mapping[str, Mapping[str, Any]], selection_grid: Mapping[str, Any]
 ) -> dict[str, dict[str, Any]]:
     """The grid files ``grid`` writes, by the suffix of their name: ``""`` the variant at r8, its adapters also
-    compressed to :data:`bench.selection.COMPRESS_FRACTIONS` as uniform's and fim's are (issue 14's table then
+    compressed to :data:`bench.studies.selection.COMPRESS_FRACTIONS` as uniform's and fim's are (issue 14's table then
     covers the new default too; compressing an r2 or r4 adapter is compared with nothing, so only r8);
     ``"_low"`` the variant at the smaller budgets; ``"_shuffled"`` its own shuffle control, where it has one.
     Together: :func:`make_confirmation_grid`'s runs plus the control.
@@ -142,7 +144,7 @@ def shuffled_control(variant: str) -> tuple[str, dict[str, Any]] | None:
     fim's), where the ranks are not fixed before training (``l1ra-fimstart``), and for the references.
 
     Raises:
-        KeyError: not a variant of :data:`bench.variants.VARIANTS`.
+        KeyError: not a variant of :data:`bench.studies.variants.VARIANTS`.
     """
     method, extra = VARIANTS[variant]
     name = f"{variant}-shuffled"
@@ -430,7 +432,7 @@ def _markdown(
         "",
         *_default_lines(default),
         "",
-        f"Made with `python -m bench.confirm report --store {store} --choice {choice} --out {out}"
+        f"Made with `python -m bench.studies.confirm report --store {store} --choice {choice} --out {out}"
         f"{seeds_arg(seeds)}`.",
         "",
     ]
@@ -488,7 +490,7 @@ def _write_grid(choice: Path, selection: Path, from_grid: Path, out: Path) -> No
     if finished is None or expected is None or finished < expected:
         raise ValueError(
             f"{choice}: the variant grid is not finished ({finished} of {expected} runs); a choice among "
-            "incomplete variants is no choice: finish bench/grids/full/run_variants.sh, rerun `bench.variants report`"
+            "incomplete variants is no choice: finish bench/grids/full/run_variants.sh, rerun `bench.studies.variants report`"
         )
     variant = report.get("chosen")
     if variant == "fim":
@@ -498,7 +500,7 @@ def _write_grid(choice: Path, selection: Path, from_grid: Path, out: Path) -> No
         return
     chosen, settings = json.loads(selection.read_text()), yaml.safe_load(from_grid.read_text())
     command = (
-        f"#   python -m bench.confirm grid --choice {choice} --selection {selection} --from {from_grid} "
+        f"#   python -m bench.studies.confirm grid --choice {choice} --selection {selection} --from {from_grid} "
         f"--out {out}\n# (do not edit by hand). Run: bench/grids/full/run_test.sh\n"
     )
     grids = make_confirmation_grids(variant, chosen, settings)
@@ -513,10 +515,14 @@ def _write_grid(choice: Path, selection: Path, from_grid: Path, out: Path) -> No
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.confirm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.studies.confirm", description=__doc__.splitlines()[0]
+    )
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("grid", help="the chosen variant's test grid")
-    p.add_argument("--choice", required=True, type=Path, help="variants.json from `bench.variants report`")
+    p.add_argument(
+        "--choice", required=True, type=Path, help="variants.json from `bench.studies.variants report`"
+    )
     p.add_argument("--selection", required=True, type=Path, help="lr_selection.json")
     p.add_argument("--from", dest="from_grid", required=True, type=Path, help="a selection grid (settings)")
     p.add_argument("--out", required=True, type=Path, help="the grid file to write")

@@ -14,9 +14,9 @@ Torch-free: records are plain JSON.
 
 Usage::
 
-    python -m bench.selection length --store bench/results/full/length --out docs/results/full
-    python -m bench.selection lr --store bench/results/full/selection --out docs/results/full
-    python -m bench.selection test-grid --selection docs/results/full/lr_selection.json \
+    python -m bench.studies.selection length --store bench/results/full/length --out docs/results/full
+    python -m bench.studies.selection lr --store bench/results/full/selection --out docs/results/full
+    python -m bench.studies.selection test-grid --selection docs/results/full/lr_selection.json \
         --from bench/grids/full/select_lr_0.001.yaml --out bench/grids/full
 
 The third step writes the test grids from the choices (never by hand): every selection grid's settings
@@ -198,7 +198,7 @@ def _write_test_grids(selection: Path, from_grid: Path, out: Path) -> None:
     for name, grid in grids.items():
         header = (
             f"# Full-length protocol, step 3: the TEST grid, written by\n"
-            f"#   python -m bench.selection test-grid --selection {selection} --from {from_grid} --out {out}\n"
+            f"#   python -m bench.studies.selection test-grid --selection {selection} --from {from_grid} --out {out}\n"
             f"# from the dev-split choices in {selection} (do not edit by hand: rerun the command).\n"
             f"# Run: bench/grids/full/run_test.sh (two single-thread workers, seed by seed).\n"
         )
@@ -225,7 +225,7 @@ def _length_report(store: Path, out: Path, tolerance: float) -> None:
     for s in steps:
         row = [values[t][s] for t in sorted(curves)]
         lines.append(f"| {s} | " + " | ".join(f"{v:.1f}" for v in row) + f" | {sum(row) / len(row):.1f} |")
-    lines += ["", f"Made with `python -m bench.selection length --store {store} --out {out}`.", ""]
+    lines += ["", f"Made with `python -m bench.studies.selection length --store {store} --out {out}`.", ""]
     atomic_write_text(out / "length.md", "\n".join(lines))
     try:
         import matplotlib
@@ -280,14 +280,16 @@ def _lr_report(store: Path, out: Path) -> None:
         )
         + ".",
         "",
-        f"Made with `python -m bench.selection lr --store {store} --out {out}`.",
+        f"Made with `python -m bench.studies.selection lr --store {store} --out {out}`.",
         "",
     ]
     atomic_write_text(out / "lr_selection.md", "\n".join(lines))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.selection", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.studies.selection", description=__doc__.splitlines()[0]
+    )
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("length", help="validation curve of uniform LoRA and the chosen training length")
     p.add_argument("--store", required=True, type=Path)

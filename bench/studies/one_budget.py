@@ -2,7 +2,7 @@
 for every registered method on the embedded MiniLM, each run's final rank sum and LoRA parameter count read
 from the adapter it saved (or the one-line error it stopped with), as a markdown table.
 
-    python -m bench.one_budget --out docs/results/one_budget.md [--python PYTHON] [--label after]
+    python -m bench.studies.one_budget --out docs/results/one_budget.md [--python PYTHON] [--label after]
 
 ``--python`` runs another interpreter (e.g. one whose ``PYTHONPATH`` puts an older checkout first, for a
 before/after comparison). Runs are short (``--max-steps``, default 20): the budget is fixed before or during
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         *rows,
         "",
         f"Interpreter: `{args.python}`; fimlora source: `{_source_state(args.python)}`; versions: `{versions}`; "
-        "command: `python -m bench.one_budget "
+        "command: `python -m bench.studies.one_budget "
         f"{' '.join(argv if argv is not None else sys.argv[1:])}`.",
         "",
     ]

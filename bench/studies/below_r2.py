@@ -7,7 +7,7 @@ modules (``r_min = 0``; ``bench/grids/full/below_r2.yaml``: uniform, ``fim-kind-
 ``random-drop`` at r1, dev split, the variant grid's seeds and settings). The references at r2, r4 and r8
 (uniform, fim-kind) come from the variant store, run under the same protocol.
 
-    python -m bench.below_r2 --store bench/results/full/below_r2 \\
+    python -m bench.studies.below_r2 --store bench/results/full/below_r2 \\
         --variants bench/results/full/variants --out docs/results/full
 
 This is a dev-split reading: it says whether the idea deserves a test-split confirmation, not that it works.
@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import ResultStore, paired_bootstrap_ci
-from bench.selection import check_dev_only
-from bench.variants import SEEDS, SELECTION_TASKS, variant_table
+from bench.studies.selection import check_dev_only
+from bench.studies.variants import SEEDS, SELECTION_TASKS, variant_table
 from fimlora.io import atomic_write_json, atomic_write_text
 
 __all__ = ["REFERENCE_ROWS", "front_reading", "main"]
@@ -46,7 +46,7 @@ def _accuracies(records: Iterable[Mapping[str, Any]], row: str) -> dict[tuple[st
 
 
 def front_reading(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The table rows (as :func:`bench.variants.variant_table`), the paired differences that matter here, and
+    """The table rows (as :func:`bench.studies.variants.variant_table`), the paired differences that matter here, and
     the dev reading of issue 13's front criterion; ``complete`` is False while a cell misses a seed."""
     records = check_dev_only(records)
     table = variant_table(records)
@@ -128,14 +128,18 @@ def _markdown(reading: Mapping[str, Any], command: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.below_r2", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.studies.below_r2", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--store", required=True, type=Path, help="this step's store (below_r2.yaml)")
     parser.add_argument("--variants", required=True, type=Path, help="the variant grid's store (references)")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
     records = [*ResultStore(args.store).records(), *ResultStore(args.variants).records()]
     reading = front_reading(records)
-    command = f"python -m bench.below_r2 --store {args.store} --variants {args.variants} --out {args.out}"
+    command = (
+        f"python -m bench.studies.below_r2 --store {args.store} --variants {args.variants} --out {args.out}"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "below_r2.json", {**reading, "command": command})
     atomic_write_text(args.out / "below_r2.md", _markdown(reading, command))
