@@ -11,6 +11,9 @@ benchmark's protocol (docs/results/full/README.md) or to one issue's evidence:
 * ``compress_sft``: an SFT adapter on SmolLM2 compressed to fractions of its parameters (issue 14);
 * ``one_budget``: every method's final rank sum and parameters at one budget (issue 37).
 
+What they share (the splits each step reads, the tasks and seeds, the dev-only and test-only checks, the
+paired difference by task and seed) is stated once, in ``protocol``, which they all import.
+
 Run each as ``python -m bench.studies.<name>``. Records made before the move name the commit that made
 them; at that commit the same study ran as ``python -m bench.<name>``.
 """

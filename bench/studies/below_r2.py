@@ -17,13 +17,19 @@ Torch-free.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.harness import ResultStore, paired_bootstrap_ci
-from bench.studies.selection import check_dev_only
-from bench.studies.variants import SEEDS, SELECTION_TASKS, variant_table
+from bench.harness import ResultStore
+from bench.studies.protocol import (
+    SELECTION_TASKS,
+    accuracy_cells,
+    check_dev_only,
+    format_difference,
+    paired_difference,
+)
+from bench.studies.variants import SEEDS, row_complete, variant_table
 from fimlora.io import atomic_write_json, atomic_write_text
 
 __all__ = ["REFERENCE_ROWS", "front_reading", "main"]
@@ -34,15 +40,14 @@ REFERENCE_ROWS: tuple[str, ...] = ("uniform@r2", "uniform@r4", "uniform@r8", "fi
 NEW_ROWS: tuple[str, ...] = ("uniform@r1", "fim-kind-drop@r1", "random-drop@r1")
 """Rows of this step's grid."""
 
+COMMAND = "python -m bench.studies.below_r2"
+"""How this study runs: ``below_r2.md`` and ``below_r2.json`` name it."""
 
-def _accuracies(records: Iterable[Mapping[str, Any]], row: str) -> dict[tuple[str, int], float]:
+
+def _cell(row: str) -> tuple[str, str]:
+    """``"variant@budget"`` (a row name of :func:`bench.studies.variants.variant_table`) as a cell key."""
     variant, budget = row.split("@")
-    out = {}
-    for record in records:
-        spec = record["spec"]
-        if spec["budget"] == budget and spec["overrides"].get("variant", spec["method"]) == variant:
-            out[(spec["task"], int(spec["seed"]))] = 100.0 * float(record["metrics"]["accuracy"])
-    return out
+    return variant, budget
 
 
 def front_reading(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -51,10 +56,8 @@ def front_reading(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     records = check_dev_only(records)
     table = variant_table(records)
     rows = {k: table[k] for k in (*NEW_ROWS, *REFERENCE_ROWS) if k in table}
-    complete = all(
-        k in rows and all(rows[k]["per_task"].get(t, {}).get("n", 0) == len(SEEDS) for t in SELECTION_TASKS)
-        for k in (*NEW_ROWS, *REFERENCE_ROWS)
-    )
+    complete = all(row_complete(rows.get(k)) for k in (*NEW_ROWS, *REFERENCE_ROWS))
+    cells = accuracy_cells(records)
     pairs: dict[str, Any] = {}
     for a, b in (
         ("fim-kind-drop@r1", "uniform@r1"),
@@ -62,11 +65,9 @@ def front_reading(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         ("fim-kind-drop@r1", "uniform@r8"),
         ("uniform@r1", "uniform@r8"),
     ):
-        x, y = _accuracies(records, a), _accuracies(records, b)
-        keys = sorted(set(x) & set(y))
-        if len(keys) >= 2:
-            diff, low, high = paired_bootstrap_ci([x[k] for k in keys], [y[k] for k in keys])
-            pairs[f"{a} - {b}"] = {"diff": diff, "ci": [low, high], "pairs": len(keys)}
+        diff = paired_difference(cells.get(_cell(a), {}), cells.get(_cell(b), {}))
+        if diff is not None:
+            pairs[f"{a} - {b}"] = diff
     verdict = None
     pooled = {k: r["pooled"] for k, r in rows.items()}
     if complete and None not in pooled.values():
@@ -103,9 +104,7 @@ def _markdown(reading: Mapping[str, Any], command: str) -> str:
         lines.append(f"| {row['variant']} | {row['budget']} | " + " | ".join(cells) + f" | {pooled} |")
     lines += ["", "Paired differences (by task and seed, 95% bootstrap CI):", ""]
     for name, d in reading["pairs"].items():
-        lines.append(
-            f"- {name}: {d['diff']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] ({d['pairs']} pairs)"
-        )
+        lines.append(f"- {name}: {format_difference(d)}")
     verdict = reading["verdict"]
     lines.append("")
     if verdict is None:
@@ -128,18 +127,14 @@ def _markdown(reading: Mapping[str, Any], command: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.studies.below_r2", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
     parser.add_argument("--store", required=True, type=Path, help="this step's store (below_r2.yaml)")
     parser.add_argument("--variants", required=True, type=Path, help="the variant grid's store (references)")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
     records = [*ResultStore(args.store).records(), *ResultStore(args.variants).records()]
     reading = front_reading(records)
-    command = (
-        f"python -m bench.studies.below_r2 --store {args.store} --variants {args.variants} --out {args.out}"
-    )
+    command = f"{COMMAND} --store {args.store} --variants {args.variants} --out {args.out}"
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "below_r2.json", {**reading, "command": command})
     atomic_write_text(args.out / "below_r2.md", _markdown(reading, command))

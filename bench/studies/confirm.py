@@ -4,7 +4,7 @@ The variant is chosen on the dev splits of three tasks (:mod:`bench.studies.vari
 method of the test grid (five tasks, five seeds, test split read once per run) at the r2, r4 and r8 parameter
 counts, and two reports are read from the test store:
 
-* the **confirmation** on the two held-out tasks (:data:`bench.studies.variants.HELD_OUT_TASKS`), which took no part
+* the **confirmation** on the two held-out tasks (:data:`bench.studies.protocol.HELD_OUT_TASKS`), which took no part
   in any choice: the variant against uniform LoRA at each budget, per task and pooled;
 * the **target** of issue 13 over all five tasks (:func:`target_verdict`): a gain of at least 1 point over
   uniform at one budget with the pooled 95% CI above 0, or uniform r8's accuracy (within 0.5) reached at a
@@ -34,15 +34,27 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.harness import ResultStore, mean_std, paired_bootstrap_ci
-from bench.studies.full_report import CONTROLS, of_seeds, seeds_arg, test_split_records
-from bench.studies.selection import COMPRESS_FRACTIONS, TEST_SEEDS, TEST_TASKS
-from bench.studies.variants import HELD_OUT_TASKS, REFERENCES, VARIANTS, make_variant_grids
+from bench.harness import ResultStore, mean_std
+from bench.studies.full_report import test_split_records
+from bench.studies.protocol import (
+    COMPRESS_FRACTIONS,
+    CONTROLS,
+    HELD_OUT_TASKS,
+    TEST_SEEDS,
+    TEST_TASKS,
+    Cells,
+    accuracy_cells,
+    format_difference,
+    of_seeds,
+    paired_difference,
+    seeds_arg,
+    write_grid,
+)
+from bench.studies.variants import REFERENCES, VARIANTS, make_variant_grids
 from fimlora.io import atomic_write_json, atomic_write_text
 
 __all__ = [
@@ -82,8 +94,8 @@ FALLBACK_DEFAULT = "fim"
 """What the library default returns to if the test grid refutes the chosen variant: plain FIM-LoRA scores
 (``normalize="none"``), the default before the variant grid. Nothing else is picked from the test split."""
 
-Cells = dict[tuple[str, str], dict[tuple[str, int], float]]
-"""(method, budget) -> (task, seed) -> test accuracy in %."""
+COMMAND = "python -m bench.studies.confirm"
+"""How this study runs: ``confirmation.md`` and the ``test_variant*`` grids it writes name it."""
 
 
 def make_confirmation_grid(
@@ -113,7 +125,7 @@ def make_confirmation_grids(
     variant: str, chosen: Mapping[str, Mapping[str, Any]], selection_grid: Mapping[str, Any]
 ) -> dict[str, dict[str, Any]]:
     """The grid files ``grid`` writes, by the suffix of their name: ``""`` the variant at r8, its adapters also
-    compressed to :data:`bench.studies.selection.COMPRESS_FRACTIONS` as uniform's and fim's are (issue 14's table then
+    compressed to :data:`bench.studies.protocol.COMPRESS_FRACTIONS` as uniform's and fim's are (issue 14's table then
     covers the new default too; compressing an r2 or r4 adapter is compared with nothing, so only r8);
     ``"_low"`` the variant at the smaller budgets; ``"_shuffled"`` its own shuffle control, where it has one.
     Together: :func:`make_confirmation_grid`'s runs plus the control.
@@ -175,24 +187,21 @@ def make_shuffled_control_grid(
 
 
 def _cells(records: Iterable[Mapping[str, Any]]) -> Cells:
-    cells: Cells = defaultdict(dict)
-    for record in test_split_records(records):
-        spec = record["spec"]  # named by variant (see test_split_records)
-        cells[(spec["method"], spec["budget"])][(spec["task"], int(spec["seed"]))] = 100.0 * float(
-            record["metrics"]["accuracy"]
-        )
-    return cells
+    """(method or variant, budget) -> (task, seed) -> test accuracy in %, of the test-split records."""
+    return accuracy_cells(test_split_records(records))
 
 
 def _paired(
     cells: Cells, a: tuple[str, str], b: tuple[str, str], tasks: Sequence[str]
 ) -> dict[str, Any] | None:
-    """``a`` minus ``b`` over the (task, seed) pairs both have on ``tasks``; None with fewer than 2 pairs."""
-    keys = sorted(k for k in set(cells.get(a, {})) & set(cells.get(b, {})) if k[0] in tasks)
-    if len(keys) < 2:
+    """``a`` minus ``b`` over the (task, seed) pairs both have on ``tasks``, with the tasks they cover; None
+    with fewer than 2 pairs."""
+    mine = {k: v for k, v in cells.get(a, {}).items() if k[0] in tasks}
+    other = {k: v for k, v in cells.get(b, {}).items() if k[0] in tasks}
+    diff = paired_difference(mine, other)
+    if diff is None:
         return None
-    diff, low, high = paired_bootstrap_ci([cells[a][k] for k in keys], [cells[b][k] for k in keys])
-    return {"diff": diff, "ci": [low, high], "pairs": len(keys), "tasks": sorted({t for t, _ in keys})}
+    return {**diff, "tasks": sorted({t for t, _ in set(mine) & set(other)})}
 
 
 def _seed_values(cells: Cells, key: tuple[str, str], task: str) -> list[float]:
@@ -336,10 +345,14 @@ def default_verdict(records: Iterable[Mapping[str, Any]], variant: str) -> dict[
     complete = all(
         (task, seed) in cells.get(key, {}) for key, tasks in needed for task in tasks for seed in TEST_SEEDS
     )
-    refuted_by = [f"held-out {b}: {_fmt(d)}" for b, d in held_out.items() if d is not None and d["ci"][1] < 0]
+    refuted_by = [
+        f"held-out {b}: {format_difference(d)}"
+        for b, d in held_out.items()
+        if d is not None and d["ci"][1] < 0
+    ]
     if own_shuffle is not None and own_shuffle["vs"] is not None and own_shuffle["vs"]["ci"][1] < 0:
         refuted_by.append(
-            f"below its own shuffle ({own_shuffle['control']}) at r8: {_fmt(own_shuffle['vs'])}"
+            f"below its own shuffle ({own_shuffle['control']}) at r8: {format_difference(own_shuffle['vs'])}"
         )
     keeps = not refuted_by if complete else None
     return {
@@ -351,12 +364,6 @@ def default_verdict(records: Iterable[Mapping[str, Any]], variant: str) -> dict[
         "keeps_default": keeps,
         "default": None if keeps is None else (variant if keeps else FALLBACK_DEFAULT),
     }
-
-
-def _fmt(d: Mapping[str, Any] | None) -> str:
-    if d is None:
-        return "–"
-    return f"{d['diff']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] ({d['pairs']} pairs)"
 
 
 def _yes(flag: bool | None) -> str:
@@ -390,15 +397,15 @@ def _markdown(
     for budget, row in confirm.items():
         for task, cell in row["per_task"].items():
             lines.append(
-                f"| {budget} | {task} | {cell['variant']:.2f} | {cell['uniform']:.2f} | {_fmt(cell['vs_uniform'])} |"
+                f"| {budget} | {task} | {cell['variant']:.2f} | {cell['uniform']:.2f} | {format_difference(cell['vs_uniform'])} |"
             )
-        lines.append(f"| {budget} | **pooled** | | | {_fmt(row['pooled'])} |")
+        lines.append(f"| {budget} | **pooled** | | | {format_difference(row['pooled'])} |")
     lines += [
         "",
         f"## The target, over all five tasks ({'complete' if target['complete'] else 'INCOMPLETE: runs missing'})",
         "",
         f"* **Gain** (≥ {GAIN_POINTS:g} point over uniform at the same budget, CI above 0): {_yes(target['gain_met'])}. "
-        + "; ".join(f"{b}: {_fmt(g)}" for b, g in target["gain"].items()),
+        + "; ".join(f"{b}: {format_difference(g)}" for b, g in target["gain"].items()),
     ]
     front = "; ".join(
         f"{b}: {f['variant']:.2f} vs uniform {f['uniform']:.2f} (uniform r8 {f['uniform_r8']:.2f})"
@@ -418,11 +425,11 @@ def _markdown(
     )
     lines.append(
         f"* **Beats the random-allocation controls** (r8, CI above 0): {_yes(target['controls_met'])}. "
-        + "; ".join(f"{c}: {_fmt(d)}" for c, d in target["controls"].items())
+        + "; ".join(f"{c}: {format_difference(d)}" for c, d in target["controls"].items())
     )
     lines.append(
         f"* **At least level with GoRA, EVA, AdaLoRA** (r8, CI not wholly below 0): {_yes(target['rivals_met'])}. "
-        + "; ".join(f"{r}: {_fmt(d)}" for r, d in target["rivals"].items())
+        + "; ".join(f"{r}: {format_difference(d)}" for r, d in target["rivals"].items())
     )
     lines += [
         "",
@@ -432,8 +439,7 @@ def _markdown(
         "",
         *_default_lines(default),
         "",
-        f"Made with `python -m bench.studies.confirm report --store {store} --choice {choice} --out {out}"
-        f"{seeds_arg(seeds)}`.",
+        f"Made with `{COMMAND} report --store {store} --choice {choice} --out {out}{seeds_arg(seeds)}`.",
         "",
     ]
     return "\n".join(lines)
@@ -450,10 +456,10 @@ def _default_lines(default: Mapping[str, Any]) -> list[str]:
         f"returns to `{FALLBACK_DEFAULT}` (plain FIM-LoRA scores). Nothing else is chosen on the test split.",
         "",
     ]
-    lines += [f"* held-out {b}: {_fmt(d)}" for b, d in default["held_out"].items()]
+    lines += [f"* held-out {b}: {format_difference(d)}" for b, d in default["held_out"].items()]
     own = default["own_shuffle"]
     if own is not None:
-        lines.append(f"* against {own['control']} at r8, all five tasks: {_fmt(own['vs'])}")
+        lines.append(f"* against {own['control']} at r8, all five tasks: {format_difference(own['vs'])}")
     lines.append("")
     if default["keeps_default"] is None:
         lines.append("**Default: pending (runs missing).**")
@@ -500,7 +506,7 @@ def _write_grid(choice: Path, selection: Path, from_grid: Path, out: Path) -> No
         return
     chosen, settings = json.loads(selection.read_text()), yaml.safe_load(from_grid.read_text())
     command = (
-        f"#   python -m bench.studies.confirm grid --choice {choice} --selection {selection} --from {from_grid} "
+        f"#   {COMMAND} grid --choice {choice} --selection {selection} --from {from_grid} "
         f"--out {out}\n# (do not edit by hand). Run: bench/grids/full/run_test.sh\n"
     )
     grids = make_confirmation_grids(variant, chosen, settings)
@@ -510,14 +516,12 @@ def _write_grid(choice: Path, selection: Path, from_grid: Path, out: Path) -> No
         path = out.with_name(f"{out.stem}{suffix}{out.suffix}")
         what = {"": "at r8", "_low": "at the smaller budgets", "_shuffled": "its own shuffle control"}[suffix]
         header = f"# Issue 13: the chosen variant {variant!r}, {what}, on the TEST split, written by\n"
-        atomic_write_text(path, header + command + yaml.safe_dump(grids[suffix], sort_keys=False))
+        write_grid(path, header + command, grids[suffix])
         print(f"wrote {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.studies.confirm", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("grid", help="the chosen variant's test grid")
     p.add_argument(

@@ -35,6 +35,14 @@ from typing import Any
 
 from bench.harness import METHOD_ORDER, ResultStore, aggregate, mean_std, write_report
 from bench.harness.tables import NO_VERDICT, natural_key
+from bench.studies.protocol import (
+    CONTROLS,
+    accuracy_percent,
+    of_seeds,
+    records_on_split,
+    seeds_arg,
+    variant_name,
+)
 from bench.studies.variants import VARIANTS
 from bench.suites.data import majority_rates
 from fimlora.io import atomic_write_json, atomic_write_text
@@ -53,12 +61,12 @@ __all__ = [
     "test_split_records",
 ]
 
-CONTROLS: tuple[str, ...] = ("random", "fim-shuffled")
-"""Random-allocation controls at FIM-LoRA's budget (see the methods of the same names)."""
-
 FRONT_METHODS: tuple[str, ...] = ("uniform", "fim")
 """Methods the test grid runs at several budgets (r2, r4, r8 parameter counts): the lines of the front. Any
 other method or variant found at several budgets (issue 13's chosen variant) joins them: :func:`front_methods`."""
+
+COMMAND = "python -m bench.studies.full_report"
+"""How this study runs: the last line of ``test.md`` names it."""
 
 
 def front_methods(points: Iterable[FrontPoint]) -> list[str]:
@@ -101,55 +109,22 @@ compression, a variant's settings): part of what a method *is*, not a different 
 report names a run by its method (or variant) alone."""
 
 
-def of_seeds(records: Iterable[Mapping[str, Any]], seeds: Sequence[int] | None) -> list[Mapping[str, Any]]:
-    """The records of the given seeds (all of them for ``None``): an interim report on the complete seeds
-    only, so that the first runs of the next seed do not make one cell's seeds differ from the rest.
-
-    Raises:
-        ValueError: a given seed has no record (a typo, or a seed not yet begun), naming the seeds that do.
-    """
-    if seeds is None:
-        return list(records)
-    records = list(records)
-    present = {int(r["spec"]["seed"]) for r in records}
-    missing = sorted(set(seeds) - present)
-    if missing:
-        raise ValueError(
-            f"--seeds: no records of seed {', '.join(map(str, missing))}; "
-            f"the store holds seeds {' '.join(map(str, sorted(present))) or '(none)'}"
-        )
-    wanted = set(seeds)
-    return [r for r in records if int(r["spec"]["seed"]) in wanted]
-
-
-def seeds_arg(seeds: Sequence[int] | None) -> str:
-    """``--seeds ...`` as it goes into a report's command line ('' for all seeds)."""
-    return "" if seeds is None else " --seeds " + " ".join(str(s) for s in seeds)
-
-
 def test_split_records(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """The finished test-split records, each named by its variant (or method) with the per-method settings
     (:data:`PER_METHOD_SETTINGS`) left out of its overrides, so runs of one method at its own learning rate
     compare with another's at a different one (the harness labels a run by the overrides not shared by all).
 
     Raises:
-        ValueError: a record evaluated on another split (a selection record in the test store).
+        WrongSplit: (a ValueError) a record evaluated on another split (a selection record in the test store).
     """
     out = []
-    for record in records:
-        if record.get("status") != "ok":
-            continue
-        overrides = dict(record["spec"].get("overrides") or {})
-        split = overrides.get("eval_split", "test")
-        if split != "test":
-            raise ValueError(
-                f"record {record['run_id']} was evaluated on the {split!r} split; the test report reads "
-                "test-split records only (selection records belong in their own store)"
-            )
-        name = str(overrides.get("variant", record["spec"]["method"]))
+    for record in records_on_split(
+        records, "test", reader="the test report", hint="selection records belong in their own store"
+    ):
+        overrides = record["spec"].get("overrides") or {}
         spec = {
             **record["spec"],
-            "method": name,
+            "method": variant_name(record),
             "overrides": {k: v for k, v in overrides.items() if k not in PER_METHOD_SETTINGS},
         }
         out.append({**record, "spec": spec})
@@ -170,7 +145,7 @@ def front_points(records: Iterable[Mapping[str, Any]]) -> list[FrontPoint]:
     points = []
     for (task, method, budget), group in groups.items():
         group = sorted(group, key=lambda r: int(r["spec"]["seed"]))
-        accs = [100.0 * float(r["metrics"]["accuracy"]) for r in group]
+        accs = [accuracy_percent(r) for r in group]
         mean, std = mean_std(accs)
         points.append(
             FrontPoint(
@@ -328,7 +303,7 @@ def compression_comparison(records: Iterable[Mapping[str, Any]]) -> list[dict[st
             pairs[(spec["task"], spec["method"], fraction)].append(
                 (
                     100.0 * float(result["accuracy"]),
-                    100.0 * float(other["metrics"]["accuracy"]),
+                    accuracy_percent(other),
                     float(result["lora_params"]),
                     float(_lora_params(other)),
                     float(result.get("kept_energy_fraction", math.nan)),
@@ -526,7 +501,7 @@ def _markdown(
         f"{len(records)} records from `{store}`; commits {', '.join(c[:10] for c in commits)}. Full tables: "
         "[test/results.md](test/results.md).",
         "",
-        f"Made with `python -m bench.studies.full_report --store {store} --out {out}{seeds_arg(seeds)}{grid_args}`.",
+        f"Made with `{COMMAND} --store {store} --out {out}{seeds_arg(seeds)}{grid_args}`.",
         "",
     ]
     data = {
@@ -672,9 +647,7 @@ def write_full_report(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.studies.full_report", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
     parser.add_argument("--store", required=True, type=Path, help="the test store (bench/results/full/test)")
     parser.add_argument("--out", required=True, type=Path, help="report folder (docs/results/full)")
     parser.add_argument(

@@ -23,6 +23,9 @@ from safetensors.torch import load_file
 from fimlora.io import atomic_write_text, package_versions
 from fimlora.methods.base import available_methods
 
+COMMAND = "python -m bench.studies.one_budget"
+"""How this study runs: the footer of the table it writes names it."""
+
 
 def _adapter_size(out: Path) -> tuple[int, int]:
     """(rank sum, LoRA parameters) of a saved adapter, from its tensors."""
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         *rows,
         "",
         f"Interpreter: `{args.python}`; fimlora source: `{_source_state(args.python)}`; versions: `{versions}`; "
-        "command: `python -m bench.studies.one_budget "
+        f"command: `{COMMAND} "
         f"{' '.join(argv if argv is not None else sys.argv[1:])}`.",
         "",
     ]

@@ -33,12 +33,20 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import ResultStore
+from bench.studies.protocol import (
+    COMPRESS_FRACTIONS,
+    TEST_SEEDS,
+    TEST_TASKS,
+    accuracy_percent,
+    check_dev_only,
+    split_overrides,
+    write_grid,
+)
 from bench.suites.data import majority_rates
 from fimlora.io import atomic_write_json, atomic_write_text
 
 __all__ = [
-    "TestSplitInSelection",
-    "check_dev_only",
+    "LOW_BUDGET_METHODS",
     "length_curve",
     "main",
     "make_test_grids",
@@ -46,44 +54,12 @@ __all__ = [
     "select_learning_rates",
 ]
 
-TEST_TASKS: tuple[str, ...] = ("trec6", "sms_spam", "bbc_news", "movie_sentiment", "tweet_sentiment")
-"""The five encoder tasks of the test grid (the issue's protocol)."""
-
-TEST_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
-
 LOW_BUDGET_METHODS: tuple[str, ...] = ("uniform", "fim")
-"""Methods also run at the r2 and r4 parameter counts (the accuracy-vs-parameters front)."""
+"""Methods also run at the r2 and r4 parameter counts (the accuracy-vs-parameters front); their r8 adapters
+are also compressed to :data:`bench.studies.protocol.COMPRESS_FRACTIONS` (issue 14)."""
 
-COMPRESS_FRACTIONS: tuple[float, ...] = (0.5, 0.25)
-"""Issue 14: the r8 adapters of :data:`LOW_BUDGET_METHODS` are also compressed after training to these
-fractions of their LoRA parameters and evaluated (``extra.compress``), to compare with training at the r4
-and r2 counts directly."""
-
-
-class TestSplitInSelection(ValueError):
-    """A record evaluated on the test split reached a selection step."""
-
-    __test__ = False  # a name pytest would otherwise try to collect from test modules that import it
-
-
-def check_dev_only(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """The finished records, each checked to have been evaluated on the dev split.
-
-    Raises:
-        TestSplitInSelection: a record whose spec does not say ``eval_split: dev`` (the default is test).
-    """
-    out = []
-    for record in records:
-        if record.get("status") != "ok":
-            continue
-        split = record["spec"].get("overrides", {}).get("eval_split", "test")
-        if split != "dev":
-            raise TestSplitInSelection(
-                f"record {record['run_id']} was evaluated on the {split!r} split; selection reads dev-split "
-                "records only (set overrides.eval_split: dev in the selection grid)"
-            )
-        out.append(record)
-    return out
+COMMAND = "python -m bench.studies.selection"
+"""How this study runs: ``length.md``, ``lr_selection.md`` and the test grids it writes name it."""
 
 
 def length_curve(records: Iterable[Mapping[str, Any]]) -> dict[str, list[tuple[int, float]]]:
@@ -128,7 +104,7 @@ def select_learning_rates(records: Iterable[Mapping[str, Any]]) -> dict[str, dic
     for record in check_dev_only(records):
         spec = record["spec"]
         lr = float(spec["overrides"]["lr"])
-        acc[spec["method"]][lr].append(100.0 * float(record["metrics"]["accuracy"]))
+        acc[spec["method"]][lr].append(accuracy_percent(record))
     out: dict[str, dict[str, Any]] = {}
     for method, by_lr in sorted(acc.items()):
         full = max(len(v) for v in by_lr.values())
@@ -160,8 +136,7 @@ def make_test_grids(
     missing = [m for m in methods if m not in chosen]
     if missing:
         raise ValueError(f"no learning rate chosen for {missing}: finish the selection runs first")
-    overrides = {k: v for k, v in selection_grid["overrides"].items() if k not in ("lr", "eval_split")}
-    overrides["eval_split"] = "test"
+    overrides = split_overrides(selection_grid, "test")
     base_method_overrides = {m: dict(v) for m, v in selection_grid.get("method_overrides", {}).items()}
 
     def grid(methods_: list[str], budgets: list[str], compress: bool = False) -> dict[str, Any]:
@@ -198,11 +173,11 @@ def _write_test_grids(selection: Path, from_grid: Path, out: Path) -> None:
     for name, grid in grids.items():
         header = (
             f"# Full-length protocol, step 3: the TEST grid, written by\n"
-            f"#   python -m bench.studies.selection test-grid --selection {selection} --from {from_grid} --out {out}\n"
+            f"#   {COMMAND} test-grid --selection {selection} --from {from_grid} --out {out}\n"
             f"# from the dev-split choices in {selection} (do not edit by hand: rerun the command).\n"
             f"# Run: bench/grids/full/run_test.sh (two single-thread workers, seed by seed).\n"
         )
-        atomic_write_text(out / f"{name}.yaml", header + yaml.safe_dump(grid, sort_keys=False))
+        write_grid(out / f"{name}.yaml", header, grid)
 
 
 def _length_report(store: Path, out: Path, tolerance: float) -> None:
@@ -225,7 +200,7 @@ def _length_report(store: Path, out: Path, tolerance: float) -> None:
     for s in steps:
         row = [values[t][s] for t in sorted(curves)]
         lines.append(f"| {s} | " + " | ".join(f"{v:.1f}" for v in row) + f" | {sum(row) / len(row):.1f} |")
-    lines += ["", f"Made with `python -m bench.studies.selection length --store {store} --out {out}`.", ""]
+    lines += ["", f"Made with `{COMMAND} length --store {store} --out {out}`.", ""]
     atomic_write_text(out / "length.md", "\n".join(lines))
     try:
         import matplotlib
@@ -280,16 +255,14 @@ def _lr_report(store: Path, out: Path) -> None:
         )
         + ".",
         "",
-        f"Made with `python -m bench.studies.selection lr --store {store} --out {out}`.",
+        f"Made with `{COMMAND} lr --store {store} --out {out}`.",
         "",
     ]
     atomic_write_text(out / "lr_selection.md", "\n".join(lines))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.studies.selection", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("length", help="validation curve of uniform LoRA and the chosen training length")
     p.add_argument("--store", required=True, type=Path)

@@ -30,29 +30,34 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.harness import ResultStore, mean_std, paired_bootstrap_ci
-from bench.studies.selection import check_dev_only
+from bench.harness import ResultStore, mean_std
+from bench.studies.protocol import (
+    DEV_SEEDS,
+    SELECTION_TASKS,
+    accuracy_cells,
+    check_dev_only,
+    format_difference,
+    paired_difference,
+    split_overrides,
+    variant_name,
+    write_grid,
+)
 from fimlora.io import atomic_write_json, atomic_write_text
 from fimlora.module_names import split_module_name
 
 __all__ = [
-    "HELD_OUT_TASKS",
-    "SELECTION_TASKS",
     "VARIANTS",
     "choose_variant",
     "layer_shares",
     "main",
     "make_variant_grids",
+    "row_complete",
     "variant_table",
 ]
 
-SELECTION_TASKS: tuple[str, ...] = ("trec6", "movie_sentiment", "sms_spam")
-"""Tasks whose dev splits choose the variant (trec6 and movie_sentiment also chose the learning rates)."""
+SEEDS: tuple[int, ...] = DEV_SEEDS
+"""The variant grids' seeds (the protocol's dev seeds)."""
 
-HELD_OUT_TASKS: tuple[str, ...] = ("bbc_news", "tweet_sentiment")
-"""Tasks that take no part in any choice except the training length: the confirmation's test splits."""
-
-SEEDS: tuple[int, ...] = (0, 1)
 BUDGETS: tuple[str, ...] = ("r2", "r8")
 
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -81,6 +86,9 @@ REFERENCES: tuple[str, ...] = ("uniform",)
 EXPECTED_RUNS = (len(VARIANTS) * len(BUDGETS) + 1) * len(SELECTION_TASKS) * len(SEEDS)
 """Runs of the variant grids: every variant at each budget, plus uniform at r4, on every task and seed."""
 
+COMMAND = "python -m bench.studies.variants"
+"""How this study runs: ``variants.md`` and the variant grids it writes name it."""
+
 
 def make_variant_grids(
     chosen: Mapping[str, Mapping[str, Any]], selection_grid: Mapping[str, Any]
@@ -93,8 +101,7 @@ def make_variant_grids(
     Raises:
         ValueError: a base method without a learning-rate choice.
     """
-    overrides = {k: v for k, v in selection_grid["overrides"].items() if k not in ("lr", "eval_split")}
-    overrides["eval_split"] = "dev"
+    overrides = split_overrides(selection_grid, "dev")
     base_method_overrides = dict(selection_grid.get("method_overrides", {}))
     grids: dict[str, dict[str, Any]] = {}
     for name, (method, extra) in VARIANTS.items():
@@ -123,19 +130,10 @@ def make_variant_grids(
     return grids
 
 
-def _variant(record: Mapping[str, Any]) -> str:
-    return str(record["spec"]["overrides"].get("variant", record["spec"]["method"]))
-
-
 def variant_table(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """Per (variant, budget): mean dev accuracy (%) per task and pooled, and paired differences (by task and
     seed) from uniform and from fim at the same budget, with 95% bootstrap CIs."""
-    acc: dict[tuple[str, str], dict[tuple[str, int], float]] = defaultdict(dict)
-    for record in check_dev_only(records):
-        spec = record["spec"]
-        acc[(_variant(record), spec["budget"])][(spec["task"], int(spec["seed"]))] = 100.0 * float(
-            record["metrics"]["accuracy"]
-        )
+    acc = accuracy_cells(check_dev_only(records))
     rows = {}
     for (variant, budget), cells in sorted(acc.items()):
         tasks = sorted({t for t, _ in cells})
@@ -157,11 +155,11 @@ def variant_table(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
             "n_runs": len(cells),
         }
         for reference in ("uniform", "fim"):
-            ref = acc.get((reference, budget), {})
-            keys = sorted(set(cells) & set(ref))
-            if variant != reference and len(keys) >= 2:
-                diff, low, high = paired_bootstrap_ci([cells[k] for k in keys], [ref[k] for k in keys])
-                row[f"vs_{reference}"] = {"diff": diff, "ci": [low, high], "pairs": len(keys)}
+            diff = (
+                None if variant == reference else paired_difference(cells, acc.get((reference, budget), {}))
+            )
+            if diff is not None:
+                row[f"vs_{reference}"] = diff
         rows[f"{variant}@{budget}"] = row
     return rows
 
@@ -181,7 +179,7 @@ def layer_shares(records: Iterable[Mapping[str, Any]], budget: str = "r8") -> di
         for name, rank in ranks.items():
             layer = split_module_name(name)[0]
             per_layer["other" if layer is None else str(layer)] += rank / total
-        shares[_variant(record)].append(per_layer)
+        shares[variant_name(record)].append(per_layer)
     out = {}
     for variant, runs in sorted(shares.items()):
         layers = sorted(
@@ -189,6 +187,11 @@ def layer_shares(records: Iterable[Mapping[str, Any]], budget: str = "r8") -> di
         )
         out[variant] = {k: math.fsum(run.get(k, 0.0) for run in runs) / len(runs) for k in layers}
     return out
+
+
+def row_complete(row: Mapping[str, Any] | None, tasks: Sequence[str] = SELECTION_TASKS) -> bool:
+    """Whether a row of :func:`variant_table` has every seed of :data:`SEEDS` on every one of ``tasks``."""
+    return row is not None and all(row["per_task"].get(t, {}).get("n", 0) == len(SEEDS) for t in tasks)
 
 
 def choose_variant(
@@ -202,11 +205,7 @@ def choose_variant(
         if name in REFERENCES:
             continue
         rows = [table.get(f"{name}@{b}") for b in BUDGETS]
-        complete = all(
-            r is not None and all(r["per_task"].get(t, {}).get("n", 0) == len(SEEDS) for t in tasks)
-            for r in rows
-        )
-        if not complete:
+        if not all(row_complete(r, tasks) for r in rows):
             continue
         value = math.fsum(r["pooled"] for r in rows if r is not None) / len(rows)
         if value > best_value:
@@ -252,10 +251,7 @@ def _report(store: Path, out: Path) -> None:
             f"{row['per_task'][t]['mean']:.2f} ({row['per_task'][t]['n']})" if t in row["per_task"] else "–"
             for t in tasks
         ]
-        diffs = []
-        for ref in ("uniform", "fim"):
-            d = row.get(f"vs_{ref}")
-            diffs.append(f"{d['diff']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]" if d else "–")
+        diffs = [format_difference(row.get(f"vs_{ref}"), pairs=False) for ref in ("uniform", "fim")]
         lines.append(
             f"| {row['variant']} | {row['budget']} | "
             + " | ".join(cells)
@@ -296,7 +292,7 @@ def _report(store: Path, out: Path) -> None:
             f"every run so far: {leading or 'none'} (interim, not a choice)."
         ),
         "",
-        f"Made with `python -m bench.studies.variants report --store {store} --out {out}`.",
+        f"Made with `{COMMAND} report --store {store} --out {out}`.",
         "",
     ]
     atomic_write_text(out / "variants.md", "\n".join(lines))
@@ -309,16 +305,14 @@ def _write_grids(selection: Path, from_grid: Path, out: Path) -> None:
     for name, grid in grids.items():
         header = (
             f"# Issue 13, variant {name!r} on the DEV split, written by\n"
-            f"#   python -m bench.studies.variants grids --selection {selection} --from {from_grid} --out {out}\n"
+            f"#   {COMMAND} grids --selection {selection} --from {from_grid} --out {out}\n"
             "# (do not edit by hand: rerun the command). Run: bench/grids/full/run_variants.sh\n"
         )
-        atomic_write_text(out / f"{name}.yaml", header + yaml.safe_dump(grid, sort_keys=False))
+        write_grid(out / f"{name}.yaml", header, grid)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.studies.variants", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("grids", help="write one dev-split grid per variant")
     p.add_argument("--selection", required=True, type=Path)

@@ -9,8 +9,8 @@ import pytest
 
 from bench.harness import ResultStore
 from bench.studies.below_r2 import NEW_ROWS, REFERENCE_ROWS, front_reading, main
-from bench.studies.selection import TestSplitInSelection
-from bench.studies.variants import SEEDS, SELECTION_TASKS
+from bench.studies.protocol import SELECTION_TASKS, TestSplitInSelection
+from bench.studies.variants import SEEDS
 
 _METHOD = {"uniform": "uniform", "fim-kind": "fim", "fim-kind-drop": "fim", "random-drop": "random"}
 

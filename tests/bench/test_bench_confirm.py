@@ -18,8 +18,8 @@ from bench.studies.confirm import (
     shuffled_control,
     target_verdict,
 )
-from bench.studies.selection import TEST_SEEDS, TEST_TASKS
-from bench.studies.variants import HELD_OUT_TASKS, VARIANTS
+from bench.studies.protocol import HELD_OUT_TASKS, TEST_SEEDS, TEST_TASKS
+from bench.studies.variants import VARIANTS
 
 _SELECTION_GRID = {
     "suite": "encoder",

@@ -6,9 +6,8 @@ import importlib.util
 
 import pytest
 
+from bench.studies.protocol import TestSplitInSelection, check_dev_only
 from bench.studies.selection import (
-    TestSplitInSelection,
-    check_dev_only,
     length_curve,
     plateau_step,
     select_learning_rates,
@@ -114,7 +113,8 @@ _SELECTION_GRID = {
 
 
 def test_test_grids_carry_each_methods_chosen_rate_and_read_the_test_split() -> None:
-    from bench.studies.selection import TEST_SEEDS, TEST_TASKS, make_test_grids
+    from bench.studies.protocol import TEST_SEEDS, TEST_TASKS
+    from bench.studies.selection import make_test_grids
 
     chosen = {"uniform": {"lr": 0.001}, "fim": {"lr": 0.003}, "eva": {"lr": 0.0003}}
     grids = make_test_grids(chosen, _SELECTION_GRID)

@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 
 from bench.harness import ExperimentGrid, ResultStore
-from bench.studies.selection import TestSplitInSelection
+from bench.studies.protocol import SELECTION_TASKS, TestSplitInSelection
 from bench.studies.variants import (
     BUDGETS,
     EXPECTED_RUNS,
     SEEDS,
-    SELECTION_TASKS,
     VARIANTS,
     choose_variant,
     layer_shares,
