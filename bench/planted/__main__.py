@@ -73,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     store = ResultStore(args.store)
     if args.command == "report":
         path = write_report(
-            store.records(), args.out, command=command, plot=(args.plot[0], args.plot[1], int(args.plot[2]))
+            store.records(),
+            args.out,
+            command=command,
+            plot=(args.plot[0], args.plot[1], int(args.plot[2])),
+            split=args.split,
         )
         print(path)
         return 0

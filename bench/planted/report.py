@@ -41,8 +41,14 @@ class PlantedRun(dict):  # type: ignore[type-arg]
     """One finished planted record, flattened: pattern, budget, seed, map, metrics and maps."""
 
 
-def planted_runs(records: Iterable[Mapping[str, Any]]) -> list[PlantedRun]:
-    """The finished planted records as :class:`PlantedRun` rows (failed and other suites left out)."""
+def planted_runs(records: Iterable[Mapping[str, Any]], *, split: str | None = "test") -> list[PlantedRun]:
+    """The finished planted records as :class:`PlantedRun` rows (failed and other suites left out).
+
+    Args:
+        records: the store's records.
+        split: keep the runs scored on this split (``"test"``: the reported runs; ``"dev"``: pilots and
+            timings); None keeps every split.
+    """
     rows = []
     for record in records:
         spec = record.get("spec") or {}
@@ -50,6 +56,8 @@ def planted_runs(records: Iterable[Mapping[str, Any]]) -> list[PlantedRun]:
             continue
         overrides = spec.get("overrides") or {}
         extra = record.get("extra") or {}
+        if split is not None and overrides.get("eval_split", "test") != split:
+            continue
         rows.append(
             PlantedRun(
                 pattern=spec["task"],
@@ -250,9 +258,11 @@ def write_report(
     *,
     command: str = "",
     plot: tuple[str, str, int] = ("sparse", "r4", 0),
+    split: str = "test",
 ) -> Path:
-    """Write ``results.md`` (and ``ranks.png`` for the planting ``plot`` = (pattern, budget, seed)) in ``out_dir``."""
-    runs = planted_runs(records)
+    """Write ``results.md`` (and ``ranks.png`` for the planting ``plot`` = (pattern, budget, seed)) in ``out_dir``
+    from the runs scored on ``split``."""
+    runs = planted_runs(records, split=split)
     picture = plot_maps(runs, out_dir / "ranks.png", pattern=plot[0], budget=plot[1], seed=plot[2])
     text = report_markdown(runs, command=command, picture=picture.name if picture else None)
     return atomic_write_text(out_dir / "results.md", text)

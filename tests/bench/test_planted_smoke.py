@@ -92,7 +92,7 @@ def test_specs_round_trip_through_the_store(tmp_path) -> None:  # type: ignore[n
     store = ResultStore(tmp_path)
     summary = run_grid(specs, lambda spec: run_planted_spec(spec, data), store, progress=False)
     assert summary.failed == [] and len(summary.completed) == 2
-    runs = planted_runs(store.records())
+    runs = planted_runs(store.records(), split="dev")
     assert sorted(r["method"] for r in runs) == ["oracle", "uniform"]
     text = report_markdown(runs)
     assert "| sparse |" in text and "oracle" in text
