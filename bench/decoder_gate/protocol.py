@@ -58,18 +58,18 @@ MAP_BUDGET = 2
 """The rank whose parameter count the random, MLP-only and attention-only maps spend."""
 RANDOM_MAP_SEEDS = (0, 1, 2)
 
-STEPS = 300
+STEPS = 200
 BATCH_SIZE = 16
 ALPHA_RATIO = 2.0
 DROPOUT = 0.05
 MAX_LENGTH = 128
 """Token cap of prompt + target + EOS; the pair caps keep every example below it."""
 
-DEV_EVAL_PAIRS = 400
+DEV_EVAL_PAIRS = 300
 """Dev pairs scored after each run (the first ones in sha256-of-source order: a fixed subset)."""
 TEST_EVAL_PAIRS = 1000
 """Test pairs scored once at the end of each gate run (same fixed-subset rule)."""
-TEST_DECODES = 300
+TEST_DECODES = 200
 """Test pairs decoded greedily for chrF (the first ones of the scored subset)."""
 
 _PROMPT = "<|im_start|>user\nTranslate into German:\n{source}<|im_end|>\n<|im_start|>assistant\n"

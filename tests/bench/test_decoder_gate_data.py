@@ -20,7 +20,7 @@ from bench.decoder_gate.pairs import (
     split_packages,
     usable_text_pair,
 )
-from bench.decoder_gate.protocol import LR_GRID, choose_lr, extension_rate
+from bench.decoder_gate.protocol import LR_GRID, STEPS, choose_lr, extension_rate
 
 
 def _words(text: str) -> int:
@@ -172,10 +172,10 @@ def test_learning_rate_choice_and_edge_extension():
     records = [
         {"status": "ok", "spec": {"suite": "decoder-gate", "budget": "r2", "overrides": o}, "metrics": m}
         for o, m in [
-            ({"phase": "lr", "lr": 3e-4, "steps": 300}, {"dev_loss": 2.5}),
-            ({"phase": "lr", "lr": 1e-3, "steps": 300}, {"dev_loss": 2.1}),
-            ({"phase": "lr", "lr": 3e-3, "steps": 300}, {"dev_loss": 2.0}),
-            ({"phase": "gate", "lr": 1e-2, "steps": 300}, {"dev_loss": 1.0}),  # not a selection run
+            ({"phase": "lr", "lr": 3e-4, "steps": STEPS}, {"dev_loss": 2.5}),
+            ({"phase": "lr", "lr": 1e-3, "steps": STEPS}, {"dev_loss": 2.1}),
+            ({"phase": "lr", "lr": 3e-3, "steps": STEPS}, {"dev_loss": 2.0}),
+            ({"phase": "gate", "lr": 1e-2, "steps": STEPS}, {"dev_loss": 1.0}),  # not a selection run
         ]
     ]
     best, losses = choose_lr(records, 2)
