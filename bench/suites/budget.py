@@ -121,8 +121,9 @@ def method_settings(
         if method == "fim-variance" and overrides.get("score", "variance") != "variance":
             raise ValueError("fim-variance fixes score='variance'; use method 'fim' for other scores")
         if method == "fim-shuffled" and options.get("source", "fim") in PARAM_BUDGET_OPTION_METHODS:
-            # a shuffle of another method's map: that method holds the budget through its own options
-            source_options = {**PROTOCOL_OPTIONS.get(options["source"], {}), "budget_unit": "params"}
+            # a shuffle of another method's map: the control hands its own budget (fim's, above) to that
+            # method; the source's other options are fixed here
+            source_options = dict(PROTOCOL_OPTIONS.get(options["source"], {}))
             options["source_options"] = {**source_options, **dict(options.get("source_options") or {})}
     elif method in PARAM_BUDGET_OPTION_METHODS:
         options.setdefault("budget_unit", "params")

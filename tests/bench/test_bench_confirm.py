@@ -306,6 +306,7 @@ def test_own_shuffle_control_exists_only_for_a_map_of_the_variants_own() -> None
 )
 def test_own_shuffle_control_grid_builds_runnable_fim_shuffled_runs_at_r8(variant: str) -> None:
     from bench.suites.encoder import run_config_for
+    from fimlora.methods.fim import fim_config_part
     from fimlora.recipes import make_method
 
     grid = make_shuffled_control_grid(variant, _CHOSEN, _SELECTION_GRID)
@@ -329,10 +330,12 @@ def test_own_shuffle_control_grid_builds_runnable_fim_shuffled_runs_at_r8(varian
     # the control allocates as the variant does: same LoRA settings, same FimConfig / source options
     assert run.lora == variant_run.lora
     if VARIANTS[variant][0] == "fim":
-        assert method.source == "fim" and method.fim_config == make_method(variant_run).fim_config
+        source = make_method(variant_run).options
+        assert method.options.source == "fim"
+        assert fim_config_part(method.options) == fim_config_part(source)
     else:
-        assert method.source == "fim-spectrum"
-        assert method.source_options == dict(variant_run.method_options)
+        assert method.options.source == "fim-spectrum"  # the source is built exactly as the variant's method
+        assert method.options.source_method().options == make_method(variant_run).options
     assert make_shuffled_control_grid("fim-ginit", _CHOSEN, _SELECTION_GRID) is None
 
 

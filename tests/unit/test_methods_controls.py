@@ -26,7 +26,7 @@ from fimlora.methods import get_method
 from fimlora.methods.fim_shuffled import shuffle_within_shapes
 from fimlora.peft_glue import current_ranks, lora_layout, lora_modules, module_shapes, scaled_alpha
 from fimlora.rankmap import RankMap
-from fimlora.recipes import fim_config_of, make_method
+from fimlora.recipes import make_method
 from fimlora.run_config import RunConfig
 
 R, ALPHA = 4, 8
@@ -85,7 +85,7 @@ def _assert_budget(
 def test_random_holds_fims_budget_and_bounds(arch: str, unit: str) -> None:
     shapes = _shapes(arch)
     for seed in range(3):
-        _, rank_map = _prepare("random", arch, seed=seed, budget_unit=unit)
+        _, rank_map = _prepare("random", arch, draw_seed=seed, budget_unit=unit)
         _assert_budget(rank_map, shapes, unit)
         assert rank_map.metadata["control"] == "random" and rank_map.metadata["seed"] == seed
 
@@ -98,17 +98,18 @@ def test_random_holds_explicit_budgets_and_bounds() -> None:
         ("params", {"budget_params": params}),
     ):
         total = next(iter(budget.values()))
-        _, rank_map = _prepare("random", "llama", seed=1, r_min=1, r_max=8, **budget)
+        _, rank_map = _prepare("random", "llama", draw_seed=1, r_min=1, r_max=8, **budget)
         _assert_budget(rank_map, shapes, unit, total=total, r_min=1, r_max=8)
 
 
 def test_random_is_deterministic_per_seed_varies_across_seeds_and_spreads() -> None:
-    maps = [dict(_prepare("random", "llama", seed=s)[1]) for s in range(5)]
-    assert dict(_prepare("random", "llama", seed=0)[1]) == maps[0]
-    # FimConfig's normalize ("kind", "layer") does not touch i.i.d. draws: "none" is what the planner got
-    for normalize in ("kind", "layer"):
-        same = _prepare("random", "llama", seed=0, normalize=normalize)[1]
-        assert dict(same) == maps[0] and same.metadata["config"]["normalize"] == "none"
+    maps = [dict(_prepare("random", "llama", draw_seed=s)[1]) for s in range(5)]
+    assert dict(_prepare("random", "llama", draw_seed=0)[1]) == maps[0]
+    # FimConfig's normalize ("kind", "layer") would not touch i.i.d. draws: not an option, refused; "none" is
+    # what the planner gets
+    with pytest.raises(ValueError, match="no option 'normalize'"):
+        get_method("random", normalize="kind")
+    assert _prepare("random", "llama", draw_seed=0)[1].metadata["config"]["normalize"] == "none"
     assert len({tuple(m.values()) for m in maps}) == len(maps)
     # Not clustered at uniform: every map varies, and together they reach r_min and well above r.
     assert all(len(set(m.values())) > 2 for m in maps)
@@ -123,12 +124,12 @@ def test_random_runs_no_calibration() -> None:
 
     build, kwargs = ARCHS["llama"]
     for calibration in (None, refuse()):
-        method = get_method("random", seed=2)
+        method = get_method("random", draw_seed=2)
         model = method.prepare(
             build(0), LoraConfig(r=R, lora_alpha=ALPHA, **kwargs), calibration_batches=calibration
         )
         assert all(p.grad is None for p in model.parameters())
-        assert dict(method.finalize(model)[1]) == dict(_prepare("random", "llama", seed=2)[1])
+        assert dict(method.finalize(model)[1]) == dict(_prepare("random", "llama", draw_seed=2)[1])
 
 
 # ---- fim-shuffled ---------------------------------------------------------------------------------------
@@ -146,7 +147,7 @@ def _by_shape(ranks: Mapping[str, int], shapes: Mapping[str, tuple[int, int]]) -
 def test_fim_shuffled_permutes_fims_ranks_within_shapes(arch: str, unit: str) -> None:
     shapes = _shapes(arch)
     _, fim_map = _prepare("fim", arch, budget_unit=unit, **FIM)
-    _, shuffled = _prepare("fim-shuffled", arch, seed=1, budget_unit=unit, **FIM)
+    _, shuffled = _prepare("fim-shuffled", arch, draw_seed=1, budget_unit=unit, **FIM)
     assert shuffled.metadata["fim_ranks"] == dict(fim_map)  # calibrated and allocated exactly as fim
     assert _by_shape(shuffled, shapes) == _by_shape(fim_map, shapes)
     _assert_budget(shuffled, shapes, unit)
@@ -160,8 +161,8 @@ def test_fim_shuffled_is_deterministic_and_changes_the_assignment() -> None:
     _, fim_map = _prepare("fim", "llama", **FIM)
     groups = _by_shape(fim_map, shapes)
     assert any(len(c) > 1 for c in groups.values()), "fim's map must vary within a shape for this test"
-    maps = [dict(_prepare("fim-shuffled", "llama", seed=s, **FIM)[1]) for s in range(4)]
-    assert dict(_prepare("fim-shuffled", "llama", seed=0, **FIM)[1]) == maps[0]
+    maps = [dict(_prepare("fim-shuffled", "llama", draw_seed=s, **FIM)[1]) for s in range(4)]
+    assert dict(_prepare("fim-shuffled", "llama", draw_seed=0, **FIM)[1]) == maps[0]
     assert any(m != dict(fim_map) for m in maps)
     assert len({tuple(m.values()) for m in maps}) > 1
 
@@ -191,7 +192,7 @@ def test_fim_shuffled_shuffles_the_map_its_fim_config_makes() -> None:
     _, plain = _prepare("fim", "llama", **FIM)
     _, tempered = _prepare("fim", "llama", score_power=0.25, **FIM)
     assert dict(tempered) != dict(plain), "the tempered map must differ for this test"
-    _, shuffled = _prepare("fim-shuffled", "llama", seed=1, score_power=0.25, **FIM)
+    _, shuffled = _prepare("fim-shuffled", "llama", draw_seed=1, score_power=0.25, **FIM)
     assert shuffled.metadata["fim_ranks"] == dict(tempered) and shuffled.metadata["source"] == "fim"
     assert _by_shape(shuffled, shapes) == _by_shape(tempered, shapes)
 
@@ -199,10 +200,15 @@ def test_fim_shuffled_shuffles_the_map_its_fim_config_makes() -> None:
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_fim_shuffled_shuffles_the_spectrum_map(arch: str) -> None:
     shapes = _shapes(arch)
-    spectrum_options = {"calibration_batches": 2, "normalize": False}
-    _, spectrum = _prepare("fim-spectrum", arch, **spectrum_options)
+    # the control hands its own budget, bounds and calibration to the source; the rest is source_options
+    _, spectrum = _prepare("fim-spectrum", arch, calibration_batches=2, budget_unit="ranks", normalize=False)
     _, shuffled = _prepare(
-        "fim-shuffled", arch, seed=1, source="fim-spectrum", source_options=spectrum_options
+        "fim-shuffled",
+        arch,
+        draw_seed=1,
+        calibration_batches=2,
+        source="fim-spectrum",
+        source_options={"normalize": False},
     )
     assert shuffled.metadata["source"] == "fim-spectrum"
     assert shuffled.metadata["fim_ranks"] == dict(spectrum)
@@ -221,9 +227,11 @@ def test_fim_shuffled_source_is_checked_before_any_model() -> None:
         get_method("fim-shuffled", source="fim-spectrum", source_options={"not_an_option": 1})
     with pytest.raises(ValueError, match="`normalize`"):
         get_method("fim-shuffled", source="fim-spectrum", source_options={"normalize": "no"})
+    with pytest.raises(ValueError, match="set budget_ranks on fim-shuffled itself"):
+        get_method("fim-shuffled", source="fim-spectrum", source_options={"budget_ranks": 9})
     options = {"source": "fim-spectrum", "source_options": {"normalize": False}}
     method = make_method(RunConfig(method="fim-shuffled", seed=3, method_options=options))
-    assert method.source == "fim-spectrum" and method.seed == 3
+    assert method.options.source == "fim-spectrum" and method.options.draw_seed == 3
     with pytest.raises(UsageError, match="invalid options for method 'fim-shuffled'.*source"):
         make_method(RunConfig(method="fim-shuffled", method_options={"source": "eva"}))
 
@@ -232,27 +240,31 @@ def test_fim_shuffled_source_is_checked_before_any_model() -> None:
 
 
 @pytest.mark.parametrize("name", ["random", "fim-shuffled"])
-def test_options_are_checked_and_apply_on_top_of_fim_config(name: str) -> None:
-    with pytest.raises(ValueError, match="`seed`"):
-        get_method(name, seed=-1)
-    with pytest.raises(TypeError):
+def test_options_are_checked_and_given_one_way(name: str) -> None:
+    with pytest.raises(ValueError, match="`draw_seed`"):
+        get_method(name, draw_seed=-1)
+    with pytest.raises(ValueError, match="no option 'not_an_option'"):
         get_method(name, not_an_option=1)
-    method = get_method(name, fim_config=FimConfig(r_min=1, seed=5), r_max=6)
-    assert (method.fim_config.r_min, method.fim_config.r_max, method.fim_config.seed) == (1, 6, 5)
+    method = get_method(name, r_min=1, r_max=6, seed=5)
+    assert (method.options.r_min, method.options.r_max, method.options.seed) == (1, 6, 5)
+    options = method.options_class(r_min=1, r_max=6, seed=5)
+    assert get_method(name, options).options == options
+    with pytest.raises(ValueError, match="not both"):
+        get_method(name, options, r_max=6)
 
 
 @pytest.mark.parametrize("name", ["random", "fim-shuffled"])
-def test_make_method_passes_the_runs_fim_config_and_seed(name: str) -> None:
+def test_make_method_passes_the_runs_fim_options_and_seed(name: str) -> None:
     run = RunConfig(method=name, seed=3, fim=FimConfig(r_min=1, budget_unit="params"))
     method = make_method(run)
-    assert method.fim_config == fim_config_of(run) and method.seed == 3
-    run = RunConfig(method=name, seed=3, method_options={"seed": 7, "r_max": 6})
+    assert (method.options.r_min, method.options.budget_unit, method.options.draw_seed) == (1, "params", 3)
+    run = RunConfig(method=name, seed=3, method_options={"draw_seed": 7, "r_max": 6})
     method = make_method(run)
-    assert method.seed == 7 and method.fim_config.r_max == 6
-    with pytest.raises(UsageError, match="seed"):
-        make_method(RunConfig(method=name, method_options={"seed": "x"}))
-    # fim still gets the run's config; methods that take neither get neither.
-    assert make_method(RunConfig(method="fim", fim=FimConfig(r_min=1))).fim_config.r_min == 1
+    assert method.options.draw_seed == 7 and method.options.r_max == 6
+    with pytest.raises(UsageError, match="draw_seed"):
+        make_method(RunConfig(method=name, method_options={"draw_seed": "x"}))
+    # fim gets the run's fim section; uniform has no draw and takes no seed.
+    assert make_method(RunConfig(method="fim", fim=FimConfig(r_min=1))).options.r_min == 1
     assert make_method(RunConfig(method="uniform", seed=3)).name == "uniform"
 
 
@@ -260,7 +272,7 @@ def test_controls_reload_with_plain_peft_in_a_fresh_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # test_methods_reload's own check, run on the two controls only (one fresh process for both).
-    options = {"random": {"seed": 1}, "fim-shuffled": {"seed": 1, **FIM}}
+    options = {"random": {"draw_seed": 1}, "fim-shuffled": {"draw_seed": 1, **FIM}}
     monkeypatch.setattr(reload_test, "OPTIONS", options)
     reload_test.test_every_method_reloads_with_plain_peft_in_a_fresh_process(tmp_path)
 

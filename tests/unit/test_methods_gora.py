@@ -330,9 +330,9 @@ def test_fim_with_gradient_init_has_fims_ranks_and_goras_b(arch: str) -> None:
     data = batches(arch, T)
     lcfg = LoraConfig(r=4, lora_alpha=8, **ARCHS[arch][1])
     fim_cfg = FimConfig(calibration_batches=T, budget_unit="params", r_min=1, r_max=16, show_progress=False)
-    plain = get_method("fim", fim_config=fim_cfg)
+    plain = get_method("fim", **vars(fim_cfg))
     plain_model = plain.prepare(build(0), lcfg, calibration_batches=iter(data))
-    ginit = get_method("fim", fim_config=fim_cfg, gradient_init=True, init_step_size=XI)
+    ginit = get_method("fim", **vars(fim_cfg), gradient_init=True, init_step_size=XI)
     model = ginit.prepare(
         build(0), lcfg, calibration_batches=iter(data)
     )  # a one-pass iterator: both passes see it

@@ -14,14 +14,14 @@ from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dic
 
 from fimlora.methods import get_method
 from fimlora.methods.budget import RankBudget
-from fimlora.methods.l1ra import L1raConfig, L1raMethod, plan_reallocation
+from fimlora.methods.l1ra import L1raMethod, L1raOptions, plan_reallocation
 from fimlora.methods.optim_state import stale_optimizer_params
 from fimlora.peft_glue import current_ranks, lora_modules, module_shapes
 
 
 def _prepare(arch: str, steps: int, seed: int = 0, **options: Any) -> tuple[L1raMethod, torch.nn.Module]:
     build, kwargs = ARCHS[arch]
-    method = L1raMethod(L1raConfig(**options))
+    method = L1raMethod(L1raOptions(**options))
     model = method.prepare(build(seed), LoraConfig(r=4, lora_alpha=8, **kwargs), total_steps=steps)
     return method, model
 
@@ -248,7 +248,7 @@ def test_fim_start_begins_at_fims_map_within_the_budget(arch: str, unit: str) ->
 
     build, kwargs = ARCHS[arch]
     data = batches(arch, 4)
-    method = L1raMethod(L1raConfig(start="fim", start_calibration_batches=4, budget_unit=unit, r_max=12))
+    method = L1raMethod(L1raOptions(start="fim", start_calibration_batches=4, budget_unit=unit, r_max=12))
     model = method.prepare(
         build(0), LoraConfig(r=4, lora_alpha=8, **kwargs), total_steps=10, calibration_batches=iter(data)
     )
@@ -272,6 +272,6 @@ def test_fim_start_begins_at_fims_map_within_the_budget(arch: str, unit: str) ->
     assert ranks == dict(planned)
     assert all(float(g.detach().min()) == 1.0 for g in method.gates.values())  # gates start open
     with pytest.raises(ValueError, match="calibration batches"):
-        L1raMethod(L1raConfig(start="fim")).prepare(build(0), LoraConfig(r=4, **kwargs), total_steps=10)
+        L1raMethod(L1raOptions(start="fim")).prepare(build(0), LoraConfig(r=4, **kwargs), total_steps=10)
     with pytest.raises(ValueError, match="start"):
-        L1raConfig(start="eva")
+        L1raOptions(start="eva")

@@ -11,14 +11,14 @@ from helpers.tiny_models import ARCHS, batches, eval_logits, method_step
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
 from fimlora.methods import get_method
-from fimlora.methods.lrlora import LrLoraConfig, LrLoraMethod, soft_rank_mask
+from fimlora.methods.lrlora import LrLoraMethod, LrLoraOptions, soft_rank_mask
 from fimlora.methods.optim_state import stale_optimizer_params
 from fimlora.peft_glue import current_ranks, lora_modules
 
 
 def _prepare(arch: str, steps: int, **options: Any) -> tuple[LrLoraMethod, torch.nn.Module]:
     build, kwargs = ARCHS[arch]
-    method = LrLoraMethod(LrLoraConfig(**options))
+    method = LrLoraMethod(LrLoraOptions(**options))
     return method, method.prepare(build(0), LoraConfig(r=4, lora_alpha=8, **kwargs), total_steps=steps)
 
 

@@ -119,3 +119,45 @@ def test_an_explicit_budget_above_what_the_method_can_hold_is_refused_and_the_mo
     assert not any(isinstance(m, BaseTunerLayer) for m in base.modules())
     after = base.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_an_infeasible_budget_is_refused_in_one_line_before_the_weights_load(
+    workspace: dict[str, Path], tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fimlora.recipes.prepare as prepare_module
+
+    if "budget_ranks" not in method_run_options(method):
+        pytest.skip(f"{method} takes no explicit budget (see the test above)")
+
+    def no_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model's weights were loaded before the budget was checked")
+
+    monkeypatch.setattr(prepare_module, "load_model_and_tokenizer", no_load)
+    out = tmp_path / "run"
+    code, err = _train(workspace, method, out, "--budget-ranks", str(10**6))  # far above any method's bounds
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "budget" in err, (method, err)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_every_method_is_configured_one_way_by_its_options_class(method: str) -> None:
+    import dataclasses
+
+    from fimlora.methods import get_method
+    from fimlora.methods.base import method_options_class
+
+    options_class = method_options_class(method)
+    assert dataclasses.is_dataclass(options_class)
+    default = get_method(method)
+    assert default.options == options_class()  # no fields: the options class's defaults
+    given = options_class()
+    assert get_method(method, given).options is given  # an options object, as it is
+    with pytest.raises(ValueError, match=rf"{options_class.__name__} has no option 'not_an_option'; valid: "):
+        get_method(method, not_an_option=1)
+    with pytest.raises(ValueError, match="not both"):
+        get_method(method, given, **{dataclasses.fields(options_class)[0].name: None})
+    # the run-level options a method honours are exactly those its options class has
+    assert method_run_options(method) == {f.name for f in dataclasses.fields(options_class)} & set(
+        RUN_OPTIONS
+    )

@@ -198,7 +198,8 @@ def test_methods_drop_modules_and_report_them_at_rank_zero(name: str) -> None:
     base = ARCHS["llama"][0](0)
     probe = peft_model("llama")
     fim_config = _dropping_config(probe)
-    method = get_method(name, fim_config=fim_config)
+    fields = {f: getattr(fim_config, f) for f in ("r_min", "r_max", "budget_unit", "budget_ranks")}
+    method = get_method(name, **fields)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=ARCHS["llama"][1]["target_modules"])
     model = method.prepare(base, lora, calibration_batches=batches("llama"), total_steps=4)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)

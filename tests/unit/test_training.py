@@ -14,7 +14,6 @@ from helpers.tiny_models import make_tiny_bert
 from peft import LoraConfig
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from fimlora import FimConfig
 from fimlora.checkpoints import latest_checkpoint
 from fimlora.errors import UsageError
 from fimlora.methods import get_method
@@ -106,7 +105,7 @@ def _run(tiny: dict[str, Any], method: Any, ckpt: Path | None, resume: bool = Fa
 
 
 def _fim() -> Any:
-    return get_method("fim", fim_config=FimConfig(calibration_batches=2, show_progress=False))
+    return get_method("fim", calibration_batches=2, show_progress=False)
 
 
 def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(

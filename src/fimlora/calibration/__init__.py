@@ -34,6 +34,7 @@ from fimlora.calibration.session import (
     calibration_mode,
     estimate_module_scores,
     fim_calibration,
+    gradient_passes,
     make_accumulator,
 )
 from fimlora.calibration.stats import ModuleStat, ModuleStats, batch_module_stats, example_module_stats
@@ -56,6 +57,7 @@ __all__ = [
     "estimate_module_scores",
     "example_module_stats",
     "fim_calibration",
+    "gradient_passes",
     "make_accumulator",
     "per_example_sq_norms",
 ]

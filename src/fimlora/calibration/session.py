@@ -408,3 +408,48 @@ def batch_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None, index: int)
             "check that the adapter is active and that the adapted modules are used in the forward pass"
         )
     return loss
+
+
+def gradient_passes(
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    batches: Iterable[Any],
+    num_batches: int,
+    loss_fn: LossFn | None,
+    on_grad: Callable[[str, torch.Tensor], None],
+    method: str,
+) -> int:
+    """Backward passes over the first ``num_batches`` batches, only ``params`` trainable
+    (:func:`calibration_mode`); each one's gradient goes to ``on_grad(name, grad)`` as soon as it is
+    accumulated, then is freed (no full set of ``.grad`` tensors at once). GoRA's and fim-spectrum's
+    calibrations read their batches through this.
+
+    Returns:
+        the number of batches seen.
+
+    Raises:
+        CalibrationError: no batch (the message names ``method``), or what :func:`batch_loss` refuses.
+    """
+
+    def hook_for(name: str) -> Callable[[torch.Tensor], None]:
+        def hook(param: torch.Tensor) -> None:
+            assert param.grad is not None
+            on_grad(name, param.grad)
+            param.grad = None
+
+        return hook
+
+    device = next(model.parameters()).device  # where the inputs go (the embeddings' device, as a rule)
+    seen = 0
+    with calibration_mode(model, params.values()):
+        handles = [p.register_post_accumulate_grad_hook(hook_for(n)) for n, p in params.items()]
+        try:
+            for i, batch in enumerate(itertools.islice(iter(batches), num_batches)):
+                batch_loss(model, batch_to_device(batch, device), loss_fn, i).backward()
+                seen += 1
+        finally:
+            for h in handles:
+                h.remove()
+    if seen == 0:
+        raise CalibrationError(f"the calibration batches are empty: {method} needs at least one batch")
+    return seen

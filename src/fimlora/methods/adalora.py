@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -37,7 +37,7 @@ from torch import nn
 
 from fimlora.allocate import select_within_budget
 from fimlora.config import BudgetUnit
-from fimlora.methods.base import register_method, trainable_param_groups
+from fimlora.methods.base import MethodBase, Preparation, register_method, trainable_param_groups
 from fimlora.methods.budget import budget_metadata, check_budget
 from fimlora.methods.history import RankEvent, RankHistory
 from fimlora.peft_glue import current_ranks, lora_modules, module_shapes
@@ -141,7 +141,7 @@ class AdaLoraOptions:
 
 
 @register_method("adalora")
-class AdaLoraMethod:
+class AdaLoraMethod(MethodBase):
     """AdaLoRA via PEFT, budget-matched to uniform LoRA's rank sum or parameter count, finalised as plain LoRA.
 
     ``update_and_allocate`` needs each step's gradients, and the protocol's training loop calls
@@ -152,13 +152,11 @@ class AdaLoraMethod:
     that is detected and raised rather than letting AdaLoRA silently do nothing.
     """
 
-    run_options = frozenset({"budget_unit", "budget_ranks", "budget_params"})
-    """The run-level budget and calibration options this method honours (see ``RUN_OPTIONS``)."""
-
     name = "adalora"
+    options_class = AdaLoraOptions
 
-    def __init__(self, options: AdaLoraOptions | None = None, **overrides: Any) -> None:
-        self.options = options or AdaLoraOptions(**overrides)
+    def __init__(self, options: AdaLoraOptions | None = None, **fields: Any) -> None:
+        super().__init__(options, **fields)
         self.adapter_name = "default"
         self.history = RankHistory()
         self.lora_config: Any = None
@@ -168,15 +166,22 @@ class AdaLoraMethod:
         self._ranks: dict[str, int] = {}
         self._model: nn.Module | None = None
 
-    def prepare(
-        self,
-        base_model: nn.Module,
-        lora_config: Any,
-        *,
-        calibration_batches: Iterable[Any] | None = None,
-        total_steps: int | None = None,
-        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
-    ) -> nn.Module:
+    def check_budget(self, shapes: Mapping[str, tuple[int, int]], r: int) -> None:
+        """Raise ValueError when the budget is more than AdaLoRA starts with (``init_r`` a module: it only
+        prunes); pure, run on the module shapes ``name -> (in, out)`` before any weights load."""
+        o = self.options
+        init_r = o.init_r if o.init_r is not None else math.ceil(1.5 * r)
+        target_r = o.target_r if o.target_r is not None else r
+        costs = {n: i + j if o.budget_unit == "params" else 1 for n, (i, j) in shapes.items()}
+        start = init_r * sum(costs.values())
+        target = o.budget_ranks or o.budget_params or target_r * sum(costs.values())
+        if target > start:
+            raise ValueError(
+                f"AdaLoRA prunes ranks: the {o.budget_unit} budget {target} is more than its {start} at "
+                "init_r; raise init_r or lower the budget"
+            )
+
+    def setup(self, base_model: nn.Module, lora_config: Any, prep: Preparation) -> nn.Module:
         """Wrap ``base_model`` with AdaLoRA built from ``lora_config`` (targets, alpha, dropout, task).
 
         Raises:
@@ -184,6 +189,7 @@ class AdaLoraMethod:
         """
         from peft import get_peft_model
 
+        total_steps = prep.total_steps
         ada_config = self.adalora_config(lora_config, total_steps)
         self.lora_config = copy.deepcopy(lora_config)
         model = get_peft_model(base_model, ada_config)

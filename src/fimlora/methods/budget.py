@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fimlora.allocate import allocate_ranks
-from fimlora.config import BudgetUnit, resolve_rank_bounds
+from fimlora.config import BudgetUnit, FimConfig, resolve_rank_bounds
 
 __all__ = [
     "BudgetBoundsOptions",
@@ -144,7 +144,8 @@ class BudgetBoundsOptions:
     """Total LoRA parameters, sum of r_i * (in_i + out_i). Mutually exclusive with budget_ranks."""
 
     r_min: int | None = None
-    """Smallest rank of a module. Default: half the LoRA config's r (at least 1)."""
+    """Smallest rank of a module. Default: half the LoRA config's r (at least 1); 0 lets the allocation drop
+    modules (as in FimConfig)."""
 
     r_max: int | None = None
     """Largest rank of a module. Default: four times the LoRA config's r, capped at min(in, out)."""
@@ -163,8 +164,8 @@ class BudgetBoundsOptions:
             ValueError: a field out of range, both budgets set, or ``r_min > r_max``.
         """
         for name in ("budget_ranks", "budget_params", "r_min", "r_max"):
-            if getattr(self, name) is not None:
-                check_int(name, getattr(self, name), minimum=1)
+            if getattr(self, name) is not None:  # r_min 0 lets the allocation drop modules, as in FimConfig
+                check_int(name, getattr(self, name), minimum=0 if name == "r_min" else 1)
         if self.budget_unit not in ("ranks", "params"):
             raise ValueError(f"`budget_unit` must be 'ranks' or 'params', got {self.budget_unit!r}")
         if self.budget_ranks is not None and self.budget_params is not None:
@@ -180,6 +181,26 @@ class BudgetBoundsOptions:
     def bounds(self, r: int) -> tuple[int, int]:
         """``(r_min, r_max)`` for a LoRA config of rank ``r`` (see :func:`fimlora.config.resolve_rank_bounds`)."""
         return resolve_rank_bounds(r, self.r_min, self.r_max)
+
+    def allocation_config(self, **fields: Any) -> FimConfig:
+        """Budget and bounds as a :class:`FimConfig`, the form :func:`fimlora.initialize.plan_rank_map` reads.
+
+        Scores are allocated as they are (``normalize="none"``, ``score_power=1``) unless ``fields`` (other
+        FimConfig fields) say otherwise, whatever FIM-LoRA's defaults.
+        """
+        base: dict[str, Any] = {
+            "normalize": "none",
+            "score_power": 1.0,
+            "budget_unit": self.budget_unit,
+            "budget_ranks": self.budget_ranks,
+            "budget_params": self.budget_params,
+            "r_min": self.r_min,
+            "r_max": self.r_max,
+            "adjust_scaling_factors": self.adjust_scaling_factors,
+            "seed": self.seed,
+            "show_progress": False,
+        }
+        return FimConfig(**{**base, **fields})
 
 
 # ---- option checks (each error names the field) -------------------------------------------------------

@@ -19,8 +19,7 @@ The final rank map's metadata reports ``total_rank`` and ``total_params`` next t
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,7 +28,7 @@ from torch import nn
 
 from fimlora.config import BudgetUnit
 from fimlora.errors import CalibrationError
-from fimlora.methods.base import StaticRanksMethod, register_method
+from fimlora.methods.base import LossFn, StaticRanksMethod, register_method
 from fimlora.methods.budget import budget_metadata, check_budget
 from fimlora.peft_glue import current_ranks, lora_modules, module_shapes
 from fimlora.peft_glue.eva import check_eva_patch_supported, eva_state_dict_within_params
@@ -89,37 +88,41 @@ class EvaOptions:
 class EvaMethod(StaticRanksMethod):
     """EVA via PEFT: data-driven A and ranks before training, then plain LoRA (ranks fixed)."""
 
-    run_options = frozenset({"budget_unit", "budget_ranks", "budget_params", "calibration_batches"})
-    """The run-level budget and calibration options this method honours (see ``RUN_OPTIONS``)."""
-
     name = "eva"
+    options_class = EvaOptions
+    options: EvaOptions
+    lora_r = 0
 
-    def __init__(self, options: EvaOptions | None = None, **overrides: Any) -> None:
-        self.options = options or EvaOptions(**overrides)
-        self.rank_map: RankMap | None = None
-        self.lora_r = 0
+    def check_budget(self, shapes: Mapping[str, tuple[int, int]], r: int) -> None:
+        """Raise ValueError when the budget is more than EVA may give (round(rho * r) components a module)."""
+        self._budget(shapes, r)
 
-    def prepare(
-        self,
-        base_model: nn.Module,
-        lora_config: Any,
-        *,
-        calibration_batches: Iterable[Any] | None = None,
-        total_steps: int | None = None,
-        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
-    ) -> nn.Module:
+    def _budget(self, shapes: Mapping[str, tuple[int, int]], r: int) -> int:
+        o = self.options
+        costs = {n: (i + j if o.budget_unit == "params" else 1) for n, (i, j) in shapes.items()}
+        budget = o.budget_ranks or o.budget_params or r * sum(costs.values())
+        most = round(r * o.rho) * sum(costs.values())
+        if budget > most:
+            raise ValueError(
+                f"EVA: the {o.budget_unit} budget {budget} is more than every component EVA may give "
+                f"({most}: round(rho * r) per module); raise rho or lower the budget"
+            )
+        return budget
+
+    def set_ranks(
+        self, base_model: nn.Module, lora_config: Any, batches: Iterable[Any] | None, loss_fn: LossFn | None
+    ) -> tuple[nn.Module, RankMap]:
         """Wrap with LoRA, run EVA on the first ``calibration_batches`` dict batches, fix the ranks.
 
         Raises:
-            ValueError: no calibration batches, or batches that are not dicts of model inputs.
+            ValueError: batches that are not dicts of model inputs.
             UsageError: ``budget_unit="params"`` with a PEFT version its EVA patch was not written for.
         """
         from peft import EvaConfig, get_peft_model, initialize_lora_eva_weights
 
-        if calibration_batches is None:
-            raise ValueError("the 'eva' method needs calibration batches (dicts of model inputs)")
-        batches = []
-        for batch in calibration_batches:
+        assert batches is not None  # checked by prepare
+        given, batches = batches, []
+        for batch in given:
             if not isinstance(batch, Mapping) or "input_ids" not in batch:
                 raise ValueError("EVA needs dict batches with `input_ids` (as passed to model(**batch))")
             batches.append(dict(batch))
@@ -128,7 +131,7 @@ class EvaMethod(StaticRanksMethod):
         if not batches:
             raise ValueError("the calibration batches are empty")
         o = self.options
-        cfg = copy.deepcopy(lora_config)
+        cfg = lora_config
         cfg.init_lora_weights = "eva"
         cfg.eva_config = EvaConfig(
             rho=o.rho,
@@ -151,15 +154,11 @@ class EvaMethod(StaticRanksMethod):
         shapes = module_shapes(lora_modules(model))  # before EVA drops the modules it gives no component
         forward = _BoundedForward(o.max_passes * len(batches), o.rho * self.lora_r)
         if own_budget:
-            costs = {n: (i + j if o.budget_unit == "params" else 1) for n, (i, j) in shapes.items()}
-            budget = o.budget_ranks or o.budget_params or self.lora_r * sum(costs.values())
-            most = round(self.lora_r * o.rho) * sum(costs.values())
-            if budget > most:
+            try:
+                budget = self._budget(shapes, self.lora_r)
+            except ValueError:
                 model.unload()  # leave the caller's model as it was
-                raise ValueError(
-                    f"EVA: the {o.budget_unit} budget {budget} is more than every component EVA may give "
-                    f"({most}: round(rho * r) per module); raise rho or lower the budget"
-                )
+                raise
             state = eva_state_dict_within_params(
                 model,
                 batches,
@@ -184,8 +183,7 @@ class EvaMethod(StaticRanksMethod):
         meta = budget_metadata("eva", {n: ranks.get(n, 0) for n in shapes}, shapes, self.lora_r)
         meta["config"] = asdict(o)
         meta["zero_rank_modules"] = sorted(set(shapes) - set(ranks))
-        self.rank_map = RankMap(ranks, metadata=meta)
-        return model
+        return model, RankMap(ranks, metadata=meta)
 
 
 def _eva_token_indices(model_input: Mapping[str, torch.Tensor], peft_config: Any) -> torch.Tensor:

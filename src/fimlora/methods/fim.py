@@ -10,98 +10,84 @@ space, from the mean full-weight gradient over the same calibration batches (one
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from fimlora.config import FimConfig
-from fimlora.initialize import compute_lora_fim_ranks, initialize_lora_fim_ranks
-from fimlora.methods.base import RUN_OPTIONS, StaticRanksMethod, register_method
+from fimlora.initialize import compute_lora_fim_ranks, initialize_lora_fim_ranks, plan_rank_map
+from fimlora.methods.base import LossFn, StaticRanksMethod, register_method
+from fimlora.methods.budget import check_float
 from fimlora.rankmap import RankMap
 
-__all__ = ["FimMethod", "fim_config_with"]
+__all__ = ["FimMethod", "FimOptions"]
 
 
-def fim_config_with(fim_config: FimConfig | None, overrides: dict[str, Any]) -> FimConfig:
-    """``fim_config`` with ``overrides`` (FimConfig fields) applied on top; a default config without one.
+@dataclass
+class FimOptions(FimConfig):
+    """FIM-LoRA's options as a method: every :class:`FimConfig` field (calibration, budget, bounds), and
+    GoRA's initialisation as an option. Each field's docstring is its help text."""
 
-    The controls (``random``, ``fim-shuffled``) take fim's config plus field overrides through this.
-    """
-    return dataclasses.replace(fim_config, **overrides) if fim_config is not None else FimConfig(**overrides)
+    gradient_init: bool = False
+    """Start B from the calibration gradient (GoRA's initialisation) instead of 0."""
+
+    init_step_size: float = 0.05
+    """GoRA's xi, the size of that initial step (GoRA: 5e-2)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.gradient_init, bool):
+            raise ValueError(f"`gradient_init` must be true or false, got {self.gradient_init!r}")
+        check_float("init_step_size", self.init_step_size, low=0.0)
+
+    def fim_config(self) -> FimConfig:
+        """The :class:`FimConfig` part (calibration and allocation), as the library's functions take it."""
+        return fim_config_part(self)
+
+
+def fim_config_part(options: FimConfig) -> FimConfig:
+    """A plain :class:`FimConfig` with the FimConfig fields of ``options`` (an options class derived from it)."""
+    return FimConfig(**{f.name: getattr(options, f.name) for f in dataclasses.fields(FimConfig)})
 
 
 @register_method("fim")
 class FimMethod(StaticRanksMethod):
     """FIM-LoRA: calibrate on the first batches, allocate the budget, then train as plain LoRA."""
 
-    run_options = frozenset(RUN_OPTIONS)
-    """The run-level budget and calibration options this method honours (see ``RUN_OPTIONS``)."""
-
     name = "fim"
+    options_class = FimOptions
+    options: FimOptions
+    apply_ranks = True
+    """False: ``prepare`` computes ``rank_map`` but leaves the adapter at the config's rank (and skips
+    ``gradient_init``), for a control that applies a map of its own (``fim-shuffled``)."""
 
-    def __init__(
-        self,
-        fim_config: FimConfig | None = None,
-        *,
-        gradient_init: bool = False,
-        init_step_size: float = 0.05,
-        **overrides: Any,
-    ) -> None:
-        """Args:
-        fim_config: calibration, budget and bounds (default: ``FimConfig(**overrides)``).
-        gradient_init: start B from the calibration gradient (GoRA's init) instead of 0.
-        init_step_size: GoRA's xi, the size of that initial step (GoRA: 5e-2).
-        """
-        if not isinstance(gradient_init, bool):
-            raise ValueError(f"`gradient_init` must be true or false, got {gradient_init!r}")
-        if (
-            isinstance(init_step_size, bool)
-            or not isinstance(init_step_size, int | float)
-            or init_step_size < 0
-        ):
-            raise ValueError(f"`init_step_size` must be a number >= 0, got {init_step_size!r}")
-        self.fim_config = fim_config or FimConfig(**overrides)
-        self.gradient_init = gradient_init
-        self.init_step_size = float(init_step_size)
-        self.apply_ranks = True
-        """False: ``prepare`` computes ``rank_map`` but leaves the adapter at the config's rank (and skips
-        ``gradient_init``), for a control that applies a map of its own (``fim-shuffled``)."""
+    def check_budget(self, shapes: Mapping[str, tuple[int, int]], r: int) -> None:
+        """See :meth:`StaticRanksMethod.check_budget`."""
+        plan_rank_map(dict.fromkeys(shapes, 1.0), shapes, self.options.fim_config(), r=r)
 
-    def prepare(
-        self,
-        base_model: nn.Module,
-        lora_config: Any,
-        *,
-        calibration_batches: Iterable[Any] | None = None,
-        total_steps: int | None = None,
-        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
-    ) -> nn.Module:
+    def set_ranks(
+        self, base_model: nn.Module, lora_config: Any, batches: Iterable[Any] | None, loss_fn: LossFn | None
+    ) -> tuple[nn.Module, RankMap]:
         from peft import get_peft_model
 
-        if calibration_batches is None:
-            raise ValueError("the 'fim' method needs calibration batches (the first T training batches)")
-        model = get_peft_model(base_model, copy.deepcopy(lora_config))
-        if self.gradient_init:  # both passes see the same batches
-            calibration_batches = list(
-                itertools.islice(iter(calibration_batches), self.fim_config.calibration_batches)
-            )
+        assert batches is not None  # checked by prepare
+        config = self.options.fim_config()
+        model = get_peft_model(base_model, lora_config)
+        if self.options.gradient_init:  # both passes see the same batches
+            batches = list(itertools.islice(iter(batches), config.calibration_batches))
         if not self.apply_ranks:
-            self.rank_map = compute_lora_fim_ranks(
-                model, calibration_batches, self.fim_config, loss_fn=loss_fn
-            )
-            return model
-        self.rank_map = initialize_lora_fim_ranks(
-            model, calibration_batches, self.fim_config, loss_fn=loss_fn
-        )
-        if self.gradient_init:
+            return model, compute_lora_fim_ranks(model, batches, config, loss_fn=loss_fn)
+        rank_map = initialize_lora_fim_ranks(model, batches, config, loss_fn=loss_fn)
+        if self.options.gradient_init:
             from fimlora.methods.gora import gradient_init_lora_b
 
-            gradient_init_lora_b(model, calibration_batches, self.init_step_size, loss_fn=loss_fn)
-            meta = {**self.rank_map.metadata, "gradient_init": {"init_step_size": self.init_step_size}}
-            self.rank_map = RankMap(dict(self.rank_map), metadata=meta)
-        return model
+            step = self.options.init_step_size
+            gradient_init_lora_b(model, batches, step, loss_fn=loss_fn)
+            rank_map = RankMap(
+                dict(rank_map), metadata={**rank_map.metadata, "gradient_init": {"init_step_size": step}}
+            )
+        return model, rank_map

@@ -3,7 +3,7 @@
 Calibration and allocation are exactly ``fim``'s (the same :class:`~fimlora.methods.fim.FimMethod` with
 the same :class:`~fimlora.config.FimConfig` does them); then, within each group of modules with the same
 ``(in_features, out_features)``, the ranks are shuffled by a permutation drawn uniformly at random from a
-:class:`random.Random` seeded with ``seed``. A module's rank cost (``in + out``) and its largest rank
+:class:`random.Random` seeded with ``draw_seed``. A module's rank cost (``in + out``) and its largest rank
 (``min(in, out)``) depend only on its shape, so the rank sum, the parameter count and the bounds are
 exactly ``fim``'s: only which module gets which rank is destroyed. If ``fim`` beats this control, the
 assignment of ranks to modules carries information, beyond the shape of the rank distribution.
@@ -23,21 +23,21 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from fimlora.config import FimConfig
-from fimlora.methods.base import RUN_OPTIONS, StaticRanksMethod, register_method
+from fimlora.methods.base import RUN_OPTIONS, LossFn, StaticRanksMethod, register_method
 from fimlora.methods.budget import check_int
-from fimlora.methods.fim import FimMethod, fim_config_with
+from fimlora.methods.fim import FimMethod, fim_config_part
 from fimlora.methods.fim_spectrum import FimSpectrumMethod, SpectrumOptions
 from fimlora.peft_glue import apply_rank_map, lora_modules, module_shapes
 from fimlora.rankmap import RankMap
 
-__all__ = ["SHUFFLE_SOURCES", "FimShuffledMethod", "shuffle_within_shapes"]
+__all__ = ["SHUFFLE_SOURCES", "FimShuffledMethod", "FimShuffledOptions", "shuffle_within_shapes"]
 
 SHUFFLE_SOURCES: tuple[str, ...] = ("fim", "fim-spectrum")
 """Methods whose maps this control can shuffle (static ranks, B = 0 at the start of training)."""
@@ -69,118 +69,102 @@ def shuffle_within_shapes(
     return {n: shuffled[n] for n in ranks}
 
 
-@register_method("fim-shuffled")
-class FimShuffledMethod(StaticRanksMethod):
-    """Control: FIM-LoRA's ranks permuted among same-shape modules (same budget, assignment destroyed)."""
+_SHARED_WITH_SPECTRUM = (*RUN_OPTIONS, "adjust_scaling_factors", "seed")
+"""The fields the ``fim-spectrum`` source takes from this control's own options (its budget, bounds,
+calibration and seed), so that the one budget holds whatever the source."""
 
-    run_options = frozenset(RUN_OPTIONS)
-    """The run-level budget and calibration options this method honours (see ``RUN_OPTIONS``)."""
 
-    name = "fim-shuffled"
+@dataclass
+class FimShuffledOptions(FimConfig):
+    """The shuffled control's options: the source's calibration, budget and bounds (every :class:`FimConfig`
+    field), and the permutation. Each field's docstring is its help text."""
 
-    def __init__(
-        self,
-        fim_config: FimConfig | None = None,
-        *,
-        seed: int = 0,
-        source: str = "fim",
-        source_options: Mapping[str, Any] | None = None,
-        **overrides: Any,
-    ) -> None:
-        """
-        Args:
-            fim_config: calibration, budget and bounds, as for ``fim`` (``fimlora train`` passes the run's).
-            seed: seeds the permutation (``fimlora train`` passes the run's seed); LoRA-A's init after
-                resizing is seeded by the source's seed (``fim_config.seed`` for ``fim``), as in the source.
-            source: the method whose map is shuffled, one of :data:`SHUFFLE_SOURCES`.
-            source_options: options of the source method (``fim-spectrum``: its :class:`SpectrumOptions`
-                fields; ``fim``: none, its settings are ``fim_config``'s).
-            **overrides: :class:`FimConfig` fields, applied on top of ``fim_config``.
+    draw_seed: int = 0
+    """Seeds the permutation (``fimlora train`` passes the run's seed); LoRA-A's init after resizing is seeded
+    by ``seed``, as in the source."""
 
-        Raises:
-            ValueError: an unknown source, options it does not take, or ``gradient_init``.
-        """
-        check_int("seed", seed, minimum=0)
-        if source not in SHUFFLE_SOURCES:
-            raise ValueError(f"`source` must be one of {', '.join(SHUFFLE_SOURCES)}, got {source!r}")
-        options = dict(source_options or {})
+    source: str = "fim"
+    """The method whose map is shuffled, one of ``fim``, ``fim-spectrum``."""
+
+    source_options: dict[str, Any] = field(default_factory=dict)
+    """Options of the ``fim-spectrum`` source other than budget, bounds, calibration batches and seed (those
+    are this control's own fields); ``fim`` takes none."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("draw_seed", self.draw_seed, minimum=0)
+        if self.source not in SHUFFLE_SOURCES:
+            raise ValueError(f"`source` must be one of {', '.join(SHUFFLE_SOURCES)}, got {self.source!r}")
+        options = dict(self.source_options or {})
         if "gradient_init" in options:
             raise ValueError(
                 "`gradient_init` cannot be shuffled: resized modules would start from B = 0, the rest from "
                 "the gradient; shuffle the plain map instead"
             )
-        if source == "fim" and options:
+        if self.source == "fim" and options:
             raise ValueError(
                 f"`source_options` {sorted(options)} are not taken by source 'fim': set FimConfig fields"
             )
-        if source == "fim-spectrum":
-            valid = {f.name for f in dataclasses.fields(SpectrumOptions)}
+        if shared := sorted(set(options) & set(_SHARED_WITH_SPECTRUM)):
+            raise ValueError(f"set {', '.join(shared)} on fim-shuffled itself, not in `source_options`")
+        if self.source == "fim-spectrum":
+            valid = {f.name for f in dataclasses.fields(SpectrumOptions)} - set(_SHARED_WITH_SPECTRUM)
             if unknown := sorted(set(options) - valid):
                 raise ValueError(
                     f"unknown `source_options` {unknown} for source 'fim-spectrum'; "
                     f"valid: {', '.join(sorted(valid))}"
                 )
-        self.fim_config = fim_config_with(fim_config, overrides)
-        self.seed = seed
-        self.source = source
         self.source_options = options
-        self._source_method()  # checks the options now, before any model is touched
+        self.source_method()  # checks the options now, before any model is touched
 
-    def _source_method(self) -> FimMethod | FimSpectrumMethod:
+    def source_method(self) -> FimMethod | FimSpectrumMethod:
+        """A fresh instance of the source method, configured by these options."""
         if self.source == "fim":
-            return FimMethod(self.fim_config)
-        return FimSpectrumMethod(**self.source_options)
+            return FimMethod(**vars(fim_config_part(self)))
+        shared = {f: getattr(self, f) for f in _SHARED_WITH_SPECTRUM}
+        return FimSpectrumMethod(**shared, **self.source_options)
 
-    def prepare(
-        self,
-        base_model: nn.Module,
-        lora_config: Any,
-        *,
-        calibration_batches: Iterable[Any] | None = None,
-        total_steps: int | None = None,
-        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
-    ) -> nn.Module:
+
+@register_method("fim-shuffled")
+class FimShuffledMethod(StaticRanksMethod):
+    """Control: FIM-LoRA's ranks permuted among same-shape modules (same budget, assignment destroyed)."""
+
+    name = "fim-shuffled"
+    options_class = FimShuffledOptions
+    options: FimShuffledOptions
+
+    def check_budget(self, shapes: Mapping[str, tuple[int, int]], r: int) -> None:
+        """See :meth:`StaticRanksMethod.check_budget`."""
+        self.options.source_method().check_budget(shapes, r)
+
+    def set_ranks(
+        self, base_model: nn.Module, lora_config: Any, batches: Iterable[Any] | None, loss_fn: LossFn | None
+    ) -> tuple[nn.Module, RankMap]:
         """Calibrate and allocate as the source (``fim`` by default), then rebuild every module at its
         shuffled rank.
 
         Raises:
-            ValueError: no calibration batches, or bounds or budget infeasible for this model (as for the
-                source).
+            ValueError: bounds or budget infeasible for this model (as for the source).
         """
-        if calibration_batches is None:
-            raise ValueError(
-                f"the {self.name!r} method needs calibration batches (the first T training batches)"
-            )
-        src = self._source_method()
+        o = self.options
+        src = o.source_method()
         if isinstance(src, FimMethod):
             # the source's map is only planned: a module it drops (rank 0) could not get a rank back
             src.apply_ranks = False
-        model = src.prepare(
-            base_model,
-            lora_config,
-            calibration_batches=calibration_batches,
-            total_steps=total_steps,
-            loss_fn=loss_fn,
-        )
+        model = src.prepare(base_model, lora_config, calibration_batches=batches, loss_fn=loss_fn)
         assert src.rank_map is not None  # set by every source's prepare
         source_ranks = dict(src.rank_map)
         shapes = module_shapes(lora_modules(model))
-        ranks = shuffle_within_shapes(source_ranks, shapes, self.seed)
+        ranks = shuffle_within_shapes(source_ranks, shapes, o.draw_seed)
         meta = {
             **src.rank_map.metadata,
             "method": self.name,
             "control": "fim-shuffled",
-            "source": self.source,
-            "seed": self.seed,
+            "source": o.source,
+            "seed": o.draw_seed,
             "fim_ranks": source_ranks,
             "moved_modules": sum(ranks[n] != source_ranks[n] for n in ranks),
         }
-        self.rank_map = RankMap(ranks, metadata=meta)
-        settings = src.fim_config if isinstance(src, FimMethod) else src.options
-        apply_rank_map(
-            model,
-            self.rank_map,
-            adjust_scaling_factors=settings.adjust_scaling_factors,
-            seed=settings.seed,
-        )
-        return model
+        rank_map = RankMap(ranks, metadata=meta)
+        apply_rank_map(model, rank_map, adjust_scaling_factors=o.adjust_scaling_factors, seed=o.seed)
+        return model, rank_map

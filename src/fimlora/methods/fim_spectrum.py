@@ -25,19 +25,19 @@ need ``r_cal^2`` numbers per module (plus one gradient of B at a time).
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from fimlora.calibration import batch_loss, batch_to_device, calibration_mode
+from fimlora.calibration import gradient_passes
 from fimlora.errors import CalibrationError
-from fimlora.methods.base import RUN_OPTIONS, StaticRanksMethod, register_method
+from fimlora.initialize import plan_rank_map
+from fimlora.methods.base import LossFn, StaticRanksMethod, register_method
 from fimlora.methods.budget import BudgetBoundsOptions, budget_metadata, check_int
 from fimlora.peft_glue import apply_rank_map, lora_factors, lora_modules, module_shapes
 from fimlora.rankmap import RankMap
@@ -49,8 +49,6 @@ __all__ = [
     "gradient_spectra",
     "plan_spectrum_ranks",
 ]
-
-LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
 @dataclass
@@ -152,28 +150,11 @@ def gradient_spectra(
         n: torch.zeros(b.shape[1], b.shape[1], dtype=torch.float64, device=b.device) for n, b in bs.items()
     }
 
-    def collect(name: str) -> Callable[[torch.Tensor], None]:
-        def hook(param: torch.Tensor) -> None:
-            assert param.grad is not None
-            g = param.grad.detach().double()  # (out, r)
-            moments[name].add_(g.T @ g)
-            param.grad = None
+    def collect(name: str, grad: torch.Tensor) -> None:
+        g = grad.detach().double()  # (out, r)
+        moments[name].add_(g.T @ g)
 
-        return hook
-
-    device = next(model.parameters()).device
-    seen = 0
-    with calibration_mode(model, bs.values()):
-        handles = [b.register_post_accumulate_grad_hook(collect(n)) for n, b in bs.items()]
-        try:
-            for i, batch in enumerate(itertools.islice(iter(batches), num_batches)):
-                batch_loss(model, batch_to_device(batch, device), loss_fn, i).backward()
-                seen += 1
-        finally:
-            for h in handles:
-                h.remove()
-    if seen == 0:
-        raise CalibrationError("the calibration batches are empty: fim-spectrum needs at least one batch")
+    seen = gradient_passes(model, bs, batches, num_batches, loss_fn, collect, "fim-spectrum")
     bad = [n for n, s in moments.items() if not bool(torch.isfinite(s).all())]
     if bad:
         raise CalibrationError(f"non-finite LoRA-B gradient in module {bad[0]!r}; check the batches' inputs")
@@ -190,38 +171,27 @@ class FimSpectrumMethod(StaticRanksMethod):
     The spread is the spectrum of a wide calibration adapter's LoRA-B gradients (see the module docstring).
     """
 
-    run_options = frozenset(RUN_OPTIONS)
-    """The run-level budget and calibration options this method honours (see ``RUN_OPTIONS``)."""
-
     name = "fim-spectrum"
+    options_class = SpectrumOptions
+    supports_dora = False
+    options: SpectrumOptions
 
-    def __init__(self, options: SpectrumOptions | None = None, **overrides: Any) -> None:
-        self.options = options or SpectrumOptions(**overrides)
-        self.rank_map: RankMap | None = None
+    def check_budget(self, shapes: Mapping[str, tuple[int, int]], r: int) -> None:
+        """See :meth:`StaticRanksMethod.check_budget`."""
+        plan_rank_map(dict.fromkeys(shapes, 1.0), shapes, self.options.allocation_config(), r=r)
 
-    def prepare(
-        self,
-        base_model: nn.Module,
-        lora_config: Any,
-        *,
-        calibration_batches: Iterable[Any] | None = None,
-        total_steps: int | None = None,
-        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
-    ) -> nn.Module:
+    def set_ranks(
+        self, base_model: nn.Module, lora_config: Any, batches: Iterable[Any] | None, loss_fn: LossFn | None
+    ) -> tuple[nn.Module, RankMap]:
         """Calibrate a wide adapter, choose the ranks, rebuild the adapter at them from the base model.
 
         Raises:
-            ValueError: no calibration batches, DoRA, infeasible bounds or budget.
+            ValueError: infeasible bounds or budget.
             CalibrationError: the batches give no loss or a non-finite gradient.
         """
         from peft import get_peft_model
 
-        if calibration_batches is None:
-            raise ValueError(
-                "the 'fim-spectrum' method needs calibration batches (the first T training batches)"
-            )
-        if getattr(lora_config, "use_dora", False):
-            raise ValueError("fim-spectrum sets plain LoRA ranks; DoRA adapters are not supported")
+        assert batches is not None  # checked by prepare
         o = self.options
         r = int(lora_config.r)
         low, high = o.bounds(r)
@@ -232,9 +202,7 @@ class FimSpectrumMethod(StaticRanksMethod):
         t0 = time.perf_counter()
         calibrated = get_peft_model(base_model, wide)
         shapes = module_shapes(lora_modules(calibrated))
-        spectra, seen = gradient_spectra(
-            calibrated, calibration_batches, o.calibration_batches, loss_fn=loss_fn
-        )
+        spectra, seen = gradient_spectra(calibrated, batches, o.calibration_batches, loss_fn=loss_fn)
         ranks = plan_spectrum_ranks(spectra, shapes, o, r=r)
         seconds = time.perf_counter() - t0
         model = get_peft_model(calibrated.unload(), copy.deepcopy(lora_config))  # back to the base model
@@ -249,5 +217,4 @@ class FimSpectrumMethod(StaticRanksMethod):
             "r_max": high,
         }
         meta.update(budget_metadata("fim-spectrum", ranks, shapes, r))
-        self.rank_map = RankMap(ranks, metadata=meta)
-        return model
+        return model, RankMap(ranks, metadata=meta)

@@ -25,22 +25,19 @@ step. The saved adapter is plain LoRA: the trained A and B (which started from A
 
 from __future__ import annotations
 
-import copy
-import itertools
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from fimlora.calibration import batch_loss, batch_to_device, calibration_mode
-from fimlora.config import FimConfig
+from fimlora.calibration import gradient_passes
 from fimlora.errors import CalibrationError
 from fimlora.initialize import plan_rank_map
-from fimlora.methods.base import RUN_OPTIONS, StaticRanksMethod, register_method
+from fimlora.methods.base import LossFn, StaticRanksMethod, register_method
 from fimlora.methods.budget import BudgetBoundsOptions, budget_metadata, check_float
 from fimlora.peft_glue import apply_rank_map, lora_factors, lora_modules, module_shapes
 from fimlora.peft_glue.weights import base_weight, lora_scale, set_lora_factors, weight_out_in
@@ -56,8 +53,6 @@ __all__ = [
     "mean_weight_gradients",
     "plan_gora_ranks",
 ]
-
-LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
 @dataclass
@@ -80,25 +75,7 @@ class GoraOptions(BudgetBoundsOptions):
     def __post_init__(self) -> None:
         check_float("init_step_size", self.init_step_size, low=0.0)
         self.check_budget_bounds()
-        self.allocation_config()  # FimConfig's own checks of the same fields
-
-    def allocation_config(self) -> FimConfig:
-        """Budget and bounds as a :class:`FimConfig`, the form :func:`plan_rank_map` reads; GoRA's
-        importances are allocated as they are (``normalize="none"``, ``score_power=1``), whatever FIM-LoRA's
-        defaults."""
-        return FimConfig(
-            normalize="none",
-            score_power=1.0,
-            calibration_batches=self.calibration_batches,
-            budget_unit=self.budget_unit,
-            budget_ranks=self.budget_ranks,
-            budget_params=self.budget_params,
-            r_min=self.r_min,
-            r_max=self.r_max,
-            adjust_scaling_factors=self.adjust_scaling_factors,
-            seed=self.seed,
-            show_progress=False,
-        )
+        self.allocation_config(calibration_batches=self.calibration_batches)  # FimConfig's own checks
 
 
 # ---- the math ----------------------------------------------------------------------------------------
@@ -149,7 +126,13 @@ def plan_gora_ranks(
     }
     meta.update(metadata or {})
     scores = gora_allocation_scores(importance, shapes)
-    return plan_rank_map(scores, shapes, options.allocation_config(), r=r, metadata=meta)
+    return plan_rank_map(
+        scores,
+        shapes,
+        options.allocation_config(calibration_batches=options.calibration_batches),
+        r=r,
+        metadata=meta,
+    )
 
 
 def gora_lora_b(grad: torch.Tensor, a: torch.Tensor, scale: float, step_size: float) -> torch.Tensor:
@@ -198,27 +181,10 @@ def mean_weight_gradients(
     weights = {n: base_weight(m) for n, m in mods.items()}
     sums = {n: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for n, w in weights.items()}
 
-    def collect(name: str) -> Callable[[torch.Tensor], None]:
-        def hook(param: torch.Tensor) -> None:
-            assert param.grad is not None
-            sums[name].add_(param.grad)
-            param.grad = None
+    def collect(name: str, grad: torch.Tensor) -> None:
+        sums[name].add_(grad)
 
-        return hook
-
-    device = next(model.parameters()).device  # where the inputs go (the embeddings' device, as a rule)
-    seen = 0
-    with calibration_mode(model, weights.values()):
-        handles = [w.register_post_accumulate_grad_hook(collect(n)) for n, w in weights.items()]
-        try:
-            for i, batch in enumerate(itertools.islice(iter(batches), num_batches)):
-                batch_loss(model, batch_to_device(batch, device), loss_fn, i).backward()
-                seen += 1
-        finally:
-            for h in handles:
-                h.remove()
-    if seen == 0:
-        raise CalibrationError("the calibration batches are empty: GoRA needs at least one batch")
+    seen = gradient_passes(model, weights, batches, num_batches, loss_fn, collect, "GoRA")
     bad = [n for n, s in sums.items() if not bool(torch.isfinite(s).all())]
     if bad:
         raise CalibrationError(f"non-finite weight gradient in module {bad[0]!r}; check the batches' inputs")
@@ -261,48 +227,40 @@ def gradient_init_lora_b(
 class GoraMethod(StaticRanksMethod):
     """GoRA: ranks and LoRA-B from full weight gradients before training, then plain LoRA (ranks fixed)."""
 
-    run_options = frozenset(RUN_OPTIONS)
-    """The run-level budget and calibration options this method honours (see ``RUN_OPTIONS``)."""
-
     name = "gora"
+    options_class = GoraOptions
+    supports_dora = False  # B starts from the gradient, which DoRA's magnitude does not account for
+    options: GoraOptions
 
-    def __init__(self, options: GoraOptions | None = None, **overrides: Any) -> None:
-        self.options = options or GoraOptions(**overrides)
-        self.rank_map: RankMap | None = None
+    def check_budget(self, shapes: Mapping[str, tuple[int, int]], r: int) -> None:
+        """See :meth:`StaticRanksMethod.check_budget`."""
+        plan_rank_map(
+            dict.fromkeys(shapes, 1.0),
+            shapes,
+            self.options.allocation_config(calibration_batches=self.options.calibration_batches),
+            r=r,
+        )
 
-    def prepare(
-        self,
-        base_model: nn.Module,
-        lora_config: Any,
-        *,
-        calibration_batches: Iterable[Any] | None = None,
-        total_steps: int | None = None,
-        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
-    ) -> nn.Module:
+    def set_ranks(
+        self, base_model: nn.Module, lora_config: Any, batches: Iterable[Any] | None, loss_fn: LossFn | None
+    ) -> tuple[nn.Module, RankMap]:
         """Wrap with LoRA, average the weight gradients of the first batches, set ranks, A and B.
 
         Raises:
-            ValueError: no calibration batches, DoRA, a quantized base layer, infeasible bounds or budget.
+            ValueError: a quantized base layer, infeasible bounds or budget.
             CalibrationError: the batches give no loss or a non-finite gradient.
         """
         from peft import get_peft_model
 
-        if calibration_batches is None:
-            raise ValueError("the 'gora' method needs calibration batches (the first T training batches)")
+        assert batches is not None  # checked by prepare
         o = self.options
-        cfg = copy.deepcopy(lora_config)
-        if getattr(cfg, "use_dora", False):
-            raise ValueError(
-                "gora initialises B from the gradient, which DoRA's magnitude does not account for"
-            )
+        cfg = lora_config
         model = get_peft_model(base_model, cfg)
         r = int(cfg.r)
         mods = lora_modules(model)
         shapes = module_shapes(mods)
         t0 = time.perf_counter()
-        grads, seen = mean_weight_gradients(
-            model, calibration_batches, o.calibration_batches, loss_fn=loss_fn
-        )
+        grads, seen = mean_weight_gradients(model, batches, o.calibration_batches, loss_fn=loss_fn)
         importance = {n: gora_importance(weight_out_in(m, base_weight(m)), grads[n]) for n, m in mods.items()}
         planned = plan_gora_ranks(
             importance,
@@ -319,5 +277,4 @@ class GoraMethod(StaticRanksMethod):
         del grads
         meta = planned.metadata
         meta.update(budget_metadata("gora", dict(planned), shapes, r))
-        self.rank_map = RankMap(dict(planned), metadata=meta)
-        return model
+        return model, RankMap(dict(planned), metadata=meta)

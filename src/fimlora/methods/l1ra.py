@@ -39,7 +39,7 @@ from torch import nn
 
 from fimlora import peft_glue  # peft_glue.lora_config: in prepare(), `lora_config` is the argument
 from fimlora.config import BudgetUnit
-from fimlora.methods.base import BUDGET_OPTIONS, register_method, trainable_param_groups
+from fimlora.methods.base import MethodBase, Preparation, register_method, trainable_param_groups
 from fimlora.methods.budget import RankBudget, check_budget, check_float, check_int, initial_ranks
 from fimlora.methods.gates import (
     RankScaleHooks,
@@ -60,7 +60,7 @@ from fimlora.peft_glue import (
 from fimlora.rankmap import RankMap
 
 __all__ = [
-    "L1raConfig",
+    "L1raOptions",
     "L1raMethod",
     "Reallocation",
     "plan_reallocation",
@@ -68,7 +68,7 @@ __all__ = [
 
 
 @dataclass
-class L1raConfig:
+class L1raOptions:
     """L1RA hyper-parameters. Each field's docstring is its help text."""
 
     l1_lambda: float = 1e-3
@@ -205,7 +205,7 @@ def plan_reallocation(
 
 
 @register_method("l1ra")
-class L1raMethod:
+class L1raMethod(MethodBase):
     """L1RA: L1-penalised gates prune ranks during training and hand them to saturated modules; plain LoRA at the end.
 
     Resume: build the model with :meth:`prepare` as for a new run, then :meth:`load_state_dict` (or
@@ -214,16 +214,14 @@ class L1raMethod:
     load its state.
     """
 
-    run_options = frozenset(BUDGET_OPTIONS)
-    """The run-level budget and calibration options this method honours (see ``RUN_OPTIONS``)."""
-
     name = "l1ra"
+    options_class = L1raOptions
 
-    def __init__(self, config: L1raConfig | None = None, **overrides: Any) -> None:
-        self.config = config or L1raConfig(**overrides)
+    def __init__(self, options: L1raOptions | None = None, **fields: Any) -> None:
+        super().__init__(options, **fields)
         self.adapter_name = "default"
         self.gates = nn.ParameterDict()
-        self.history = RankHistory(self.config.history_path)
+        self.history = RankHistory(self.options.history_path)
         self.budget: RankBudget | None = None
         self.r_max: dict[str, int] = {}
         self.interval: int = 0
@@ -234,15 +232,18 @@ class L1raMethod:
         self._finalized = False
 
     # -- protocol ---------------------------------------------------------------------------------------
-    def prepare(
-        self,
-        base_model: nn.Module,
-        lora_config: Any,
-        *,
-        calibration_batches: Iterable[Any] | None = None,
-        total_steps: int | None = None,
-        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
-    ) -> nn.Module:
+    def check_budget(self, shapes: Mapping[str, tuple[int, int]], r: int) -> None:
+        """The budget within the rank bounds (see :meth:`fimlora.methods.base.StaticRanksMethod.check_budget`)."""
+        o = self.options
+        initial_ranks(
+            RankBudget.resolve(shapes, r, o.budget_unit, o.budget_ranks, o.budget_params),
+            o.r_min,
+            _resolve_r_max(shapes, r, o.r_min, o.r_max),
+            r,
+            "L1RA",
+        )
+
+    def setup(self, base_model: nn.Module, lora_config: Any, prep: Preparation) -> nn.Module:
         """Wrap with LoRA at uniform rank (or the budget's equal split, or FIM's map), add gates = 1 and hooks.
 
         Raises:
@@ -251,25 +252,26 @@ class L1raMethod:
         """
         from peft import get_peft_model
 
+        calibration_batches, total_steps, loss_fn = prep.calibration_batches, prep.total_steps, prep.loss_fn
         if getattr(lora_config, "use_dora", False):
             raise ValueError(
                 "L1RA gates sit between A and B; DoRA adapters are not supported (use_dora=False)"
             )
-        self.interval = _schedule_interval(self.config.reallocate_every, total_steps, "L1RA")
+        self.interval = _schedule_interval(self.options.reallocate_every, total_steps, "L1RA")
         self.total_steps = total_steps
         model = get_peft_model(base_model, copy.deepcopy(lora_config))
         mods = lora_modules(model, self.adapter_name)
         shapes = module_shapes(mods, self.adapter_name)
         cfg = peft_glue.lora_config(model, self.adapter_name)
         self.budget = RankBudget.resolve(
-            shapes, cfg.r, self.config.budget_unit, self.config.budget_ranks, self.config.budget_params
+            shapes, cfg.r, self.options.budget_unit, self.options.budget_ranks, self.options.budget_params
         )
-        self.r_max = _resolve_r_max(shapes, cfg.r, self.config.r_min, self.config.r_max)
-        if self.config.start == "fim":
+        self.r_max = _resolve_r_max(shapes, cfg.r, self.options.r_min, self.options.r_max)
+        if self.options.start == "fim":
             initial = self._fim_start(model, calibration_batches, loss_fn, cfg.r)
         else:
-            initial = initial_ranks(self.budget, self.config.r_min, self.r_max, cfg.r, "L1RA")
-        resize_keep_scale(model, initial, self.adapter_name, keep=None, seed=self.config.seed)
+            initial = initial_ranks(self.budget, self.options.r_min, self.r_max, cfg.r, "L1RA")
+        resize_keep_scale(model, initial, self.adapter_name, keep=None, seed=self.options.seed)
         self._model = model
         self.gates = nn.ParameterDict(
             {param_key(n): _new_gate(mods[n], self.adapter_name, initial[n]) for n in initial}
@@ -292,9 +294,9 @@ class L1raMethod:
 
         if batches is None:
             raise ValueError("L1RA with start='fim' needs calibration batches (the first T training batches)")
-        fim = FimConfig(calibration_batches=self.config.start_calibration_batches, show_progress=False)
+        fim = FimConfig(calibration_batches=self.options.start_calibration_batches, show_progress=False)
         stats = estimate_module_scores(model, batches, fim, loss_fn=loss_fn, adapter_name=self.adapter_name)
-        low = max(self.config.r_min, r // 2)
+        low = max(self.options.r_min, r // 2)
         assert self.budget is not None  # resolved in prepare() before the start is chosen
         return self.budget.allocate(
             stats.scores("fisher", "mean"), dict.fromkeys(self.r_max, low), self.r_max
@@ -306,15 +308,15 @@ class L1raMethod:
         gate_ids = {id(p) for p in self.gates.values()}
         groups = trainable_param_groups(model, lr=lr, weight_decay=weight_decay)
         groups[0]["params"] = [p for p in groups[0]["params"] if id(p) not in gate_ids]
-        groups.append({"params": list(self.gates.values()), "lr": self.config.gate_lr, "weight_decay": 0.0})
+        groups.append({"params": list(self.gates.values()), "lr": self.options.gate_lr, "weight_decay": 0.0})
         return groups
 
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
         """lam * mean over modules of ||gate||_1 (None when lam = 0)."""
-        if self.config.l1_lambda == 0.0 or not len(self.gates):
+        if self.options.l1_lambda == 0.0 or not len(self.gates):
             return None
         l1 = torch.stack([g.abs().sum() for g in self.gates.values()])
-        return self.config.l1_lambda * l1.mean()
+        return self.options.l1_lambda * l1.mean()
 
     def on_step_end(
         self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None
@@ -349,7 +351,7 @@ class L1raMethod:
         ranks = {n: int(g.numel()) for n, g in self._gates_by_name().items()}
         return {
             "method": self.name,
-            "config": asdict(self.config),
+            "config": asdict(self.options),
             "ranks": ranks,
             "gates": {n: g.detach().cpu().clone() for n, g in self._gates_by_name().items()},
             "budget": self.budget.to_dict() if self.budget else None,
@@ -376,7 +378,7 @@ class L1raMethod:
         parameters).
         """
         ranks = {n: int(r) for n, r in state["ranks"].items()}
-        resize_keep_scale(model, ranks, self.adapter_name, keep=None, seed=self.config.seed)
+        resize_keep_scale(model, ranks, self.adapter_name, keep=None, seed=self.options.seed)
         mods = lora_modules(model, self.adapter_name)
         self.gates = nn.ParameterDict(
             {param_key(n): _new_gate(mods[n], self.adapter_name, ranks[n]) for n in ranks}
@@ -408,8 +410,8 @@ class L1raMethod:
         plan = plan_reallocation(
             gates,
             self.budget,
-            threshold=self.config.prune_threshold,
-            r_min=self.config.r_min,
+            threshold=self.options.prune_threshold,
+            r_min=self.options.r_min,
             r_max=self.r_max,
         )
         changed = plan.changed
@@ -430,7 +432,7 @@ class L1raMethod:
             {n: plan.ranks[n] for n in changed},
             self.adapter_name,
             keep={n: plan.keep[n] for n in changed},
-            seed=self.config.seed + step + 1,  # a function of the step, so a resumed run draws the same A
+            seed=self.options.seed + step + 1,  # a function of the step, so a resumed run draws the same A
         )
         mods = lora_modules(model, self.adapter_name)
         remaps: list[ParamRemap] = []
@@ -481,7 +483,7 @@ class L1raMethod:
         return {
             "method": self.name,
             "lora_r": cfg.r,
-            "config": asdict(self.config),
+            "config": asdict(self.options),
             "budget": {**self.budget.to_dict(), "used": self.budget.used(ranks)},
             "total_params": sum(r * (shapes[n][0] + shapes[n][1]) for n, r in ranks.items()),
             "uniform_params": cfg.r * sum(i + o for i, o in shapes.values()),

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -40,7 +40,7 @@ from torch import nn
 
 from fimlora import peft_glue  # peft_glue.lora_config: in prepare(), `lora_config` is the argument
 from fimlora.config import BudgetUnit
-from fimlora.methods.base import BUDGET_OPTIONS, register_method, trainable_param_groups
+from fimlora.methods.base import MethodBase, Preparation, register_method, trainable_param_groups
 from fimlora.methods.budget import RankBudget, check_budget, check_float, check_int, initial_ranks
 from fimlora.methods.gates import RankScaleHooks, module_of_key, param_key, resize_keep_scale
 from fimlora.methods.history import RankEvent, RankHistory
@@ -54,11 +54,11 @@ from fimlora.peft_glue import (
 )
 from fimlora.rankmap import RankMap
 
-__all__ = ["LrLoraConfig", "LrLoraMethod", "soft_rank_mask"]
+__all__ = ["LrLoraOptions", "LrLoraMethod", "soft_rank_mask"]
 
 
 @dataclass
-class LrLoraConfig:
+class LrLoraOptions:
     """LR-LoRA hyper-parameters. Each field's docstring is its help text."""
 
     r_max: int | None = None
@@ -130,28 +130,26 @@ def soft_rank_mask(tau: torch.Tensor, r: int, temperature: float) -> torch.Tenso
 
 
 @register_method("lrlora")
-class LrLoraMethod:
+class LrLoraMethod(MethodBase):
     """LR-LoRA: a learnable soft rank cutoff per module under a budget constraint, truncated late; plain LoRA at the end.
 
     Resume: :meth:`prepare` as for a new run, then :meth:`load_state_dict` with the saved state (physical
     ranks don't change during training, so the model needs no resize); then adapter weights, optimizer.
     """
 
-    run_options = frozenset(BUDGET_OPTIONS)
-    """The run-level budget and calibration options this method honours (see ``RUN_OPTIONS``)."""
-
     name = "lrlora"
+    options_class = LrLoraOptions
 
-    def __init__(self, config: LrLoraConfig | None = None, **overrides: Any) -> None:
-        self.config = config or LrLoraConfig(**overrides)
+    def __init__(self, options: LrLoraOptions | None = None, **fields: Any) -> None:
+        super().__init__(options, **fields)
         self.adapter_name = "default"
         self.cutoffs = nn.ParameterDict()
         self.capacity: dict[str, int] = {}
         self.budget: RankBudget | None = None
         self.multiplier = 0.0
-        self.temperature = self.config.temperature_start
+        self.temperature = self.options.temperature_start
         self.total_steps = 0
-        self.history = RankHistory(self.config.history_path)
+        self.history = RankHistory(self.options.history_path)
         self._rounded: dict[str, int] = {}
         self._hooks = RankScaleHooks(self._mask, self.adapter_name)
         self._model: nn.Module | None = None
@@ -159,15 +157,18 @@ class LrLoraMethod:
         self.truncate_step = 0
 
     # -- protocol ---------------------------------------------------------------------------------------
-    def prepare(
-        self,
-        base_model: nn.Module,
-        lora_config: Any,
-        *,
-        calibration_batches: Iterable[Any] | None = None,
-        total_steps: int | None = None,
-        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
-    ) -> nn.Module:
+    def check_budget(self, shapes: Mapping[str, tuple[int, int]], r: int) -> None:
+        """The budget within the rank bounds (see :meth:`fimlora.methods.base.StaticRanksMethod.check_budget`)."""
+        o = self.options
+        initial_ranks(
+            RankBudget.resolve(shapes, r, o.budget_unit, o.budget_ranks, o.budget_params),
+            o.r_min,
+            _capacity(shapes, r, o.r_max),
+            r,
+            "LR-LoRA",
+        )
+
+    def setup(self, base_model: nn.Module, lora_config: Any, prep: Preparation) -> nn.Module:
         """Wrap with LoRA at ``r_max`` physical columns, cutoffs at the budget's even split.
 
         Raises:
@@ -175,20 +176,20 @@ class LrLoraMethod:
         """
         from peft import get_peft_model
 
+        total_steps = prep.total_steps
         if total_steps is None:
             raise ValueError("LR-LoRA anneals its mask over training: prepare() needs `total_steps`")
         check_int("total_steps", total_steps, minimum=1)
         if getattr(lora_config, "use_dora", False):
             raise ValueError("LR-LoRA's mask sits between A and B; DoRA adapters are not supported")
         self.total_steps = total_steps
-        self.truncate_step = max(1, round(self.config.truncate_at * total_steps))
+        self.truncate_step = max(1, round(self.options.truncate_at * total_steps))
         model = get_peft_model(base_model, copy.deepcopy(lora_config))
         cfg = peft_glue.lora_config(model)
         shapes = module_shapes(lora_modules(model, self.adapter_name), self.adapter_name)
-        c = self.config
+        c = self.options
         self.budget = RankBudget.resolve(shapes, cfg.r, c.budget_unit, c.budget_ranks, c.budget_params)
-        cap = c.r_max if c.r_max is not None else 2 * cfg.r
-        self.capacity = {n: min(cap, min(s)) for n, s in shapes.items()}
+        self.capacity = _capacity(shapes, cfg.r, c.r_max)
         initial = initial_ranks(self.budget, c.r_min, self.capacity, cfg.r, "LR-LoRA")
         resize_keep_scale(model, self.capacity, self.adapter_name, keep=None, seed=c.seed)
         self.cutoffs = nn.ParameterDict(
@@ -210,7 +211,7 @@ class LrLoraMethod:
             tau.data = tau.data.to(lora_factors(module, self.adapter_name)[1].weight.device)
         groups = trainable_param_groups(model, lr=lr, weight_decay=weight_decay)
         groups.append(
-            {"params": list(self.cutoffs.values()), "lr": self.config.cutoff_lr, "weight_decay": 0.0}
+            {"params": list(self.cutoffs.values()), "lr": self.options.cutoff_lr, "weight_decay": 0.0}
         )
         return groups
 
@@ -219,7 +220,7 @@ class LrLoraMethod:
         if self.truncated is not None:
             return None
         g = self._violation()
-        return self.multiplier * g + 0.5 * self.config.penalty_weight * g**2
+        return self.multiplier * g + 0.5 * self.options.penalty_weight * g**2
 
     def on_step_end(
         self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None
@@ -235,9 +236,9 @@ class LrLoraMethod:
             return self._truncate(model, step, optimizer)
         with torch.no_grad():
             g = float(self._violation())
-            self.multiplier += self.config.dual_lr * g
+            self.multiplier += self.options.dual_lr * g
             for name, tau in self.cutoffs.items():  # a cutoff outside [r_min, R] has no gradient left
-                tau.clamp_(float(self.config.r_min), float(self.capacity[module_of_key(name)]))
+                tau.clamp_(float(self.options.r_min), float(self.capacity[module_of_key(name)]))
         self.temperature = self._temperature_at(step + 1)
         rounded = self.soft_ranks_rounded()
         events = self.history.log_changes(step, self._rounded, rounded, "lrlora-soft-rank")
@@ -255,7 +256,7 @@ class LrLoraMethod:
         meta = {
             "method": self.name,
             "lora_r": cfg.r,
-            "config": asdict(self.config),
+            "config": asdict(self.options),
             "budget": {**self.budget.to_dict(), "used": self.budget.used(final)},
             "cutoffs": {n: float(t.detach()) for n, t in self._cutoffs_by_name().items()},
             "truncated_at_step": self.truncate_step,
@@ -269,7 +270,7 @@ class LrLoraMethod:
         """Cutoffs, multiplier, temperature and history: enough to resume exactly."""
         return {
             "method": self.name,
-            "config": asdict(self.config),
+            "config": asdict(self.options),
             "cutoffs": {n: t.detach().cpu().clone() for n, t in self._cutoffs_by_name().items()},
             "multiplier": self.multiplier,
             "temperature": self.temperature,
@@ -300,7 +301,7 @@ class LrLoraMethod:
             self.truncated = {n: int(r) for n, r in state["truncated"].items()}
             self._hooks.remove()
             resize_keep_scale(
-                self._model, self.truncated, self.adapter_name, keep=None, seed=self.config.seed
+                self._model, self.truncated, self.adapter_name, keep=None, seed=self.options.seed
             )
 
     # -- LR-LoRA-specific ------------------------------------------------------------------------------
@@ -316,7 +317,7 @@ class LrLoraMethod:
         """Integer ranks from the soft ranks (exact budget), fold the mask into B, drop the tail columns."""
         assert self.budget is not None, "prepare() first"
         soft = self.soft_ranks()
-        ranks = self.budget.allocate(soft, dict.fromkeys(soft, self.config.r_min), self.capacity)
+        ranks = self.budget.allocate(soft, dict.fromkeys(soft, self.options.r_min), self.capacity)
         mods = lora_modules(model, self.adapter_name)
         with torch.no_grad():
             for name, module in mods.items():
@@ -325,7 +326,7 @@ class LrLoraMethod:
         self._hooks.remove()
         old = {n: lora_factor_params(mods[n], self.adapter_name) for n in mods}
         keep = {n: list(range(r)) for n, r in ranks.items()}  # the mask is decreasing: first columns win
-        resize_keep_scale(model, ranks, self.adapter_name, keep=keep, seed=self.config.seed)
+        resize_keep_scale(model, ranks, self.adapter_name, keep=keep, seed=self.options.seed)
         if optimizer is not None:
             mods = lora_modules(model, self.adapter_name)
             remaps: list[ParamRemap] = []
@@ -364,10 +365,16 @@ class LrLoraMethod:
         return torch.as_tensor(used) / self.budget.total - 1.0
 
     def _temperature_at(self, step: int) -> float:
-        c = self.config
+        c = self.options
         frac = min(1.0, step / max(1, self.total_steps - 1))
         return c.temperature_start * math.exp(frac * math.log(c.temperature_end / c.temperature_start))
 
 
 def _device(model: nn.Module, name: str) -> torch.device:
     return lora_factors(lora_modules(model)[name])[1].weight.device
+
+
+def _capacity(shapes: Mapping[str, tuple[int, int]], r: int, r_max: int | None) -> dict[str, int]:
+    """Each module's rank capacity: r_max (default 2r), never above min(in, out)."""
+    cap = r_max if r_max is not None else 2 * r
+    return {n: min(cap, min(s)) for n, s in shapes.items()}

@@ -14,7 +14,7 @@ from torch import nn
 
 from fimlora.errors import DataError, UsageError
 from fimlora.initialize import plan_rank_map
-from fimlora.methods.base import RankMethod, method_parameters
+from fimlora.methods.base import RankMethod, method_run_options
 from fimlora.models import model_skeleton
 from fimlora.peft_glue import lora_modules, module_shapes
 from fimlora.run_config import RunConfig
@@ -107,13 +107,14 @@ def target_modules_error(run: RunConfig, model: nn.Module, error: ValueError) ->
 
 
 def check_adapter_plan(
-    run: RunConfig, lora_config: Any, num_labels: int | None, *, fim_allocation: bool
+    run: RunConfig, lora_config: Any, num_labels: int | None, *, method: RankMethod | None
 ) -> None:
     """Wrap a weightless (meta-device) copy of the model with the run's LoRA config, before the weights load.
 
-    Target modules that select nothing LoRA can adapt and, for a FIM allocation, rank bounds or a budget
-    that the modules' shapes make infeasible fail here, in well under a second, instead of after loading
-    the model and calibrating.
+    Target modules that select nothing LoRA can adapt, and rank bounds or a budget that the modules' shapes
+    make infeasible fail here, in well under a second, instead of after loading the model and calibrating:
+    the budget as ``method`` holds it (its ``check_budget``), or with ``method=None`` as ``run.fim`` plans it
+    (``fimlora allocate``).
     """
     from peft import get_peft_model
 
@@ -129,12 +130,15 @@ def check_adapter_plan(
             wrapped = get_peft_model(skeleton, copy.deepcopy(lora_config))
         except ValueError as e:
             raise UsageError(target_modules_error(run, skeleton, e)) from None
-        if fim_allocation:
-            shapes = module_shapes(lora_modules(wrapped))
-            try:
+        shapes = module_shapes(lora_modules(wrapped))
+        check = getattr(method, "check_budget", None)
+        try:
+            if method is None:
                 plan_rank_map(dict.fromkeys(shapes, 1.0), shapes, run.fim, r=lora_config.r)
-            except ValueError as e:
-                raise UsageError(allocation_error(e)) from None
+            elif check is not None:
+                check(shapes, int(lora_config.r))
+        except ValueError as e:
+            raise UsageError(allocation_error(e)) from None
 
 
 class UserOptionErrors:
@@ -161,7 +165,7 @@ class UserOptionErrors:
             run, message = self._run, str(e)
             if "Target module" in message or "No modules were targeted" in message:
                 raise UsageError(target_modules_error(run, base_model, e)) from None
-            if "fim_config" in method_parameters(run.method) and any(
+            if method_run_options(run.method) & set(_FIM_BOUND_FIELDS) and any(
                 re.search(rf"\b{f}\b", message) for f in _FIM_BOUND_FIELDS
             ):
                 raise UsageError(allocation_error(e)) from None

@@ -14,14 +14,7 @@ from torch import nn
 
 from fimlora.config import FimConfig
 from fimlora.errors import UsageError
-from fimlora.methods.base import (
-    RUN_OPTIONS,
-    RankMethod,
-    available_methods,
-    get_method,
-    method_parameters,
-    method_run_options,
-)
+from fimlora.methods.base import RankMethod, available_methods, get_method, method_option_fields
 from fimlora.models import load_model_and_tokenizer, resolve_device
 from fimlora.recipes.checks import (
     allocation_error,
@@ -70,72 +63,70 @@ def fim_config_of(run: RunConfig) -> FimConfig:
 
 
 def make_method(run: RunConfig) -> RankMethod:
-    """Instantiate the run's method by name from the registry, with the run's one budget specification.
-
-    A method gets a run-level value for each constructor parameter it names, unless ``method_options``
-    sets it: ``fim_config`` the run's FimConfig (``fim`` and its controls ``random``, ``fim-shuffled``),
-    ``seed`` the run's seed (the controls' random draw, so that every run seed draws another map). Every
-    other method gets the run-level budget, bounds and calibration options it honours
-    (:func:`run_budget_options`).
+    """Instantiate the run's method by name from the registry, with its options (:func:`method_fields`).
 
     Raises:
-        UsageError: unknown method, options its constructor does not take, or a run-level option it
-            does not use.
+        UsageError: unknown method, options it does not take, or a run-level option it does not use.
     """
     names = available_methods()
     if run.method not in names:
         raise UsageError(f"unknown method {run.method!r}; choose one of {', '.join(names)}")
-    options = dict(run.method_options)
-    named = method_parameters(run.method)
-    run_values = {"fim_config": fim_config_of(run), "seed": run.seed}
-    for key in named & run_values.keys():
-        options.setdefault(key, run_values[key])
-    routed = run_budget_options(run)  # checks the run's options against the method, for every method
-    if "fim_config" not in named:  # the fim family reads them from its FimConfig
-        options.update(routed)
+    fields = method_fields(run)
     try:
-        return get_method(run.method, **options)
+        return get_method(run.method, **fields)
     except (TypeError, ValueError) as e:
         raise UsageError(f"invalid options for method {run.method!r}: {' '.join(str(e).split())}") from None
 
 
-def run_budget_options(run: RunConfig) -> dict[str, Any]:
-    """The run-level budget, bounds and calibration options (``run.fim``'s :data:`RUN_OPTIONS`) as options of
-    the run's method: every one it honours that the user set, and the budget unit always (that of an
-    explicit budget, else ``budget_unit``), so that ``--budget-ranks``/``--budget-params`` mean the same
-    for every method. ``method_options`` may set the same option only to the same value.
+_FLAGS = {"seed": "--fim-seed"}  # the CLI's name where it differs from the field's
+
+
+def method_fields(run: RunConfig) -> dict[str, Any]:
+    """The options of the run's method, one way for every method: ``method_options``, plus each field of
+    the run's ``fim`` section (budget, bounds, calibration, FIM's own settings) that the user set and the
+    method's options class has. Also, where the options class has the field: ``budget_unit`` always (that of
+    an explicit budget, else ``fim.budget_unit``), so that ``--budget-ranks``/``--budget-params`` mean the same
+    for every method; ``show_progress`` from the run's; ``draw_seed`` the run's seed (the controls' random
+    draw, so that every run seed draws another map) unless ``method_options`` sets it.
 
     Raises:
-        UsageError: the user set an option that the method does not use, or set one twice differently.
+        UsageError: the user set a ``fim`` option that the method does not have, or set an option both in
+            ``fim`` and in ``method_options`` to different values.
     """
-    honoured = method_run_options(run.method)
-    defaults = FimConfig()
-    given = {f: getattr(run.fim, f) for f in RUN_OPTIONS if getattr(run.fim, f) != getattr(defaults, f)}
-    unused = sorted(f for f in given if f not in honoured)
-    if unused:
-        users = ", ".join(m for m in available_methods() if unused[0] in method_run_options(m))
-        flag = "--" + unused[0].replace("_", "-")
+    fields = method_option_fields(run.method)
+    fim, defaults = fim_config_of(run), FimConfig()
+    given = {
+        f.name: getattr(fim, f.name)
+        for f in dataclasses.fields(FimConfig)
+        if f.name != "show_progress" and getattr(fim, f.name) != getattr(defaults, f.name)
+    }
+    if unused := sorted(given.keys() - fields):
+        name = unused[0]
+        users = ", ".join(m for m in available_methods() if name in method_option_fields(m))
+        flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
         raise UsageError(
-            f"method {run.method!r} does not use {flag} ({unused[0]}); remove it, or choose a method that "
-            f"does: {users}"
+            f"method {run.method!r} does not use {flag} (fim.{name}); remove it, or choose a method that does: "
+            f"{users or 'none'}"
         )
-    routed = {f: v for f, v in given.items() if f != "budget_unit"}
-    explicit_unit = "budget_unit" in given or bool(given.keys() & {"budget_ranks", "budget_params"})
-    if "budget_unit" in honoured:
-        fim = run.fim
+    routed = dict(given)
+    if "budget_unit" in fields:
         explicit = (
             "ranks" if fim.budget_ranks is not None else "params" if fim.budget_params is not None else None
         )
         routed["budget_unit"] = explicit or fim.budget_unit
-    for field_name, value in routed.items():
-        user_set = field_name in given or (field_name == "budget_unit" and explicit_unit)
-        own = run.method_options.get(field_name, value)
-        if user_set and own != value:
+        user_unit = "budget_unit" in given or explicit is not None
+        if not user_unit and "budget_unit" in run.method_options:
+            del routed["budget_unit"]  # the method's own option stands where the run does not set one
+    for name, value in routed.items():
+        own = run.method_options.get(name, value)
+        if own != value:
             raise UsageError(
-                f"{field_name} is set twice for method {run.method!r}: {value!r} by the run and {own!r} in "
-                "method_options; keep one"
+                f"{name} is set twice for method {run.method!r}: {value!r} by the run (fim.{name}) and {own!r} "
+                "in method_options; keep one"
             )
-    return {f: v for f, v in routed.items() if f not in run.method_options}
+    defaults_of_run = {"show_progress": fim.show_progress, "draw_seed": run.seed}
+    run_values = {k: v for k, v in defaults_of_run.items() if k in fields}
+    return {**run_values, **routed, **run.method_options}
 
 
 @dataclass
@@ -177,9 +168,7 @@ class PreparedRun:
         return lambda model: evaluate_lm_loss(model, rows, collate, batch_size=bs, progress=progress)
 
 
-def prepare_run(
-    run: RunConfig, *, need_train: bool = True, fim_allocation: bool | None = None
-) -> PreparedRun:
+def prepare_run(run: RunConfig, *, need_train: bool = True, fim_allocation: bool = False) -> PreparedRun:
     """Validate and load a run's data, model and tokenizer; encode the examples. Writes nothing.
 
     Option checks come first: pure ones before anything is read, the ones that need module names and
@@ -188,16 +177,15 @@ def prepare_run(
     Args:
         run: the run.
         need_train: the run needs training data (False for evaluation only).
-        fim_allocation: also check ``run.fim``'s rank bounds and budget against the model (default: when
-            the run's method takes a ``fim_config``; :func:`allocate_run` always does).
+        fim_allocation: check ``run.fim``'s rank bounds and budget against the model (:func:`allocate_run`);
+            otherwise the run's method checks its own budget (``check_budget``), both before the weights
+            load.
 
     Raises:
         UsageError / DataError: anything the user must fix, before any output is written.
     """
-    make_method(run)  # an unknown method or bad options fail here, before anything is loaded
+    method = make_method(run)  # an unknown method or bad options fail here, before anything is loaded
     lora_config = build_lora_config(run)
-    if fim_allocation is None:
-        fim_allocation = "fim_config" in method_parameters(run.method)
     if fim_allocation:
         try:
             run.fim.resolved_bounds(run.lora.r)
@@ -207,7 +195,7 @@ def prepare_run(
     device = resolve_device(run.device)
     data = load_task_data(run.task, run.data, seed=run.seed, need_train=need_train)
     num_labels = len(data.label_names) if data.label_names else None
-    check_adapter_plan(run, lora_config, num_labels, fim_allocation=fim_allocation)
+    check_adapter_plan(run, lora_config, num_labels, method=None if fim_allocation else method)
     model, tokenizer = load_model_and_tokenizer(
         run.model,
         task=run.task,
