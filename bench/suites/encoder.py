@@ -69,7 +69,7 @@ _KNOWN_KEYS = (
     | set(FIM_KEYS)
     | {
         "use_rslora",
-        "variant",  # a label only (bench.variants): names the variant in records and reports
+        "variant",  # a label only (bench.studies.variants): names the variant in records and reports
         "method_options",
         "train",
         "eval",

@@ -278,7 +278,7 @@ def _setup_facts(cfg: DemoConfig, summary: dict[str, Any]) -> list[tuple[str, st
 
 PLATEAU_STEP = 350
 """From this step of the full-length benchmark's schedule on, uniform LoRA's mean dev accuracy over its five
-tasks stays within 0.5 points of its best (``python -m bench.selection length``; docs/results/full/length.md)."""
+tasks stays within 0.5 points of its best (``python -m bench.studies.selection length``; docs/results/full/length.md)."""
 
 BENCHMARK_STEPS = 500
 """The full-length benchmark's length: 4 epochs of 2,000 examples in batches of 16 (``bench/grids/full``)."""
