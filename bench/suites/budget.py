@@ -13,6 +13,7 @@ adalora, eva        ``budget_unit="params"``: PEFT's choice made cost-weighted, 
                     the record stores their actual LoRA parameters, and the report
                     flags a deviation from P above 2 %.
 gora                ``budget_unit="params"``: fimlora's exact allocator, as fim
+warmstart           ``budget_unit="params"``: compress's selection of directions after the warm-up
 fim-spectrum        ``budget_unit="params"``: exact global selection of directions (as
                     ``fimlora compress``), slack below one rank of the cheapest module that
                     could still grow
@@ -71,7 +72,15 @@ PROTOCOL_OPTIONS: dict[str, dict[str, Any]] = {
 }
 """Method options fixed the same way: the knobs that the allocation variants of issue 13 turn."""
 
-PARAM_BUDGET_OPTION_METHODS: tuple[str, ...] = ("l1ra", "lrlora", "adalora", "eva", "gora", "fim-spectrum")
+PARAM_BUDGET_OPTION_METHODS: tuple[str, ...] = (
+    "l1ra",
+    "lrlora",
+    "adalora",
+    "eva",
+    "gora",
+    "fim-spectrum",
+    "warmstart",
+)
 """Training-time methods whose options take ``budget_unit``; the bench sets it to ``"params"``. A
 deliberate selection (the methods with that option), each checked against fimlora's registry."""
 

@@ -353,6 +353,7 @@ def _load_builtin_methods() -> None:
         "fim_shuffled",
         "gora",
         "fim_spectrum",
+        "warmstart",
     ):
         try:
             importlib.import_module(f"fimlora.methods.{module}")
