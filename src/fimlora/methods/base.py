@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
@@ -257,6 +257,19 @@ class MethodBase:
         """What ``prepare`` does, with the method's own copy of ``lora_config``."""
         raise NotImplementedError
 
+    def check_budget(self, shapes: Mapping[str, tuple[int, int]], r: int) -> None:
+        """Raise ValueError when this method cannot meet its budget and bounds on modules of these shapes
+        (``name -> (in, out)``) at LoRA rank ``r``. Pure: callers run it on a weightless copy of the model,
+        before any weights load. The default has nothing to check (a method without a budget)."""
+
+    def param_groups(self, model: nn.Module, *, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        """One group with every trainable parameter (a method with its own parameters overrides this)."""
+        return trainable_param_groups(model, lr=lr, weight_decay=weight_decay)
+
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        """No term added to the loss (a regularised method overrides this)."""
+        return None
+
 
 class StaticRanksMethod(MethodBase):
     """Base for methods whose ranks are fixed before training (uniform, fim, gora, eva, ...): no penalty, no
@@ -301,12 +314,6 @@ class StaticRanksMethod(MethodBase):
             the PEFT model at its ranks, and its rank map (metadata: how the ranks were chosen).
         """
         raise NotImplementedError
-
-    def param_groups(self, model: nn.Module, *, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
-        return trainable_param_groups(model, lr=lr, weight_decay=weight_decay)
-
-    def penalty(self, model: nn.Module) -> torch.Tensor | None:
-        return None
 
     def on_step_end(
         self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None

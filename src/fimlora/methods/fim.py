@@ -66,7 +66,7 @@ class FimMethod(StaticRanksMethod):
     ``gradient_init``), for a control that applies a map of its own (``fim-shuffled``)."""
 
     def check_budget(self, shapes: Mapping[str, tuple[int, int]], r: int) -> None:
-        """See :meth:`StaticRanksMethod.check_budget`."""
+        """See :meth:`fimlora.methods.base.MethodBase.check_budget`."""
         plan_rank_map(dict.fromkeys(shapes, 1.0), shapes, self.options.fim_config(), r=r)
 
     def set_ranks(

@@ -134,7 +134,7 @@ class FimShuffledMethod(StaticRanksMethod):
     options: FimShuffledOptions
 
     def check_budget(self, shapes: Mapping[str, tuple[int, int]], r: int) -> None:
-        """See :meth:`StaticRanksMethod.check_budget`."""
+        """See :meth:`fimlora.methods.base.MethodBase.check_budget`."""
         self.options.source_method().check_budget(shapes, r)
 
     def set_ranks(

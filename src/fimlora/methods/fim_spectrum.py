@@ -177,7 +177,7 @@ class FimSpectrumMethod(StaticRanksMethod):
     options: SpectrumOptions
 
     def check_budget(self, shapes: Mapping[str, tuple[int, int]], r: int) -> None:
-        """See :meth:`StaticRanksMethod.check_budget`."""
+        """See :meth:`fimlora.methods.base.MethodBase.check_budget`."""
         plan_rank_map(dict.fromkeys(shapes, 1.0), shapes, self.options.allocation_config(), r=r)
 
     def set_ranks(

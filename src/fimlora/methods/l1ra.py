@@ -233,7 +233,7 @@ class L1raMethod(MethodBase):
 
     # -- protocol ---------------------------------------------------------------------------------------
     def check_budget(self, shapes: Mapping[str, tuple[int, int]], r: int) -> None:
-        """The budget within the rank bounds (see :meth:`fimlora.methods.base.StaticRanksMethod.check_budget`)."""
+        """The budget within the rank bounds (see :meth:`fimlora.methods.base.MethodBase.check_budget`)."""
         o = self.options
         initial_ranks(
             RankBudget.resolve(shapes, r, o.budget_unit, o.budget_ranks, o.budget_params),

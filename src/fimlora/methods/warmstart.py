@@ -46,7 +46,7 @@ from torch import nn
 from fimlora.calibration import estimate_module_scores
 from fimlora.compress.spectrum import FactorSpectrum, balanced_factors, factor_svd, select_directions
 from fimlora.config import BudgetUnit, FimConfig, resolve_rank_bounds
-from fimlora.methods.base import MethodBase, Preparation, register_method, trainable_param_groups
+from fimlora.methods.base import MethodBase, Preparation, register_method
 from fimlora.methods.budget import RankBudget, budget_metadata, check_budget, check_float, check_int
 from fimlora.methods.gates import resize_keep_scale
 from fimlora.methods.optim_state import ParamRemap, carry_optimizer_state
@@ -281,12 +281,6 @@ class WarmStartMethod(MethodBase):
         )
         self._model = model
         return model
-
-    def param_groups(self, model: nn.Module, *, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
-        return trainable_param_groups(model, lr=lr, weight_decay=weight_decay)
-
-    def penalty(self, model: nn.Module) -> torch.Tensor | None:
-        return None
 
     def on_step_end(
         self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None
