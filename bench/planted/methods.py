@@ -74,7 +74,8 @@ def build_method(
     calibration_batches: int,
     seed: int,
 ) -> Any:
-    """A registered method at the cell's budget: the run-level fields it honours, and ``seed`` if it has one.
+    """A registered method at the cell's budget: the run-level fields it honours, and ``seed`` and ``draw_seed``
+    (the controls' draw) where it has them.
 
     Raises:
         ValueError: an unknown method, or one that refuses the fields (the library's message).
@@ -90,8 +91,9 @@ def build_method(
         "calibration_batches": calibration_batches,
     }
     fields = {k: v for k, v in wanted.items() if k in method_run_options(name)}
-    if "seed" in method_option_fields(name):
-        fields["seed"] = seed
+    for field in ("seed", "draw_seed"):  # LoRA-A's seed; the controls' random draw (a new map per planting)
+        if field in method_option_fields(name):
+            fields[field] = seed
     return get_method(name, **fields)
 
 

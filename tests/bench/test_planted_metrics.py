@@ -87,3 +87,13 @@ def test_oracle_scales_planted_ranks_to_the_budget() -> None:
     assert all(oracle[n] == 16 for n, k in sparse.items() if k)  # the planted modules get all they can hold
     assert sum(oracle[n] * costs[n] for n in BERT) <= budget
     assert min(oracle.values()) >= 1
+
+
+def test_every_planting_seed_draws_its_own_random_map_and_a_init() -> None:
+    from bench.planted.methods import build_method
+
+    common = {"budget_params": 1000, "r_min": 1, "r_max": 8, "calibration_batches": 2}
+    for name in ("random", "fim-shuffled"):
+        method = build_method(name, seed=3, **common)
+        assert (method.options.seed, method.options.draw_seed) == (3, 3), name
+    assert build_method("fim", seed=3, **common).options.seed == 3
