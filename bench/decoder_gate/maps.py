@@ -186,12 +186,6 @@ class GateMapMethod:
 
 
 def _random_method(map_seed: int) -> Any:
-    """fimlora's ``random`` control at a parameter budget, its scores drawn from ``map_seed``.
-
-    The field that seeds the draw is ``draw_seed`` in the method options being introduced now (where
-    ``seed`` seeds LoRA-A instead) and ``seed`` before; the one the installed library knows is used.
-    """
-    try:
-        return get_method("random", draw_seed=map_seed, budget_unit="params")
-    except (TypeError, ValueError):
-        return get_method("random", seed=map_seed, budget_unit="params")
+    """fimlora's ``random`` control at a parameter budget, its scores drawn from ``map_seed`` (``draw_seed``;
+    the method's ``seed`` is LoRA-A's)."""
+    return get_method("random", draw_seed=map_seed, budget_unit="params")
