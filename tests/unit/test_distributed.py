@@ -10,13 +10,13 @@ it needs no console script and starts in a few seconds on two cores.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers.processes import free_port
 from helpers.tiny_models import VOCAB, tiny_llama
 from peft import LoraConfig, get_peft_model
 from torch.nn.parallel import DistributedDataParallel
@@ -75,12 +75,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(a), abs(b), 1e-30)
 
@@ -89,7 +83,7 @@ def _rel(a: float, b: float) -> float:
 def dist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The statistics files rank 0 wrote (both processes run once per module)."""
     out = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return out
 
 

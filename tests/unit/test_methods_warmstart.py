@@ -4,13 +4,12 @@ during or right after the warm-up resuming to the same adapter bit for bit."""
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from helpers.processes import SigtermAt
 from helpers.tiny_models import ARCHS, batches, method_step
 from peft import LoraConfig
 
@@ -156,21 +155,6 @@ def test_no_optimizer_at_the_truncation_is_an_error() -> None:
 # ---- resume: through the training loop, killed during and right after the warm-up ---------------------
 
 
-class _SigtermAt:
-    """warmstart, plus a SIGTERM to this process after a chosen step (like `kill <pid>`)."""
-
-    def __init__(self, inner: Any, step: int) -> None:
-        self.inner, self.step, self.name = inner, step, inner.name
-
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(self.inner, attr)
-
-    def on_step_end(self, model: Any, step: int, optimizer: Any) -> Any:
-        if step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return self.inner.on_step_end(model, step, optimizer)
-
-
 def _collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     ids = torch.stack([r["input_ids"] for r in rows])
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
@@ -200,7 +184,7 @@ def test_sigterm_during_or_after_the_warmup_resumes_to_the_same_adapter_bit_for_
     reference = _train(make(), None)
     ckpt = tmp_path / "ckpt"
     with pytest.raises(TrainingInterrupted):
-        _train(_SigtermAt(make(), kill_at), ckpt)
+        _train(SigtermAt(make(), kill_at), ckpt)
     resumed = _train(make(), ckpt, resume=True)
     assert resumed.resumed_from == kill_at + 1 and resumed.steps == reference.steps
     assert dict(resumed.rank_map) == dict(reference.rank_map)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from helpers.data_files import classification_rows
+from helpers.processes import SigtermAt
 from helpers.tiny_models import make_tiny_bert
 from peft import LoraConfig
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -76,21 +75,6 @@ def test_latest_checkpoint_ignores_incomplete_and_stale_pointers(tmp_path: Path)
     assert latest_checkpoint(tmp_path) == tmp_path / "step-00000005"
 
 
-class _SigtermAt:
-    """The fim method, plus a SIGTERM to this process after a chosen step (like `kill <pid>`)."""
-
-    def __init__(self, inner: Any, step: int) -> None:
-        self.inner, self.step, self.name = inner, step, inner.name
-
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(self.inner, attr)
-
-    def on_step_end(self, model: Any, step: int, optimizer: Any) -> Any:
-        if step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return self.inner.on_step_end(model, step, optimizer)
-
-
 def _run(tiny: dict[str, Any], method: Any, ckpt: Path | None, resume: bool = False) -> Any:
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(tiny["path"], num_labels=2)
@@ -114,7 +98,7 @@ def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(
     reference = _run(tiny, _fim(), None)
     ckpt = tmp_path / "ckpt"
     with pytest.raises(TrainingInterrupted, match="--resume"):
-        _run(tiny, _SigtermAt(_fim(), step=7), ckpt)
+        _run(tiny, SigtermAt(_fim(), step=7), ckpt)
     found = latest_checkpoint(ckpt)
     assert found is not None and found.name == "step-00000008"  # the step that was running finished first
     resumed = _run(tiny, _fim(), ckpt, resume=True)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers.processes import free_port
 from helpers.tiny_models import VOCAB, tiny_llama
 from peft import LoraConfig
 from torch.nn.parallel import DistributedDataParallel
@@ -66,17 +66,11 @@ def _worker(rank: int, port: int, out_dir: str, signal_name: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.parametrize("signal_name", ["energy", "fim"])
 def test_every_process_truncates_to_the_same_map_and_ends_with_the_same_adapter(
     tmp_path: Path, signal_name: str
 ) -> None:
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), signal_name), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path), signal_name), nprocs=WORLD, join=True)
     ranks = [json.loads((tmp_path / f"ranks{r}.json").read_text()) for r in range(WORLD)]
     assert ranks[0] == ranks[1] and len(set(ranks[0].values())) > 1  # the same map, and not uniform
     weights = [torch.load(tmp_path / f"weights{r}.pt") for r in range(WORLD)]
