@@ -254,7 +254,7 @@ def run_cell_on(config: CellConfig, base: nn.Module, data: CellData) -> dict[str
     r_min, r_max = config.bounds
     oracle = oracle_ranks(planted, costs, budget_params=budget, r_min=r_min, r_max=r_max)
     if config.method == ORACLE:
-        method: Any = FixedRanksMethod(oracle, seed=config.seed)
+        method: Any = FixedRanksMethod(ranks=dict(oracle), seed=config.seed)
     else:
         method = build_method(
             config.method,

@@ -13,18 +13,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from fimlora import RankMap, allocate_ranks, apply_rank_map
-from fimlora.peft_glue import current_ranks, lora_modules, module_shapes
+from fimlora.methods.base import StaticRanksMethod
+from fimlora.peft_glue import current_ranks, lora_modules
 
 __all__ = [
     "ORACLE",
     "FixedRanksMethod",
+    "FixedRanksOptions",
     "build_method",
     "oracle_ranks",
     "planted_methods",
@@ -91,80 +93,49 @@ def build_method(
         "calibration_batches": calibration_batches,
     }
     fields = {k: v for k, v in wanted.items() if k in method_run_options(name)}
-    for field in ("seed", "draw_seed"):  # LoRA-A's seed; the controls' random draw (a new map per planting)
-        if field in method_option_fields(name):
-            fields[field] = seed
+    for option in ("seed", "draw_seed"):  # LoRA-A's seed; the controls' random draw (a new map per planting)
+        if option in method_option_fields(name):
+            fields[option] = seed
     return get_method(name, **fields)
 
 
-class FixedRanksMethod:
+@dataclass
+class FixedRanksOptions:
+    """The given map and LoRA-A's seed."""
+
+    ranks: dict[str, int] = field(default_factory=dict)
+    """module name (as in the base model) -> rank; PEFT's prefix is added when applied."""
+
+    seed: int = 0
+    """Seeds LoRA-A at the new ranks."""
+
+
+class FixedRanksMethod(StaticRanksMethod):
     """A rank method whose map is given (the oracle): wrap with LoRA, set every module to its rank, train.
 
-    Implements the :class:`fimlora.methods.base.RankMethod` protocol with no penalty and no reallocation.
-
-    Args:
-        rank_map: module name (as in the base model) -> rank; PEFT's prefix is added when applied.
-        seed: seeds LoRA-A at the new ranks.
+    fimlora's :class:`~fimlora.methods.base.StaticRanksMethod` (no penalty, no reallocation, the map
+    checkpointed); not registered: the bench builds it with ``FixedRanksMethod(ranks=..., seed=...)``.
     """
 
     name = ORACLE
+    options_class = FixedRanksOptions
+    needs_calibration = False
+    options: FixedRanksOptions
 
-    def __init__(self, rank_map: Mapping[str, int], *, seed: int = 0) -> None:
-        self.ranks = {str(n): int(k) for n, k in rank_map.items()}
-        self.seed = seed
-
-    def prepare(
-        self,
-        base_model: nn.Module,
-        lora_config: Any,
-        *,
-        calibration_batches: Iterable[Any] | None = None,
-        total_steps: int | None = None,
-        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
-    ) -> nn.Module:
+    def set_ranks(
+        self, base_model: nn.Module, lora_config: Any, batches: Iterable[Any] | None, loss_fn: Any
+    ) -> tuple[nn.Module, RankMap]:
         """Wrap ``base_model`` with ``lora_config`` and resize every LoRA module to its rank."""
         from peft import get_peft_model
 
         model = get_peft_model(base_model, lora_config)
         by_suffix = {n: self._rank_of(n) for n in lora_modules(model)}
-        apply_rank_map(model, by_suffix, seed=self.seed)
-        return model
+        apply_rank_map(model, by_suffix, seed=self.options.seed)
+        return model, RankMap(current_ranks(model), metadata={"method": ORACLE})
 
     def _rank_of(self, wrapped_name: str) -> int:
-        matches = [k for n, k in self.ranks.items() if wrapped_name == n or wrapped_name.endswith("." + n)]
+        ranks = self.options.ranks
+        matches = [int(k) for n, k in ranks.items() if wrapped_name == n or wrapped_name.endswith("." + n)]
         if len(matches) != 1:
             raise ValueError(f"the fixed map has {len(matches)} entries for LoRA module {wrapped_name!r}")
         return matches[0]
-
-    def param_groups(self, model: nn.Module, *, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
-        """One group of every trainable parameter."""
-        return [
-            {
-                "params": [p for p in model.parameters() if p.requires_grad],
-                "lr": lr,
-                "weight_decay": weight_decay,
-            }
-        ]
-
-    def penalty(self, model: nn.Module) -> torch.Tensor | None:
-        """No penalty."""
-        return None
-
-    def on_step_end(
-        self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None
-    ) -> RankMap | None:
-        """Ranks never change."""
-        return None
-
-    def finalize(self, model: nn.Module) -> tuple[nn.Module, RankMap]:
-        """The model and its rank map (with shapes, as the registered methods' maps)."""
-        shapes = {n: list(s) for n, s in module_shapes(lora_modules(model)).items()}
-        return model, RankMap(current_ranks(model), metadata={"method": ORACLE, "shapes": shapes})
-
-    def state_dict(self) -> dict[str, Any]:
-        """The fixed map."""
-        return {"method": ORACLE, "ranks": dict(self.ranks)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the fixed map."""
-        self.ranks = {str(n): int(k) for n, k in state["ranks"].items()}
